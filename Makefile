@@ -1,0 +1,51 @@
+# make run   — train Fashion-MNIST through the real KFP pipeline on this machine (kfp.local)
+# make test  — lint, type-check and run the test suite
+# Both create .venv and install the pinned dependencies when missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.microfed-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+# torch/torchvision are pinned to the builds cached on the project's machines (see DESIGN.md).
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install data run test lint typecheck compile clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST: Debian's package where apt-get can install it; otherwise torchvision downloads it on first
+# use; with neither, the loader's error says how to get it.
+data:
+	@if [ -d $(FMNIST) ] || [ -n "$$MICROFED_DATA_DIR" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's dataset-fashion-mnist into $(FMNIST)"; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "apt-get could not install dataset-fashion-mnist: torchvision will try to download it"; \
+	else echo "$(FMNIST) is missing: torchvision will download Fashion-MNIST on first use"; fi
+
+run: install data
+	$(VENV)/bin/microfed run $(ARGS)
+
+compile: install
+	$(VENV)/bin/microfed compile -o pipeline.yaml
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: install data lint typecheck
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs pipeline.yaml .pytest_cache .mypy_cache .ruff_cache

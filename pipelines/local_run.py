@@ -1,0 +1,94 @@
+"""`microfed run`: the pipeline through kfp.local on this machine, collected into a run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from microfed.training.errors import MicrofedError
+from microfed.training.io import read_json, write_json
+from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
+
+__all__ = ["RunResult", "run_local"]
+
+# The last line of a failing step's traceback that names one of our errors: what the user should read.
+_ERROR_LINE = re.compile(r"^(?:microfed\.training\.\w+\.)?(MicrofedError|WorkerFailed): (.*)$")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+class _Tee(io.TextIOBase):
+    """Pass output through and remember the last error line of our own exception types."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self.error: str | None = None
+        self._partial = ""
+
+    def write(self, s: str) -> int:
+        self.inner.write(s)
+        lines = (self._partial + s).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            m = _ERROR_LINE.match(line.strip())
+            if m:
+                self.error = m.group(2)
+        return len(s)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+@contextlib.contextmanager
+def _capture_errors() -> Iterator[_Tee]:
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield tee
+
+
+def run_local(arguments: dict[str, Any], runs_dir: str | Path = "runs", name: str | None = None) -> RunResult:
+    """Compile the pipeline, run it with kfp.local (workers as local processes), collect the run folder."""
+    from kfp import local
+
+    from microfed.pipelines.pipeline import compile_pipeline, microfed_pipeline
+
+    run_dir = Path(runs_dir) / (name or time.strftime("%Y%m%d-%H%M%S"))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise MicrofedError(f"run folder {run_dir} already exists and is not empty", hint="choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(run_dir / "pipeline.yaml")
+    # No venv per step: the steps run in this Python environment, which has microfed installed.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
+               raise_on_error=True)
+    start = time.perf_counter()
+    with _capture_errors() as tee, warnings.catch_warnings():
+        # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        try:
+            task = microfed_pipeline(**arguments)
+        except RuntimeError as e:
+            raise MicrofedError(tee.error or str(e), hint=f"the full log is above; run folder {run_dir}") from None
+    total = time.perf_counter() - start
+    model_dir = Path(task.outputs["global_model"].path)
+    report_dir = Path(task.outputs["report"].path)
+    for f in (MODEL_FILE, MODEL_CONFIG_FILE):
+        shutil.copy2(model_dir / f, run_dir / f)
+    metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
+    steps = sum(metrics["timings"].values())
+    metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}
+    metrics["config"] = dict(arguments)
+    write_json(run_dir / "metrics.json", metrics)
+    return RunResult(run_dir=run_dir, metrics=metrics)

@@ -1,0 +1,133 @@
+"""The worker under the PyTorchJob contract: torchrun by hand, the local launcher, and in-job averaging."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from microfed.training.aggregation import weighted_average
+from microfed.training.io import read_json, read_safetensors
+from microfed.training.launch import WorkerFailed, launch_local
+from microfed.training.shards import SplitConfig, write_shards
+from microfed.training.steps import aggregate_step, evaluate_step, train_step
+from microfed.training.train import OptimConfig
+from microfed.training.worker import DistEnv, WorkerConfig, micro_model_name
+from tests.conftest import synthetic_dataset
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    write_shards(synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(num_shards=2, ratios=(1, 2)))
+    return out
+
+
+def worker_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["--shards", str(shards), "--out", str(out), "--model", "cnn-small", "--rounds", "2",
+            "--local-epochs", "2", "--batch-size", "16", "--lr", "0.01", "--threads", "1", *extra]
+
+
+def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "micro"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "microfed.training.worker",
+           *worker_args(shards, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [read_json(out / f"worker-{r:05d}.json") for r in range(2)]
+    # shard RANK is what each worker trained on: ratios 1:2 of 120 examples
+    assert [r["n_k"] for r in records] == [40, 80]
+    for rank, rec in enumerate(records):
+        _, meta = read_safetensors(out / micro_model_name(rank))
+        assert meta["n_k"] == str(rec["n_k"]) and meta["rank"] == str(rank)
+        assert len(rec["rounds"]) == 2
+    # rank 0 evaluated the in-job average of round 1 on the whole test set; the last round is left to aggregate
+    assert 0.0 <= records[0]["rounds"][0]["test_accuracy"] <= 1.0
+    assert "test_accuracy" not in records[0]["rounds"][1]
+    assert (out / "model_config.json").exists()
+    # only rank 0 logs
+    assert "[microfed worker] round 1/2" in proc.stdout
+
+
+def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "micro"
+    cfg = WorkerConfig(shards=shards, out=out, model="cnn-small", rounds=2, local_epochs=2, threads=1,
+                       optim=OptimConfig(batch_size=16, lr=0.01))
+    job = train_step(cfg, world_size=2)
+    assert [w["n_k"] for w in job["workers"]] == [40, 80]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-00000.log", "worker-00001.log"]
+    agg = aggregate_step(out, tmp_path / "model")
+    assert agg["weights"] == pytest.approx([1 / 3, 2 / 3])
+    states = [read_safetensors(out / micro_model_name(r))[0] for r in range(2)]
+    global_state, meta = read_safetensors(tmp_path / "model" / "model.safetensors")
+    expected = weighted_average(states, [40, 80])
+    assert meta["n"] == "120"
+    for key, value in expected.items():
+        assert torch.equal(global_state[key], value), key
+    metrics = evaluate_step(tmp_path / "model", shards, out, tmp_path / "eval")
+    # the bands are easy: two rounds of two epochs learn them
+    assert metrics["accuracy"] > 0.9
+    assert len(metrics["round_accuracy"]) == 2
+    assert metrics["shard_sizes"] == [40, 80]
+
+
+def test_a_failing_worker_fails_the_launch_with_its_log_and_stops_the_others(shards: Path, tmp_path: Path) -> None:
+    shard1 = shards / "shard-00001.safetensors"
+    data = bytearray(shard1.read_bytes())
+    data[-1] ^= 0xFF
+    shard1.write_bytes(bytes(data))
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        launch_local(2, worker_args(shards, tmp_path / "micro"), log_dir=tmp_path / "logs", echo_rank0=False)
+    assert info.value.rank == 1
+    assert "checksum" in info.value.log_tail
+    assert "worker-00001.log" in str(info.value)
+    # rank 0 waits for rank 1 in a collective; the launcher must not wait for the 30-minute timeout
+    assert time.monotonic() - start < 60
+
+
+def test_in_job_average_across_two_processes_equals_weighted_average(tmp_path: Path) -> None:
+    probe = tmp_path / "probe_allreduce.py"
+    probe.write_text(textwrap.dedent("""
+        import os, sys, torch, torch.distributed as dist
+        from microfed.training.aggregation import allreduce_average
+        from microfed.training.io import write_safetensors
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                                rank=rank, world_size=world)
+        state = {"w": torch.full((3,), float(rank + 1)), "half": torch.full((2,), rank + 1.0, dtype=torch.float16),
+                 "num_batches_tracked": torch.tensor(10 * (rank + 1))}
+        out = allreduce_average(state, weight=float(rank + 1))
+        write_safetensors(sys.argv[1] + f"/avg-{rank}.safetensors", out)
+        dist.destroy_process_group()
+    """))
+    env_path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = env_path
+    try:
+        launch_local(2, [str(tmp_path)], log_dir=tmp_path / "logs", module="probe_allreduce", echo_rank0=False)
+    finally:
+        os.environ["PYTHONPATH"] = env_path.split(os.pathsep, 1)[1]
+    # weights 1 and 2: (1*1 + 2*2) / 3 = 5/3; the int buffer keeps its dtype and takes the max
+    for rank in range(2):
+        avg, _ = read_safetensors(tmp_path / f"avg-{rank}.safetensors")
+        assert torch.allclose(avg["w"], torch.full((3,), 5 / 3))
+        assert avg["half"].dtype == torch.float16
+        assert avg["num_batches_tracked"].dtype == torch.int64 and int(avg["num_batches_tracked"]) == 20
+
+
+def test_dist_env_reads_the_training_operator_variables() -> None:
+    env = DistEnv.from_environ({"WORLD_SIZE": "4", "RANK": "3", "MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456"})
+    assert (env.rank, env.world_size, env.master_addr, env.master_port) == (3, 4, "job-master-0", 23456)
+    with pytest.raises(ValueError, match="RANK=4"):
+        DistEnv.from_environ({"WORLD_SIZE": "4", "RANK": "4"})
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        DistEnv.from_environ({"WORLD_SIZE": "two"})

@@ -1,0 +1,113 @@
+"""FedAvg: the weighted average of micro-models, weights n_k / n.
+
+One set of math serves both places it runs: `weighted_average` (the aggregate step, over state_dicts read
+from disk) and `allreduce_average` (between rounds inside the job, over torch.distributed). Both accumulate
+with `_accumulate` and finish with `_finish`:
+
+- floating tensors (parameters *and* BatchNorm running statistics) become sum_k (n_k / n) * theta_k,
+  accumulated in float64 and cast back to their own dtype;
+- other tensors (integer buffers such as `num_batches_tracked`) are never float-averaged: the result keeps
+  the input dtype and takes the element-wise maximum, which is order-independent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from microfed.training.errors import MicrofedError
+
+__all__ = ["allreduce_average", "check_compatible", "weighted_average"]
+
+State = Mapping[str, torch.Tensor]
+
+
+def _accumulate(acc: dict[str, torch.Tensor] | None, state: State, weight: float) -> dict[str, torch.Tensor]:
+    """Add `weight * state` to the float entries of `acc` and fold the others in with max. Never mutates `state`."""
+    if acc is None:
+        acc = {}
+        for key, t in state.items():
+            acc[key] = t.detach().to(torch.float64) * weight if t.is_floating_point() else t.detach().clone()
+        return acc
+    for key, t in state.items():
+        if t.is_floating_point():
+            acc[key].add_(t.detach().to(torch.float64), alpha=weight)
+        else:
+            torch.maximum(acc[key], t.detach(), out=acc[key])
+    return acc
+
+
+def _finish(acc: Mapping[str, torch.Tensor], template: State) -> dict[str, torch.Tensor]:
+    """Cast the accumulated tensors back to the dtypes (and devices) of `template`."""
+    return {key: acc[key].to(dtype=t.dtype, device=t.device) for key, t in template.items()}
+
+
+def _label(names: Sequence[str] | None, i: int) -> str:
+    return names[i] if names is not None else f"input {i}"
+
+
+def check_compatible(states: Sequence[State], names: Sequence[str] | None = None) -> None:
+    """Raise MicrofedError naming the input and key when states differ in keys, shapes or dtypes, or hold NaN/Inf."""
+    if not states:
+        raise MicrofedError("nothing to aggregate: no micro-models were given")
+    ref = states[0]
+    for i, state in enumerate(states):
+        who = _label(names, i)
+        missing, extra = set(ref) - set(state), set(state) - set(ref)
+        if missing or extra:
+            raise MicrofedError(
+                f"{who} does not match {_label(names, 0)}: missing keys {sorted(missing)[:5]}, "
+                f"unexpected keys {sorted(extra)[:5]}",
+                hint="all micro-models must come from the same model architecture",
+            )
+        for key, t in state.items():
+            r = ref[key]
+            if t.shape != r.shape or t.dtype != r.dtype:
+                raise MicrofedError(
+                    f"{who}: tensor {key!r} is {t.dtype} {tuple(t.shape)} but {_label(names, 0)} has "
+                    f"{r.dtype} {tuple(r.shape)}",
+                    hint="all micro-models must come from the same model configuration",
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MicrofedError(f"{who}: tensor {key!r} contains NaN or Inf", hint="that worker diverged")
+
+
+def weighted_average(
+    states: Sequence[State], weights: Sequence[float], *, names: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Average `states` with `weights` (normalised to sum to 1, e.g. n_k), returning a new state_dict.
+
+    Inputs are not modified. `names` (one per state) are used in error messages.
+    """
+    if len(weights) != len(states):
+        raise MicrofedError(f"got {len(states)} micro-models but {len(weights)} weights")
+    check_compatible(states, names)
+    for i, w in enumerate(weights):
+        if not (math.isfinite(w) and w > 0):
+            raise MicrofedError(f"{_label(names, i)}: weight must be a positive number, got {w}")
+    total = math.fsum(weights)
+    acc = None
+    for state, w in zip(states, weights, strict=True):
+        acc = _accumulate(acc, state, w / total)
+    assert acc is not None  # states is non-empty (checked above)
+    return _finish(acc, states[0])
+
+
+def allreduce_average(state: State, weight: float, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """The same average across the ranks of a torch.distributed job: each rank passes its state and n_k.
+
+    Every rank gets the averaged state. Weights are summed across ranks first, so each rank scales its own
+    contribution by n_k / n and a SUM all-reduce completes the average.
+    """
+    if not (math.isfinite(weight) and weight > 0):
+        raise MicrofedError(f"weight must be a positive number, got {weight}")
+    device = next(iter(state.values())).device
+    total = torch.tensor([weight], dtype=torch.float64, device=device)
+    dist.all_reduce(total, group=group)
+    acc = _accumulate(None, state, weight / float(total.item()))
+    for t in acc.values():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if t.is_floating_point() else dist.ReduceOp.MAX, group=group)
+    return _finish(acc, state)

@@ -1,0 +1,686 @@
+"""Datasets: decode a named dataset, an image zip or an image folder into uint8 tensors, once.
+
+Every source ends up as the same `LoadedDataset`: a train and a test `ImageData` of uint8 images
+(N, C, H, W) with C in (1, 3), int64 labels (N,) and the class names the labels index. The split step
+decodes through here once and writes shards; nothing downstream touches image files again.
+
+Sources (`load_dataset`):
+
+* ``"fashion-mnist"`` / ``"mnist"``: the original IDX files, plain or gzipped, read by our own parser.
+* ``"cifar10"``: the *binary* CIFAR-10 release (fixed-length records). The Python release is pickled and
+  pickle never runs on a data path here, so torchvision's ``CIFAR10`` class is not used.
+* a ``.zip`` file or a directory laid out like the uploads of the platform we replace::
+
+      [top-folder/]train/<class>/<image>   and   [top-folder/]test/<class>/<image>
+
+Named datasets are looked up in `default_data_dirs` and, when missing and allowed, downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError, features
+
+from microfed.training.errors import MicrofedError
+
+__all__ = [
+    "DATASET_NAMES",
+    "ImageData",
+    "LoadedDataset",
+    "SYSTEM_DATA_DIR",
+    "check_source",
+    "default_data_dirs",
+    "load_dataset",
+    "read_idx",
+]
+
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10")
+
+# Where Debian's dataset packages (e.g. dataset-fashion-mnist) install their files.
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+# Used only when batches.meta.txt is absent; the official archive ships it in this order.
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # published on the dataset's page
+_CIFAR_FOLDER = "cifar-10-batches-bin"
+_CIFAR_SIDE = 32
+_CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE  # one label byte, then the image in CHW order
+
+# torchvision's class per IDX dataset: its download puts the raw files in <root>/<class>/raw/.
+_TORCHVISION_CLASS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+# Besides each data folder itself, the sub-folder a download leaves the files in is searched too, so a
+# torchvision root or the folder the CIFAR archive was extracted in works as data_dir.
+_SUBFOLDER = {"fashion-mnist": "FashionMNIST/raw", "mnist": "MNIST/raw", "cifar10": _CIFAR_FOLDER}
+
+_LAYOUT = (
+    "a .zip file or folder holding train/ and test/ (optionally inside one top folder), "
+    "each with one sub-folder per class containing the images: train/<class>/<image>, test/<class>/<image>"
+)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """One split of a dataset, fully decoded."""
+
+    images: torch.Tensor
+    """uint8, (N, C, H, W), C in (1, 3)."""
+    labels: torch.Tensor
+    """int64, (N,); each label indexes `class_names`."""
+    class_names: tuple[str, ...]
+    """Class names shared by train and test, in label order."""
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A decoded dataset: its name and its train and test splits (same classes, same image shape)."""
+
+    name: str
+    """A name from DATASET_NAMES, or the file name of the zip or folder it came from."""
+    train: ImageData
+    """The training split."""
+    test: ImageData
+    """The test split."""
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def _canonical_name(name: str) -> str | None:
+    """`name` as it appears in DATASET_NAMES, or None: case-insensitive, '_' accepted for '-'."""
+    normalized = name.strip().lower().replace("_", "-")
+    return normalized if normalized in DATASET_NAMES else None
+
+
+def default_data_dirs(name: str) -> list[Path]:
+    """Folders searched for a named dataset, in order.
+
+    $MICROFED_DATA_DIR/<name> (when the variable is set; read at call time so tests and the CLI can
+    change it), then Debian's /usr/share/datasets/<name>, then ~/.cache/microfed/<name>.
+    """
+    canonical = _canonical_name(name)
+    if canonical is None:
+        raise MicrofedError(f"unknown dataset name {name!r}", hint=f"use one of {', '.join(DATASET_NAMES)}")
+    dirs = []
+    env_dir = os.environ.get("MICROFED_DATA_DIR", "").strip()
+    if env_dir:
+        dirs.append(Path(env_dir).expanduser() / canonical)
+    dirs.append(SYSTEM_DATA_DIR / canonical)
+    dirs.append(_cache_root() / canonical)
+    return dirs
+
+
+def _cache_root() -> Path:
+    return Path.home() / ".cache" / "microfed"
+
+
+def load_dataset(
+    source: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    download: bool = True,
+) -> LoadedDataset:
+    """Decode `source` into uint8 tensors.
+
+    source: a name from DATASET_NAMES (case-insensitive; 'fashion_mnist' works too) or the path of a
+        .zip file or folder (see the module docstring for the layout). Names win over same-named paths.
+    data_dir: for a named dataset, the only folder to look in (instead of `default_data_dirs`), and
+        where a download goes. Ignored for zips and folders.
+    image_size: (height, width) to resize every image to (bilinear). Without it a named dataset keeps
+        its native size and a zip/folder uses the size all its images share, or else the most common one.
+    download: fetch a named dataset that is not found locally (needs network access).
+    """
+    size = _check_image_size(image_size)
+    kind = check_source(source)
+    if kind == "name":
+        dataset = _load_named(str(_canonical_name(str(source))), data_dir=data_dir, download=download)
+        return _resized(dataset, size) if size is not None else dataset
+    path = Path(source).expanduser()
+    if kind == "folder":
+        return _load_image_tree(path.name, _list_folder(path), size)
+    with zipfile.ZipFile(path) as archive:
+        return _load_image_tree(path.name, _list_zip(archive), size)
+
+
+def check_source(source: str | Path) -> str:
+    """`name`, `folder` or `zip` for a usable source, without decoding anything; else MicrofedError."""
+    if _canonical_name(str(source)) is not None:
+        return "name"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file() and zipfile.is_zipfile(path):
+        return "zip"
+    if not path.exists():
+        what = "is not a dataset name or an existing path"
+    elif path.suffix.lower() == ".zip":
+        what = "is not a readable zip archive (damaged or incomplete upload?)"
+    else:
+        what = "is neither a .zip file nor a folder"
+    raise MicrofedError(
+        f"dataset source {str(source)!r} {what}",
+        hint=f"use one of {', '.join(DATASET_NAMES)}, or {_LAYOUT}",
+    )
+
+
+def _check_image_size(image_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if (
+        len(image_size) != 2
+        or not all(isinstance(side, int) and not isinstance(side, bool) for side in image_size)
+        or min(image_size) < 1
+    ):
+        raise MicrofedError(
+            f"image_size must be (height, width) with two positive integers, got {image_size!r}",
+            hint="for example image_size=(28, 28), or leave it unset to keep the images' own size",
+        )
+    return (image_size[0], image_size[1])
+
+
+def _load_named(name: str, *, data_dir: str | Path | None, download: bool) -> LoadedDataset:
+    if name == "cifar10":
+        return _load_cifar10(data_dir=data_dir, download=download)
+    return _load_idx_dataset(name, data_dir=data_dir, download=download)
+
+
+def _candidates(name: str, bases: Sequence[Path]) -> list[Path]:
+    return [folder for base in bases for folder in (base, base / _SUBFOLDER[name])]
+
+
+def _not_found(name: str, bases: Sequence[Path], *, reason: str) -> MicrofedError:
+    options = []
+    if name == "fashion-mnist":
+        options.append("install it with `apt-get install dataset-fashion-mnist`")
+    options.append(f"put the files in $MICROFED_DATA_DIR/{name} (or pass data_dir)")
+    options.append("allow the download (download=True) on a machine with network access")
+    where = ", ".join(str(path) for path in bases)
+    return MicrofedError(
+        f"{name}: {reason}; looked in {where} (each also under {_SUBFOLDER[name]}/)",
+        hint="; or ".join(options),
+    )
+
+
+# ------------------------------------------------------------------------------------ IDX (MNIST-like)
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The file's bytes, gunzipped when it starts with the gzip magic (whatever its suffix says).
+
+    A bytearray rather than bytes so the numpy views built on it are writable and torch.from_numpy
+    can share the memory without a copy or a warning.
+    """
+    try:
+        data = path.read_bytes()
+        return _gunzip(data) if data[:2] == b"\x1f\x8b" else bytearray(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MicrofedError(
+            f"cannot read {path}: {exc}", hint="the file is damaged or truncated; fetch it again"
+        ) from exc
+
+
+def _gunzip(data: bytes) -> bytearray:
+    # zlib directly is about twice as fast as the gzip module's streaming reader on these files.
+    out = bytearray()
+    while any(data):  # gzip allows several members, and zero padding after the last one
+        member = zlib.decompressobj(wbits=31)
+        out += member.decompress(data)
+        if not member.eof:
+            raise EOFError("compressed data ends before the end-of-stream marker")
+        data = member.unused_data
+    return out
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzipped) of unsigned bytes into an array of its declared shape.
+
+    IDX: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, one big-endian
+    uint32 per dimension, then the data. Every field is checked so a damaged file fails here, naming
+    the file, instead of as a shape error deep inside training.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise MicrofedError(
+            f"{path} is not an unsigned-byte IDX file (bad magic number {bytes(raw[:4]).hex() or 'none'})",
+            hint="expected the original MNIST/Fashion-MNIST files, e.g. train-images-idx3-ubyte[.gz]",
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise MicrofedError(f"{path}: truncated IDX header", hint="fetch the file again")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise MicrofedError(
+            f"{path}: IDX header declares shape {dims} ({expected} bytes) but the file has {len(raw)} bytes",
+            hint="the file is truncated or damaged; fetch it again",
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_split_files(folder: Path) -> dict[str, tuple[Path, Path]] | None:
+    """{'train': (images, labels), 'test': (...)} when `folder` holds all four IDX files, else None."""
+    found: dict[str, tuple[Path, Path]] = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _idx_file(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
+        if images is None or labels is None:
+            return None
+        found[split] = (images, labels)
+    return found
+
+
+def _read_idx_split(images_path: Path, labels_path: Path, class_names: tuple[str, ...]) -> ImageData:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3:
+        raise MicrofedError(f"{images_path}: expected 3 dimensions (N, H, W), found shape {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise MicrofedError(
+            f"{labels_path} holds {labels.shape} labels for {len(images)} images in {images_path}",
+            hint="the two files must come from the same release",
+        )
+    if len(labels) and int(labels.max()) >= len(class_names):
+        raise MicrofedError(
+            f"{labels_path}: label {int(labels.max())} out of range 0..{len(class_names) - 1}"
+        )
+    return ImageData(
+        images=torch.from_numpy(images).unsqueeze(1),  # (N, H, W) -> (N, 1, H, W), no copy
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        class_names=class_names,
+    )
+
+
+def _load_idx_dataset(name: str, *, data_dir: str | Path | None, download: bool) -> LoadedDataset:
+    download_root = (
+        Path(data_dir).expanduser() if data_dir is not None else _cache_root() / f"{name}-torchvision"
+    )
+    bases = [download_root] if data_dir is not None else [*default_data_dirs(name), download_root]
+    folders = _candidates(name, bases)
+    files = next((found for folder in folders if (found := _idx_split_files(folder)) is not None), None)
+    if files is None:
+        if not download:
+            raise _not_found(name, bases, reason="IDX files not found and download=False")
+        _download_idx(name, download_root, bases)
+        files = _idx_split_files(download_root / _SUBFOLDER[name])
+        if files is None:
+            raise _not_found(name, bases, reason="the download finished but the IDX files are missing")
+    class_names = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+    return LoadedDataset(
+        name=name,
+        train=_read_idx_split(*files["train"], class_names),
+        test=_read_idx_split(*files["test"], class_names),
+    )
+
+
+def _download_idx(name: str, root: Path, bases: Sequence[Path]) -> None:
+    """Fetch the raw IDX files into <root>/<TorchvisionClass>/raw/ through torchvision's mirrors."""
+    # Imported here: torchvision takes a while to import and almost every run finds the files locally.
+    from torchvision import datasets as tv_datasets
+
+    dataset_class = getattr(tv_datasets, _TORCHVISION_CLASS[name])
+    try:
+        dataset_class(root=str(root), train=True, download=True)
+    # torchvision raises RuntimeError, URLError, OSError or others depending on where it failed; all
+    # of them mean the same thing to the user: the data is not here and could not be fetched.
+    except Exception as exc:
+        raise _not_found(name, bases, reason=f"IDX files not found and the download failed ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------ CIFAR-10 binary
+
+
+def _cifar_files(folder: Path) -> tuple[list[Path], Path] | None:
+    train = [folder / f"data_batch_{i}.bin" for i in range(1, 6)]
+    test = folder / "test_batch.bin"
+    return (train, test) if all(path.is_file() for path in [*train, test]) else None
+
+
+def _read_cifar_batches(paths: Sequence[Path], class_names: tuple[str, ...]) -> ImageData:
+    """Concatenate binary batches: each record is one label byte followed by 3x32x32 bytes (CHW)."""
+    records = []
+    for path in paths:
+        raw = _read_bytes(path)
+        if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
+            raise MicrofedError(
+                f"{path}: {len(raw)} bytes is not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 records",
+                hint="the file is truncated or not from cifar-10-binary.tar.gz; fetch it again",
+            )
+        batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+        if int(batch[:, 0].max()) >= len(class_names):
+            raise MicrofedError(
+                f"{path}: label {int(batch[:, 0].max())} out of range 0..{len(class_names) - 1}"
+            )
+        records.append(batch)
+    images = np.concatenate([batch[:, 1:] for batch in records]).reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE)
+    return ImageData(
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(np.concatenate([batch[:, 0] for batch in records]).astype(np.int64)),
+        class_names=class_names,
+    )
+
+
+def _cifar_class_names(folder: Path) -> tuple[str, ...]:
+    meta = folder / "batches.meta.txt"
+    if not meta.is_file():
+        return CIFAR10_CLASSES
+    names = tuple(line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not names:
+        raise MicrofedError(f"{meta} lists no class names", hint="expected one class name per line")
+    return names
+
+
+def _load_cifar10(*, data_dir: str | Path | None, download: bool) -> LoadedDataset:
+    bases = [Path(data_dir).expanduser()] if data_dir is not None else default_data_dirs("cifar10")
+    folder = next((found for found in _candidates("cifar10", bases) if _cifar_files(found) is not None), None)
+    if folder is None:
+        if not download:
+            raise _not_found("cifar10", bases, reason="binary batch files not found and download=False")
+        download_root = bases[0] if data_dir is not None else _cache_root() / "cifar10"
+        _download_cifar10(download_root, bases)
+        folder = download_root / _CIFAR_FOLDER
+    files = _cifar_files(folder)
+    if files is None:
+        raise _not_found("cifar10", bases, reason="the download finished but the batch files are missing")
+    class_names = _cifar_class_names(folder)
+    train_paths, test_path = files
+    return LoadedDataset(
+        name="cifar10",
+        train=_read_cifar_batches(train_paths, class_names),
+        test=_read_cifar_batches([test_path], class_names),
+    )
+
+
+def _download_cifar10(root: Path, bases: Sequence[Path]) -> None:
+    # Imported here for the same reason as in _download_idx.
+    from torchvision.datasets import utils as tv_utils
+
+    try:
+        tv_utils.download_and_extract_archive(
+            CIFAR10_URL, download_root=str(root), md5=CIFAR10_MD5, remove_finished=True
+        )
+    except Exception as exc:  # see _download_idx: any failure means "not available"
+        raise _not_found(
+            "cifar10", bases, reason=f"binary batch files not found and the download failed ({exc})"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------- image zips / folders
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+# Formats every Pillow build reads, plus those that depend on optional libraries when present.
+_IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif"} | ({".webp"} if features.check("webp") else set())
+)
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    zipfile.BadZipFile,
+    RuntimeError,  # zipfile: encrypted member, or a compression method it lacks (Windows' Deflate64)
+)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A file or folder inside a zip or directory tree."""
+
+    parts: tuple[str, ...]
+    """Its path split on '/', relative to the layout root (after any top folder is stripped)."""
+    name: str
+    """Its path as the user sees it in the zip or folder, for messages."""
+    read: Callable[[], bytes] | None
+    """Returns the file's bytes; None for a folder."""
+
+
+def _ignored(parts: tuple[str, ...]) -> bool:
+    # macOS zips carry __MACOSX/ resource forks and .DS_Store files; neither is data.
+    return any(part == "__MACOSX" or part.startswith(".") for part in parts)
+
+
+def _list_zip(archive: zipfile.ZipFile) -> list[_Entry]:
+    entries = []
+    for info in archive.infolist():
+        # Some Windows tools write backslashes; the zip format itself only knows '/'.
+        parts = tuple(part for part in info.filename.replace("\\", "/").split("/") if part)
+        if not parts or _ignored(parts):
+            continue
+        reader = None if info.is_dir() else functools.partial(archive.read, info)
+        entries.append(_Entry(parts, "/".join(parts), reader))
+    return entries
+
+
+def _list_folder(root: Path) -> list[_Entry]:
+    entries = []
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if not _ignored(parts):
+            entries.append(_Entry(parts, "/".join(parts), None if path.is_dir() else path.read_bytes))
+    return entries
+
+
+def _folders(entries: list[_Entry]) -> set[str]:
+    """Top-level folder names: from explicit folder entries and from the paths of files below them."""
+    return {entry.parts[0] for entry in entries if len(entry.parts) > 1 or entry.read is None}
+
+
+def _strip_top_folder(entries: list[_Entry]) -> list[_Entry]:
+    """Drop one enclosing folder (zips made by 'compress folder' have one) when train/ test/ are inside."""
+    top_folders = _folders(entries)
+    if top_folders & {"train", "test"} or len(top_folders) != 1:
+        return entries
+    return [_Entry(entry.parts[1:], entry.name, entry.read) for entry in entries if len(entry.parts) > 1]
+
+
+def _is_image(entry: _Entry) -> bool:
+    return entry.read is not None and PurePosixPath(entry.parts[-1]).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _class_files(source: str, split: str, entries: list[_Entry]) -> dict[str, list[_Entry]]:
+    """Images of one split grouped by class folder; every class folder must hold at least one image."""
+    classes: dict[str, list[_Entry]] = {}
+    for entry in entries:
+        if entry.parts[0] != split or len(entry.parts) < 2:
+            continue
+        if len(entry.parts) == 2 and entry.read is not None:
+            if _is_image(entry):  # an image outside any class folder would otherwise be dropped silently
+                raise MicrofedError(
+                    f"{source}: {entry.name} is not inside a class folder",
+                    hint=f"move it into {split}/<class>/; expected {_LAYOUT}",
+                )
+            continue  # stray non-image files (README, Thumbs.db) are not data
+        images = classes.setdefault(entry.parts[1], [])
+        if _is_image(entry):  # images in nested folders count for their class, as in ImageFolder
+            images.append(entry)
+    if not classes:
+        raise MicrofedError(f"{source}: {split}/ has no class folders", hint=f"expected {_LAYOUT}")
+    for class_name, images in classes.items():
+        if not images:
+            raise MicrofedError(
+                f"{source}: class folder {split}/{class_name}/ contains no images",
+                hint=f"add images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or remove the folder",
+            )
+        images.sort(key=lambda entry: entry.parts)  # zip order is arbitrary; labels must not depend on it
+    return classes
+
+
+def _load_image_tree(source: str, entries: list[_Entry], image_size: tuple[int, int] | None) -> LoadedDataset:
+    entries = _strip_top_folder(entries)
+    present = _folders(entries)
+    missing = [f"{split}/" for split in ("train", "test") if split not in present]
+    if missing:
+        found = ", ".join(f"{folder}/" for folder in sorted(present)) or "nothing"
+        raise MicrofedError(
+            f"{source}: no {' and no '.join(missing)} folder (found at the top: {found})",
+            hint=f"expected {_LAYOUT}",
+        )
+    train = _class_files(source, "train", entries)
+    test = _class_files(source, "test", entries)
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise MicrofedError(
+            f"{source}: test/ has classes that train/ lacks: {', '.join(unknown)}",
+            hint="every test class needs training images under train/<class>/ (names are case-sensitive)",
+        )
+    class_names = tuple(sorted(train))
+    train_files = _labelled(train, class_names)
+    test_files = _labelled(test, class_names)
+    channels, size = _plan_decode(source, [entry for entry, _ in train_files + test_files], image_size)
+    return LoadedDataset(
+        name=source,
+        train=_decode(source, train_files, channels, size, class_names),
+        test=_decode(source, test_files, channels, size, class_names),
+    )
+
+
+def _labelled(classes: dict[str, list[_Entry]], class_names: tuple[str, ...]) -> list[tuple[_Entry, int]]:
+    return [(entry, label) for label, name in enumerate(class_names) for entry in classes.get(name, [])]
+
+
+def _open(source: str, entry: _Entry) -> Image.Image:
+    """Open an image lazily (header only); errors name the file inside the zip or folder."""
+    assert entry.read is not None  # only files reach here (internal invariant, not user input)
+    try:
+        return Image.open(io.BytesIO(entry.read()))
+    except _DECODE_ERRORS as exc:
+        raise MicrofedError(
+            f"{source}: cannot decode image {entry.name} ({_reason(exc)})",
+            hint="replace or remove the file; readable formats: " + ", ".join(sorted(_IMAGE_SUFFIXES)),
+        ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    # Pillow's UnidentifiedImageError text shows a BytesIO repr, which tells the user nothing.
+    return "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+
+
+def _plan_decode(
+    source: str, entries: Sequence[_Entry], image_size: tuple[int, int] | None
+) -> tuple[int, tuple[int, int]]:
+    """Channels and (height, width) for the whole dataset, from the image headers only.
+
+    C=1 only when every image is grayscale, so no colour is thrown away (palette images count as
+    colour: telling a grey palette apart would mean decoding them here). Without `image_size`, the size
+    every image shares, else the most common one (ties: the larger area, then the larger height), so
+    that the fewest images are resampled. Train and test are planned together: one model sees both.
+    """
+    sizes: Counter[tuple[int, int]] = Counter()
+    all_gray = True
+    for entry in entries:
+        with _open(source, entry) as image:
+            all_gray = all_gray and image.mode in _GRAY_MODES
+            sizes[(image.height, image.width)] += 1
+    if image_size is None:
+        image_size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1], hw))
+    return (1 if all_gray else 3), image_size
+
+
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to 'L' (channels=1) or 'RGB' (channels=3); alpha is dropped."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert('L') clips 16-bit values at 255 instead of scaling them; scale by hand.
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the direct P -> RGB conversion warns about the transparency
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)  # convert() would copy anyway
+
+
+def _decode(
+    source: str,
+    files: Sequence[tuple[_Entry, int]],
+    channels: int,
+    size: tuple[int, int],
+    class_names: tuple[str, ...],
+) -> ImageData:
+    """Decode into one preallocated (N, C, H, W) array: no per-image tensors to stack afterwards."""
+    height, width = size
+    images = np.empty((len(files), channels, height, width), dtype=np.uint8)
+    for index, (entry, _) in enumerate(files):
+        image = _open(source, entry)  # outside the try: its MicrofedError is a ValueError too
+        try:
+            with image:
+                pixels = _to_mode(image, channels)
+                if pixels.size != (width, height):
+                    pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
+                array = np.asarray(pixels)
+        except _DECODE_ERRORS as exc:  # the header was fine but the pixel data is not
+            raise MicrofedError(
+                f"{source}: cannot decode image {entry.name} ({_reason(exc)})",
+                hint="replace or remove the file",
+            ) from exc
+        images[index] = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageData(images=torch.from_numpy(images), labels=labels, class_names=class_names)
+
+
+# ------------------------------------------------------------------------------------------- resizing
+
+
+def _resized(dataset: LoadedDataset, size: tuple[int, int]) -> LoadedDataset:
+    return LoadedDataset(
+        name=dataset.name, train=_resize_split(dataset.train, size), test=_resize_split(dataset.test, size)
+    )
+
+
+def _resize_split(data: ImageData, size: tuple[int, int], chunk: int = 4096) -> ImageData:
+    """Bilinear resize of decoded tensors (antialiased, like PIL's), in chunks to bound float memory."""
+    if tuple(data.images.shape[-2:]) == size:
+        return data
+    out = torch.empty((len(data.images), data.images.shape[1], *size), dtype=torch.uint8)
+    for start in range(0, len(data.images), chunk):
+        block = data.images[start : start + chunk].float()
+        scaled = torch.nn.functional.interpolate(block, size=size, mode="bilinear", antialias=True)
+        out[start : start + chunk] = scaled.round_().clamp_(0, 255).to(torch.uint8)
+    return ImageData(images=out, labels=data.labels, class_names=data.class_names)

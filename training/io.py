@@ -1,0 +1,98 @@
+"""Files that are never half-written: write to a temporary name in the same folder, then rename.
+
+Everything on a data or model path is safetensors or JSON; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from microfed.training.errors import MicrofedError
+
+__all__ = [
+    "atomic_write_bytes",
+    "read_json",
+    "read_safetensors",
+    "sha256_bytes",
+    "sha256_file",
+    "write_json",
+    "write_safetensors",
+]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MicrofedError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise MicrofedError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Atomically write tensors (moved to CPU, made contiguous) and return the bytes written."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save(cpu, metadata=dict(metadata) if metadata else None)
+    atomic_write_bytes(path, data)
+    return data
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and the string metadata stored in a safetensors file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MicrofedError(f"{path}: file not found") from None
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except Exception as e:  # safetensors raises its own error types; report them uniformly
+        raise MicrofedError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, dict(header.get("__metadata__", {}))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

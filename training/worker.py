@@ -1,0 +1,278 @@
+"""Worker entrypoint: one process per shard, under a PyTorchJob, torchrun, or microfed's local launcher.
+
+It reads the variables the Kubeflow Training Operator injects (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK;
+RANK 0 is the Master replica), trains on shard RANK for R rounds of E local epochs, averages the workers'
+weights in-job between rounds (weights n_k / n), and after round R writes its micro-model and n_k for the
+aggregate step. Run it by hand on one machine with two workers:
+
+    torchrun --standalone --nproc_per_node=2 -m microfed.training.worker \\
+        --shards SHARDS_DIR --out OUT_DIR --model cnn-fmnist --rounds 3 --local-epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from microfed.training.aggregation import allreduce_average
+from microfed.training.errors import MicrofedError
+from microfed.training.evaluation import evaluate
+from microfed.training.io import write_json, write_safetensors
+from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
+from microfed.training.models import ModelConfig, build_model
+from microfed.training.shards import load_shard, load_test_set, read_dataset_manifest
+from microfed.training.train import (
+    OptimConfig,
+    Preprocess,
+    autocast_dtype,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+)
+
+__all__ = ["DistEnv", "WorkerConfig", "main", "micro_model_name", "run_worker"]
+
+
+def micro_model_name(rank: int) -> str:
+    return f"micro-model-{rank:05d}.safetensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything a worker needs besides the distributed environment."""
+
+    shards: Path
+    """Folder written by the split step."""
+    out: Path
+    """Folder for micro-models, per-worker records and the in-job history."""
+    model: str = "cnn-fmnist"
+    """Model name (see microfed.training.models) or `package.module:function`."""
+    rounds: int = 1
+    """R: rounds of local training followed by a weighted average."""
+    local_epochs: int = 1
+    """E: epochs over the worker's own shard in each round."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser, schedule, augmentation and batch size."""
+    seed: int = 0
+    """Model initialisation seed (shared); the data order uses seed + rank."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, or `cuda`."""
+    threads: int = 0
+    """CPU threads; 0 = usable cores / workers on this machine (LOCAL_WORLD_SIZE)."""
+    eval_every_round: bool = True
+    """Evaluate the averaged model on the test set after each in-job average (rounds 1..R-1)."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise MicrofedError(f"--rounds and --local-epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise MicrofedError(f"unknown --device {self.device!r}", hint="use auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The Training Operator's contract, read from the environment."""
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        env = dict(os.environ if environ is None else environ)
+
+        def integer(name: str, default: str | None) -> int:
+            raw = env.get(name, default)
+            if raw is None:
+                raise MicrofedError(f"environment variable {name} is not set",
+                                    hint="run under a PyTorchJob, torchrun, or microfed's launcher")
+            try:
+                return int(raw)
+            except ValueError:
+                raise MicrofedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+        world = integer("WORLD_SIZE", "1")
+        rank = integer("RANK", "0")
+        if not (world >= 1 and 0 <= rank < world):
+            raise MicrofedError(f"RANK={rank} must be in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_world_size=integer("LOCAL_WORLD_SIZE", "1"),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=integer("MASTER_PORT", "29500"),
+        )
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _device(cfg: WorkerConfig, env: DistEnv) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise MicrofedError("--device cuda was asked for but no CUDA device is visible")
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _log(env: DistEnv, message: str) -> None:
+    if env.rank == 0:
+        print(f"[microfed worker] {message}", flush=True)
+
+
+def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
+    """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up."""
+    started = time.perf_counter()
+    summary = read_dataset_manifest(cfg.shards)
+    if len(summary["shards"]) != env.world_size:
+        raise MicrofedError(
+            f"{cfg.shards} holds {len(summary['shards'])} shards but WORLD_SIZE={env.world_size}",
+            hint="start one worker per shard",
+        )
+    device = _device(cfg, env)
+    torch.set_num_threads(cfg.threads or max(1, _usable_cores() // max(1, env.local_world_size)))
+    shard = load_shard(cfg.shards, env.rank)
+    test = load_test_set(cfg.shards) if cfg.eval_every_round and cfg.rounds > 1 else None
+    c, h, w = summary["image_shape"]
+    arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
+    model = build_model(arch).to(device, memory_format=torch.channels_last)
+    distributed = env.world_size > 1
+    if distributed:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    card = ModelCard.from_manifest(arch, summary)
+    if env.rank == 0:
+        write_json(cfg.out / MODEL_CONFIG_FILE, card.to_dict())
+    pre = Preprocess(summary["mean"], summary["std"], device, cfg.optim.augment)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * (env.rank + 1))
+    images, labels = shard.images, shard.labels
+    if device.type == "cuda":
+        images, labels = images.to(device), labels.to(device)
+    steps_per_epoch = -(-shard.num_examples // cfg.optim.batch_size)
+    opt = make_optimizer(model, cfg.optim)
+    amp = autocast_dtype(cfg.optim.precision, device)
+    sched = make_scheduler(opt, cfg.optim, cfg.rounds * cfg.local_epochs * steps_per_epoch)
+    rounds: list[dict[str, Any]] = []
+    for r in range(1, cfg.rounds + 1):
+        epochs = []
+        for e in range(1, cfg.local_epochs + 1):
+            stats = train_epoch(model, images, labels, preprocess=pre, optimizer=opt, scheduler=sched,
+                                batch_size=cfg.optim.batch_size, generator=gen, amp_dtype=amp)
+            epochs.append(dataclasses.asdict(stats))
+            _log(env, f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
+                      f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)")
+        record: dict[str, Any] = {"round": r, "epochs": epochs}
+        if distributed and r < cfg.rounds:
+            avg_start = time.perf_counter()
+            model.load_state_dict(allreduce_average(model.state_dict(), float(shard.num_examples)))
+            record["average_seconds"] = time.perf_counter() - avg_start
+        if test is not None and r < cfg.rounds:
+            lo, hi = _slice(test.num_examples, env)
+            res = evaluate(model, test.images[lo:hi], test.labels[lo:hi], preprocess=pre,
+                           num_classes=arch.num_classes, all_reduce=distributed)
+            record["test_accuracy"], record["test_loss"] = res.accuracy, res.loss
+            _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {res.accuracy:.4f}")
+        rounds.append(record)
+    write_safetensors(cfg.out / micro_model_name(env.rank), model.state_dict(),
+                      {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)})
+    worker = {"rank": env.rank, "n_k": shard.num_examples, "file": micro_model_name(env.rank),
+              "device": str(device), "threads": torch.get_num_threads(), "rounds": rounds,
+              "seconds": time.perf_counter() - started}
+    write_json(cfg.out / f"worker-{env.rank:05d}.json", worker)
+    return worker
+
+
+def _slice(n: int, env: DistEnv) -> tuple[int, int]:
+    """This rank's contiguous part of n test examples."""
+    per = -(-n // env.world_size)
+    return min(n, env.rank * per), min(n, (env.rank + 1) * per)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m microfed.training.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d, o = WorkerConfig, OptimConfig
+    p.add_argument("--shards", type=Path, required=True, help="folder written by the split step")
+    p.add_argument("--out", type=Path, required=True, help="folder for micro-models and records")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    p.add_argument("--batch-size", type=int, default=o.batch_size)
+    p.add_argument("--optimizer", default=o.optimizer)
+    p.add_argument("--lr", type=float, default=o.lr)
+    p.add_argument("--weight-decay", type=float, default=o.weight_decay)
+    p.add_argument("--momentum", type=float, default=o.momentum)
+    p.add_argument("--schedule", default=o.schedule)
+    p.add_argument("--augment", default=o.augment)
+    p.add_argument("--precision", default=o.precision)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--no-eval-every-round", dest="eval_every_round", action="store_false")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
+    a = build_parser().parse_args(argv)
+    optim = OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
+                        schedule=a.schedule, augment=a.augment, batch_size=a.batch_size,
+                        precision=a.precision)
+    return WorkerConfig(shards=a.shards, out=a.out, model=a.model, rounds=a.rounds, local_epochs=a.local_epochs,
+                        optim=optim, seed=a.seed, device=a.device, threads=a.threads,
+                        eval_every_round=a.eval_every_round)
+
+
+def config_to_argv(cfg: WorkerConfig) -> list[str]:
+    """The command-line flags that make `parse_config` return `cfg` (used by launchers)."""
+    o = cfg.optim
+    argv = ["--shards", str(cfg.shards), "--out", str(cfg.out), "--model", cfg.model,
+            "--rounds", str(cfg.rounds), "--local-epochs", str(cfg.local_epochs), "--batch-size", str(o.batch_size),
+            "--optimizer", o.optimizer, "--lr", repr(o.lr), "--weight-decay", repr(o.weight_decay),
+            "--momentum", repr(o.momentum), "--schedule", o.schedule, "--augment", o.augment, "--precision", o.precision,
+            "--seed", str(cfg.seed), "--device", cfg.device, "--threads", str(cfg.threads)]
+    return argv if cfg.eval_every_round else [*argv, "--no-eval-every-round"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        env = DistEnv.from_environ()
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        if env.world_size > 1:
+            backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                    rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(minutes=30))
+        try:
+            run_worker(cfg, env)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except MicrofedError as e:
+        print(f"microfed worker error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
