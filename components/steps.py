@@ -22,6 +22,7 @@ def split_dataset(
     workers: int,
     shards: Output[Dataset],
     strategy: str = "stratified",
+    split_ratios: str = "",
     alpha: float = 0.5,
     seed: int = 0,
     image_size: int = 0,
@@ -31,21 +32,31 @@ def split_dataset(
     """Decode `dataset` (fashion-mnist, mnist, cifar10, or a zip/folder of train/ and test/ class folders)
     once and write one shard per worker plus the test set: uint8 safetensors with JSON manifests.
 
-    strategy: stratified | iid | dirichlet (label skew with concentration `alpha`). image_size: resize to a
+    strategy: stratified | iid | dirichlet (label skew with concentration `alpha`). split_ratios: relative
+    shard sizes for stratified/iid, comma-separated ("1,2,1"; empty = equal). image_size: resize to a
     square of this side (0 keeps the images' size). train_limit/test_limit: use at most that many examples.
     """
-    from microfed.training.shards import SplitConfig
+    from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.steps import SplitOptions, split_step
 
     summary = split_step(
-        SplitOptions(source=dataset, image_size=(image_size, image_size) if image_size else None,
-                     train_limit=train_limit, test_limit=test_limit),
-        SplitConfig(num_shards=workers, strategy=strategy, alpha=alpha, seed=seed),
+        SplitOptions(
+            source=dataset,
+            image_size=(image_size, image_size) if image_size else None,
+            train_limit=train_limit,
+            test_limit=test_limit,
+        ),
+        SplitConfig(num_shards=workers, strategy=strategy, ratios=parse_ratios(split_ratios), alpha=alpha, seed=seed),
         shards.path,
     )
-    shards.metadata.update({"num_shards": workers, "classes": len(summary["class_names"]),
-                            "train_examples": summary["num_train_examples"],
-                            "test_examples": summary["num_test_examples"]})
+    shards.metadata.update(
+        {
+            "num_shards": workers,
+            "classes": len(summary["class_names"]),
+            "train_examples": summary["num_train_examples"],
+            "test_examples": summary["num_test_examples"],
+        }
+    )
 
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
@@ -54,10 +65,10 @@ def train(
     micro_models: Output[Model],
     model: str = "cnn-fmnist",
     rounds: int = 4,
-    local_epochs: int = 2,
-    batch_size: int = 64,
+    local_epochs: int = 3,
+    batch_size: int = 128,
     optimizer: str = "adam",
-    lr: float = 0.002,
+    lr: float = 0.003,
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     augment: str = "none",
@@ -77,10 +88,21 @@ def train(
 
     world_size = len(read_dataset_manifest(shards.path)["shards"])
     cfg = WorkerConfig(
-        shards=Path(shards.path), out=Path(micro_models.path), model=model, rounds=rounds,
-        local_epochs=local_epochs, seed=seed,
-        optim=OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                          augment=augment, batch_size=batch_size, precision=precision),
+        shards=Path(shards.path),
+        out=Path(micro_models.path),
+        model=model,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        seed=seed,
+        optim=OptimConfig(
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            augment=augment,
+            batch_size=batch_size,
+            precision=precision,
+        ),
     )
     record = train_step(cfg, world_size)
     micro_models.metadata.update({"workers": world_size, "n_k": [w["n_k"] for w in record["workers"]]})

@@ -1,7 +1,7 @@
 """The `microfed` command: run the pipeline locally, or compile it for Kubeflow Pipelines.
 
-    microfed run [--dataset fashion-mnist] [--model cnn-fmnist] [--workers 3] ...
-    microfed compile -o pipeline.yaml
+microfed run [--dataset fashion-mnist] [--model cnn-fmnist] [--workers 3] ...
+microfed compile -o pipeline.yaml
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ __all__ = ["build_parser", "main", "pipeline_arguments"]
 # the compiled YAML and the Kubeflow UI all show the same ones.
 _PARAMS: dict[str, tuple[type, str]] = {
     "dataset": (str, "fashion-mnist, mnist, cifar10, or a .zip / folder with train/ and test/ class folders"),
-    "model": (str, "cnn-small, cnn-fmnist, resnet18, vgg16, squeezenet, efficientnet_v2_s, "
-                   "mobilenet_v3_small, or package.module:function"),
+    "model": (
+        str,
+        "cnn-small, cnn-fmnist, resnet18, vgg16, squeezenet, efficientnet_v2_s, "
+        "mobilenet_v3_small, or package.module:function",
+    ),
     "workers": (int, "shards = workers (PyTorchJob replicas; local processes here)"),
     "rounds": (int, "rounds of local training followed by a weighted average"),
     "local_epochs": (int, "epochs over each worker's shard per round"),
@@ -34,6 +37,7 @@ _PARAMS: dict[str, tuple[type, str]] = {
     "augment": (str, "none, flip, crop or crop-flip"),
     "precision": (str, "auto (bf16 where the hardware has it), fp32 or bf16"),
     "split": (str, "stratified, iid or dirichlet"),
+    "split_ratios": (str, "relative shard sizes for stratified/iid, comma-separated, e.g. 1,2,1 (empty = equal)"),
     "alpha": (float, "Dirichlet concentration (with --split dirichlet)"),
     "seed": (int, "seed of the split, the initial weights and the data order"),
     "image_size": (int, "resize images to this square side (0 keeps their size)"),
@@ -52,18 +56,25 @@ def _pipeline_defaults() -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microfed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="microfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on this machine with kfp.local")
     defaults = _pipeline_defaults()
     for name, (kind, help_text) in _PARAMS.items():
-        run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=defaults[name],
-                         help=f"{help_text} (default: {defaults[name]})")
+        run.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=defaults[name],
+            help=f"{help_text} (default: {defaults[name]})",
+        )
     run.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     run.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
+    run.add_argument("--verbose", action="store_true", help="show every step's full KFP log (always in kfp.log)")
     comp = sub.add_parser("compile", help="write the pipeline YAML to upload to Kubeflow Pipelines")
     comp.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
     return parser
@@ -73,16 +84,28 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline arguments from parsed flags, checked here so bad input fails before any step runs."""
     from microfed.training.datasets import check_source
     from microfed.training.models import check_model_name
-    from microfed.training.shards import SplitConfig
+    from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}
     check_source(values["dataset"])
     check_model_name(values["model"])
-    SplitConfig(num_shards=values["workers"], strategy=values["split"], alpha=values["alpha"], seed=values["seed"])
-    OptimConfig(optimizer=values["optimizer"], lr=values["lr"], weight_decay=values["weight_decay"],
-                schedule=values["schedule"], augment=values["augment"], batch_size=values["batch_size"],
-                precision=values["precision"])
+    SplitConfig(
+        num_shards=values["workers"],
+        strategy=values["split"],
+        ratios=parse_ratios(values["split_ratios"]),
+        alpha=values["alpha"],
+        seed=values["seed"],
+    )
+    OptimConfig(
+        optimizer=values["optimizer"],
+        lr=values["lr"],
+        weight_decay=values["weight_decay"],
+        schedule=values["schedule"],
+        augment=values["augment"],
+        batch_size=values["batch_size"],
+        precision=values["precision"],
+    )
     for name in ("rounds", "local_epochs"):
         if values[name] < 1:
             raise MicrofedError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
@@ -97,14 +120,15 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def _summary(result: Any) -> str:
     m = result.metrics
     t = m["timings"]
-    width = max(len(n) for n in m["per_class_accuracy"])
+    names = m["class_names"]
+    width = max(len(n) for n in names)
     lines = [
         "",
         f"test accuracy   {m['accuracy']:.4f}  (loss {m['loss']:.4f}, {m['num_test_examples']} test images)",
         "per round       " + "  ".join(f"{a:.4f}" for a in m["round_accuracy"]),
         "shard sizes     " + ", ".join(str(n) for n in m["shard_sizes"]),
-        "per class       " + "\n                ".join(
-            f"{n:<{width}}  {a:.4f}" for n, a in m["per_class_accuracy"].items()),
+        "per class       "
+        + "\n                ".join(f"{n:<{width}}  {m['per_class_accuracy'][n]:.4f}" for n in names),
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         f"model           {result.run_dir / 'model.safetensors'} (+ model_config.json)",
         f"metrics         {result.run_dir / 'metrics.json'}",
@@ -116,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     from microfed.pipelines.local_run import run_local
 
     arguments = pipeline_arguments(args)
-    result = run_local(arguments, runs_dir=args.runs_dir, name=args.name)
+    result = run_local(arguments, runs_dir=args.runs_dir, name=args.name, verbose=args.verbose)
     print(json.dumps(result.metrics, indent=2) if args.json else _summary(result))
     return 0
 

@@ -30,36 +30,47 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-class _Tee(io.TextIOBase):
-    """Pass output through and remember the last error line of our own exception types."""
+# Lines worth a person's attention while kfp.local streams each step's log (the rest goes to kfp.log).
+_SHOW = re.compile(r"\[microfed|Executing task|finished with status|Traceback|Error|error:")
 
-    def __init__(self, inner: TextIO) -> None:
-        self.inner = inner
+
+class _Tee(io.TextIOBase):
+    """Write everything to the run's log file; show the console only what `_SHOW` matches (or all, when
+    `verbose`); remember the last error line of our own exception types."""
+
+    def __init__(self, console: TextIO, log: TextIO, verbose: bool) -> None:
+        self.console, self.log, self.verbose = console, log, verbose
         self.error: str | None = None
         self._partial = ""
 
     def write(self, s: str) -> int:
-        self.inner.write(s)
+        self.log.write(s)
         lines = (self._partial + s).split("\n")
         self._partial = lines.pop()
         for line in lines:
+            if self.verbose or _SHOW.search(line):
+                self.console.write(line + "\n")
             m = _ERROR_LINE.match(line.strip())
             if m:
                 self.error = m.group(2)
         return len(s)
 
     def flush(self) -> None:
-        self.inner.flush()
+        self.console.flush()
+        self.log.flush()
 
 
 @contextlib.contextmanager
-def _capture_errors() -> Iterator[_Tee]:
-    tee = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
-        yield tee
+def _capture(log_path: Path, verbose: bool) -> Iterator[_Tee]:
+    with open(log_path, "w") as log:
+        tee = _Tee(sys.stdout, log, verbose)
+        with contextlib.redirect_stdout(tee):
+            yield tee
 
 
-def run_local(arguments: dict[str, Any], runs_dir: str | Path = "runs", name: str | None = None) -> RunResult:
+def run_local(
+    arguments: dict[str, Any], runs_dir: str | Path = "runs", name: str | None = None, verbose: bool = False
+) -> RunResult:
     """Compile the pipeline, run it with kfp.local (workers as local processes), collect the run folder."""
     from kfp import local
 
@@ -71,16 +82,15 @@ def run_local(arguments: dict[str, Any], runs_dir: str | Path = "runs", name: st
     run_dir.mkdir(parents=True, exist_ok=True)
     compile_pipeline(run_dir / "pipeline.yaml")
     # No venv per step: the steps run in this Python environment, which has microfed installed.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
-               raise_on_error=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
     start = time.perf_counter()
-    with _capture_errors() as tee, warnings.catch_warnings():
+    with _capture(run_dir / "kfp.log", verbose) as tee, warnings.catch_warnings():
         # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
             task = microfed_pipeline(**arguments)
         except RuntimeError as e:
-            raise MicrofedError(tee.error or str(e), hint=f"the full log is above; run folder {run_dir}") from None
+            raise MicrofedError(tee.error or str(e), hint=f"the full log is {run_dir / 'kfp.log'}") from None
     total = time.perf_counter() - start
     model_dir = Path(task.outputs["global_model"].path)
     report_dir = Path(task.outputs["report"].path)

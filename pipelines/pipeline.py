@@ -19,21 +19,25 @@ class Outputs(NamedTuple):
     report: dsl.Artifact
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Federated-style training: shards, one worker per shard, FedAvg, evaluation.")
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Federated-style training: shards, one worker per shard, FedAvg, evaluation.",
+)
 def microfed_pipeline(
     dataset: str = "fashion-mnist",
     model: str = "cnn-fmnist",
     workers: int = 3,
     rounds: int = 4,
-    local_epochs: int = 2,
-    batch_size: int = 64,
-    lr: float = 0.002,
+    local_epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 0.003,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     augment: str = "none",
     precision: str = "auto",
     split: str = "stratified",
+    split_ratios: str = "",
     alpha: float = 0.5,
     seed: int = 0,
     image_size: int = 0,
@@ -43,17 +47,34 @@ def microfed_pipeline(
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, averaged with weights n_k / n, and evaluate the global model on the test set."""
     split_task = split_dataset(
-        dataset=dataset, workers=workers, strategy=split, alpha=alpha, seed=seed, image_size=image_size,
-        train_limit=train_limit, test_limit=test_limit,
+        dataset=dataset,
+        workers=workers,
+        strategy=split,
+        split_ratios=split_ratios,
+        alpha=alpha,
+        seed=seed,
+        image_size=image_size,
+        train_limit=train_limit,
+        test_limit=test_limit,
     ).set_display_name("split dataset")
     train_task = train(
-        shards=split_task.outputs["shards"], model=model, rounds=rounds, local_epochs=local_epochs,
-        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-        augment=augment, precision=precision, seed=seed,
+        shards=split_task.outputs["shards"],
+        model=model,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        augment=augment,
+        precision=precision,
+        seed=seed,
     ).set_display_name("train micro-models")
     agg_task = aggregate(micro_models=train_task.outputs["micro_models"]).set_display_name("aggregate (FedAvg)")
     eval_task = evaluate(
-        global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"],
+        global_model=agg_task.outputs["global_model"],
+        shards=split_task.outputs["shards"],
         micro_models=train_task.outputs["micro_models"],
     ).set_display_name("evaluate")
     return Outputs(global_model=agg_task.outputs["global_model"], report=eval_task.outputs["report"])

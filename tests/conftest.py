@@ -30,14 +30,23 @@ def synthetic_dataset(n_train: int = 90, n_test: int = 30, side: int = 16) -> Lo
     def part(n: int, seed: int) -> ImageData:
         labels = np.arange(n) % len(CLASSES)
         images = pattern_images(labels, side, seed)
-        return ImageData(images=torch.from_numpy(images).unsqueeze(1), labels=torch.from_numpy(labels).long(),
-                         class_names=CLASSES)
+        return ImageData(
+            images=torch.from_numpy(images).unsqueeze(1),
+            labels=torch.from_numpy(labels).long(),
+            class_names=CLASSES,
+        )
 
     return LoadedDataset(name="synthetic", train=part(n_train, 1), test=part(n_test, 2))
 
 
-def write_zip(path: Path, per_class_train: int = 30, per_class_test: int = 10, side: int = 16,
-              top: str = "shapes/", with_test: bool = True) -> Path:
+def write_zip(
+    path: Path,
+    per_class_train: int = 30,
+    per_class_test: int = 10,
+    side: int = 16,
+    top: str = "shapes/",
+    with_test: bool = True,
+) -> Path:
     """A zip in the reference platform's upload layout: top folder, train/ and test/, one folder per class."""
     with zipfile.ZipFile(path, "w") as zf:
         splits = [("train", per_class_train, 1)] + ([("test", per_class_test, 2)] if with_test else [])

@@ -253,9 +253,7 @@ def test_cifar10_truncated_batch_names_the_file(tmp_path: Path) -> None:
         load_dataset("cifar10", data_dir=tmp_path, download=False)
 
 
-def test_cifar10_download_uses_binary_archive(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: Path
-) -> None:
+def test_cifar10_download_uses_binary_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
     import torchvision.datasets.utils
 
     calls: list[str] = []

@@ -12,9 +12,10 @@ from typing import Any, cast
 
 import pytest
 import torch
+from torch import nn
+
 from microfed.training.errors import MicrofedError
 from microfed.training.models import MODEL_NAMES, ModelConfig, build_model, count_parameters
-from torch import nn
 
 # (in_channels, height, width): Fashion-MNIST-like and CIFAR-like inputs.
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -56,9 +57,7 @@ def test_every_model_gives_logits(name: str, shape: tuple[int, int, int]) -> Non
     assert torch.isfinite(logits).all()
     # The aggregation contract: float tensors, plus BatchNorm's int64 counters.
     for key, value in model.state_dict().items():
-        assert value.is_floating_point() or (
-            key.endswith("num_batches_tracked") and value.dtype == torch.int64
-        )
+        assert value.is_floating_point() or (key.endswith("num_batches_tracked") and value.dtype == torch.int64)
 
 
 def test_vgg16_uses_a_compact_head_on_small_images() -> None:

@@ -81,16 +81,12 @@ UNEVEN_4 = [23, 41, 7, 12]  # 83 examples, 4 classes, no count divisible by the 
 @pytest.mark.parametrize("strategy", SPLIT_STRATEGIES)
 @pytest.mark.parametrize("num_shards", [1, 2, 3, 7])
 @pytest.mark.parametrize("per_class", [BALANCED_10, UNEVEN_4])
-def test_every_example_lands_in_exactly_one_shard(
-    strategy: str, num_shards: int, per_class: list[int]
-) -> None:
+def test_every_example_lands_in_exactly_one_shard(strategy: str, num_shards: int, per_class: list[int]) -> None:
     # Prepare
     labels = make_labels(per_class)
 
     # Execute
-    parts = assign_shards(
-        labels, names(len(per_class)), SplitConfig(num_shards=num_shards, strategy=strategy)
-    )
+    parts = assign_shards(labels, names(len(per_class)), SplitConfig(num_shards=num_shards, strategy=strategy))
 
     # Assert
     assert len(parts) == num_shards
@@ -178,9 +174,7 @@ def test_stratified_with_ratios_gives_each_class_its_share_rounded_up_or_down(
     for i, (part, r) in enumerate(zip(parts, ratios, strict=True)):
         for c, count in enumerate(histogram(labels[part], num_classes)):
             owed = per_class[c] * r / sum(ratios)
-            assert math.floor(owed) <= count <= math.ceil(owed), (
-                f"shard {i}, class {c}: {count} vs {owed:.2f}"
-            )
+            assert math.floor(owed) <= count <= math.ceil(owed), f"shard {i}, class {c}: {count} vs {owed:.2f}"
         assert abs(len(part) - len(labels) * r / sum(ratios)) <= num_classes
 
 
@@ -455,9 +449,7 @@ def test_a_corrupted_test_set_fails_its_checksum(dataset: LoadedDataset, tmp_pat
 
 
 @pytest.mark.parametrize("rank", [3, 4, -1])
-def test_loading_a_shard_that_does_not_exist_names_rank(
-    dataset: LoadedDataset, tmp_path: Path, rank: int
-) -> None:
+def test_loading_a_shard_that_does_not_exist_names_rank(dataset: LoadedDataset, tmp_path: Path, rank: int) -> None:
     written(dataset, tmp_path)
 
     with pytest.raises(MicrofedError, match=rf"RANK must be 0\.\.2, got {rank}"):

@@ -33,14 +33,37 @@ def shards(tmp_path: Path) -> Path:
 
 
 def worker_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["--shards", str(shards), "--out", str(out), "--model", "cnn-small", "--rounds", "2",
-            "--local-epochs", "2", "--batch-size", "16", "--lr", "0.01", "--threads", "1", *extra]
+    return [
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--model",
+        "cnn-small",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "micro"
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "microfed.training.worker",
-           *worker_args(shards, out)]
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "microfed.training.worker",
+        *worker_args(shards, out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [read_json(out / f"worker-{r:05d}.json") for r in range(2)]
@@ -60,8 +83,15 @@ def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path:
 
 def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "micro"
-    cfg = WorkerConfig(shards=shards, out=out, model="cnn-small", rounds=2, local_epochs=2, threads=1,
-                       optim=OptimConfig(batch_size=16, lr=0.01))
+    cfg = WorkerConfig(
+        shards=shards,
+        out=out,
+        model="cnn-small",
+        rounds=2,
+        local_epochs=2,
+        threads=1,
+        optim=OptimConfig(batch_size=16, lr=0.01),
+    )
     job = train_step(cfg, world_size=2)
     assert [w["n_k"] for w in job["workers"]] == [40, 80]
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-00000.log", "worker-00001.log"]
@@ -97,7 +127,8 @@ def test_a_failing_worker_fails_the_launch_with_its_log_and_stops_the_others(sha
 
 def test_in_job_average_across_two_processes_equals_weighted_average(tmp_path: Path) -> None:
     probe = tmp_path / "probe_allreduce.py"
-    probe.write_text(textwrap.dedent("""
+    probe.write_text(
+        textwrap.dedent("""
         import os, sys, torch, torch.distributed as dist
         from microfed.training.aggregation import allreduce_average
         from microfed.training.io import write_safetensors
@@ -109,7 +140,8 @@ def test_in_job_average_across_two_processes_equals_weighted_average(tmp_path: P
         out = allreduce_average(state, weight=float(rank + 1))
         write_safetensors(sys.argv[1] + f"/avg-{rank}.safetensors", out)
         dist.destroy_process_group()
-    """))
+    """)
+    )
     env_path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = env_path
     try:

@@ -326,9 +326,7 @@ def _read_idx_split(images_path: Path, labels_path: Path, class_names: tuple[str
             hint="the two files must come from the same release",
         )
     if len(labels) and int(labels.max()) >= len(class_names):
-        raise MicrofedError(
-            f"{labels_path}: label {int(labels.max())} out of range 0..{len(class_names) - 1}"
-        )
+        raise MicrofedError(f"{labels_path}: label {int(labels.max())} out of range 0..{len(class_names) - 1}")
     return ImageData(
         images=torch.from_numpy(images).unsqueeze(1),  # (N, H, W) -> (N, 1, H, W), no copy
         labels=torch.from_numpy(labels.astype(np.int64)),
@@ -337,9 +335,7 @@ def _read_idx_split(images_path: Path, labels_path: Path, class_names: tuple[str
 
 
 def _load_idx_dataset(name: str, *, data_dir: str | Path | None, download: bool) -> LoadedDataset:
-    download_root = (
-        Path(data_dir).expanduser() if data_dir is not None else _cache_root() / f"{name}-torchvision"
-    )
+    download_root = Path(data_dir).expanduser() if data_dir is not None else _cache_root() / f"{name}-torchvision"
     bases = [download_root] if data_dir is not None else [*default_data_dirs(name), download_root]
     folders = _candidates(name, bases)
     files = next((found for folder in folders if (found := _idx_split_files(folder)) is not None), None)
@@ -393,9 +389,7 @@ def _read_cifar_batches(paths: Sequence[Path], class_names: tuple[str, ...]) -> 
             )
         batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
         if int(batch[:, 0].max()) >= len(class_names):
-            raise MicrofedError(
-                f"{path}: label {int(batch[:, 0].max())} out of range 0..{len(class_names) - 1}"
-            )
+            raise MicrofedError(f"{path}: label {int(batch[:, 0].max())} out of range 0..{len(class_names) - 1}")
         records.append(batch)
     images = np.concatenate([batch[:, 1:] for batch in records]).reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE)
     return ImageData(

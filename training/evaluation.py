@@ -26,8 +26,13 @@ class EvalResult:
 
 @torch.no_grad()
 def confusion_counts(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, preprocess: Preprocess,
-    num_classes: int, batch_size: int = 512,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    preprocess: Preprocess,
+    num_classes: int,
+    batch_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy as a float64 scalar, int64 confusion matrix) over the given examples."""
     model.eval()
@@ -56,8 +61,14 @@ def summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:
 
 
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, preprocess: Preprocess,
-    num_classes: int, batch_size: int = 512, all_reduce: bool = False,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    preprocess: Preprocess,
+    num_classes: int,
+    batch_size: int = 512,
+    all_reduce: bool = False,
 ) -> EvalResult:
     """Evaluate on the given examples. With `all_reduce`, every rank of a torch.distributed job passes its
     slice of the test set and all get the result over the whole of it."""

@@ -73,13 +73,24 @@ def launch_local(
     procs: list[_Proc] = []
     try:
         for rank in range(world_size):
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "LOCAL_WORLD_SIZE": str(world_size), "PYTHONUNBUFFERED": "1"}
+            env = {
+                **os.environ,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "WORLD_SIZE": str(world_size),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "PYTHONUNBUFFERED": "1",
+            }
             log_path = log_dir / f"worker-{rank:05d}.log"
             with open(log_path, "wb") as log:
-                popen = subprocess.Popen([sys.executable, "-m", module, *worker_args], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", module, *worker_args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             procs.append(_Proc(rank, popen, log_path))
         _wait(procs, echo_rank0, poll_seconds)
     finally:

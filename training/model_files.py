@@ -37,7 +37,12 @@ class ModelCard:
             "format": "microfed.model/v1",
             "architecture": self.architecture.to_dict(),
             "class_names": list(self.class_names),
-            "preprocessing": {"input": "uint8 NCHW", "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)},
+            "preprocessing": {
+                "input": "uint8 NCHW",
+                "scale": 1 / 255,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
         }
 
     @classmethod
@@ -54,12 +59,21 @@ class ModelCard:
 
     @classmethod
     def from_manifest(cls, architecture: ModelConfig, manifest: dict[str, Any]) -> ModelCard:
-        return cls(architecture=architecture, class_names=tuple(manifest["class_names"]),
-                   mean=tuple(manifest["mean"]), std=tuple(manifest["std"]))
+        return cls(
+            architecture=architecture,
+            class_names=tuple(manifest["class_names"]),
+            mean=tuple(manifest["mean"]),
+            std=tuple(manifest["std"]),
+        )
 
 
-def save_model(out_dir: str | Path, state: dict[str, torch.Tensor], card: ModelCard,
-               metadata: dict[str, str] | None = None, filename: str = MODEL_FILE) -> Path:
+def save_model(
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor],
+    card: ModelCard,
+    metadata: dict[str, str] | None = None,
+    filename: str = MODEL_FILE,
+) -> Path:
     out = Path(out_dir)
     path = out / filename
     write_safetensors(path, state, metadata)

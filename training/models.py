@@ -128,8 +128,7 @@ def _check_image_size(size: object) -> tuple[int, int]:
     ):
         return (size[0], size[1])
     raise MicrofedError(
-        f"ModelConfig.image_size must be (height, width) with each side an integer >= {MIN_IMAGE_SIDE}, "
-        f"got {size!r}",
+        f"ModelConfig.image_size must be (height, width) with each side an integer >= {MIN_IMAGE_SIDE}, got {size!r}",
         hint="use the image shape from the shard manifest, without the channel dimension",
     )
 
@@ -336,9 +335,7 @@ def _build_from_factory(config: ModelConfig) -> nn.Module:
             f"model factory {config.name!r} is a {type(factory).__name__}, not a callable",
             hint="point at a function that returns a torch.nn.Module",
         )
-    model = factory(
-        num_classes=config.num_classes, in_channels=config.in_channels, image_size=config.image_size
-    )
+    model = factory(num_classes=config.num_classes, in_channels=config.in_channels, image_size=config.image_size)
     if not isinstance(model, nn.Module):
         raise MicrofedError(
             f"model factory {config.name!r} returned {type(model).__name__}, not a torch.nn.Module",

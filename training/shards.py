@@ -30,6 +30,7 @@ __all__ = [
     "load_shard",
     "load_test_set",
     "normalisation_stats",
+    "parse_ratios",
     "read_dataset_manifest",
     "subsample",
     "write_shards",
@@ -90,6 +91,18 @@ class Shard:
         return int(self.labels.numel())
 
 
+def parse_ratios(text: str) -> tuple[float, ...] | None:
+    """`"1,2,1"` → (1.0, 2.0, 1.0); an empty string means equal shard sizes (None)."""
+    if not text.strip():
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise MicrofedError(
+            f"--split-ratios {text!r} is not a comma-separated list of numbers", hint="e.g. --split-ratios 1,2,1"
+        ) from None
+
+
 def _largest_remainder(total: int, ratios: Sequence[float]) -> list[int]:
     """Integer counts summing to `total`, proportional to `ratios` (Hamilton's method)."""
     s = float(sum(ratios))
@@ -101,9 +114,7 @@ def _largest_remainder(total: int, ratios: Sequence[float]) -> list[int]:
     return counts
 
 
-def assign_shards(
-    labels: torch.Tensor, class_names: Sequence[str], config: SplitConfig
-) -> list[torch.Tensor]:
+def assign_shards(labels: torch.Tensor, class_names: Sequence[str], config: SplitConfig) -> list[torch.Tensor]:
     """Indices of the examples in each shard: a partition of range(len(labels)), deterministic for a seed.
 
     Pure function of the labels and the config; the order inside a shard is shuffled.
@@ -177,9 +188,7 @@ def _stratified_counts(class_sizes: Sequence[int], ratios: Sequence[float]) -> l
     return out
 
 
-def _dirichlet_counts(
-    class_sizes: Sequence[int], k: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]]:
+def _dirichlet_counts(class_sizes: Sequence[int], k: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
     for _ in range(_DIRICHLET_TRIES):
         counts = [_largest_remainder(n, rng.dirichlet([alpha] * k).tolist()) for n in class_sizes]
         if all(sum(c[i] for c in counts) > 0 for i in range(k)):
@@ -223,7 +232,9 @@ def _histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
     return [int(v) for v in torch.bincount(labels, minlength=num_classes).tolist()]
 
 
-def _write_part(out: Path, stem: str, images: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]) -> dict[str, Any]:
+def _write_part(
+    out: Path, stem: str, images: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]
+) -> dict[str, Any]:
     data = _write_st(out / f"{stem}.safetensors", {"images": images, "labels": labels})
     manifest = {
         **info,
@@ -248,8 +259,13 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
         "image_shape": list(train.images.shape[1:]),
         "mean": mean,
         "std": std,
-        "split": {"strategy": config.strategy, "seed": config.seed, "alpha": config.alpha,
-                  "ratios": list(config.ratios) if config.ratios else None, "num_shards": config.num_shards},
+        "split": {
+            "strategy": config.strategy,
+            "seed": config.seed,
+            "alpha": config.alpha,
+            "ratios": list(config.ratios) if config.ratios else None,
+            "num_shards": config.num_shards,
+        },
     }
     shards = []
     for i, idx in enumerate(assign_shards(train.labels, train.class_names, config)):
@@ -275,8 +291,10 @@ def _load_part(path_stem: Path) -> Shard:
     manifest = read_json(path_stem.with_suffix(".json"))
     st_path = path_stem.with_suffix(".safetensors")
     if sha256_file(st_path) != manifest["sha256"]:
-        raise MicrofedError(f"{st_path}: checksum does not match {path_stem.with_suffix('.json').name}",
-                            hint="the shard is corrupt or was changed; run the split step again")
+        raise MicrofedError(
+            f"{st_path}: checksum does not match {path_stem.with_suffix('.json').name}",
+            hint="the shard is corrupt or was changed; run the split step again",
+        )
     tensors, _ = read_safetensors(st_path)
     return Shard(images=tensors["images"], labels=tensors["labels"], manifest=manifest)
 

@@ -1,9 +1,9 @@
 """The four pipeline steps as plain functions over folders; each KFP component is one call into this module.
 
-    split_step      dataset name / zip / folder  ->  shards folder (one shard per worker + test set)
-    train_step      shards folder                ->  micro-models folder (one per worker, with n_k)
-    aggregate_step  micro-models folder          ->  global model folder (weights n_k / n)
-    evaluate_step   global model + shards        ->  metrics dict (also written as metrics.json)
+split_step      dataset name / zip / folder  ->  shards folder (one shard per worker + test set)
+train_step      shards folder                ->  micro-models folder (one per worker, with n_k)
+aggregate_step  micro-models folder          ->  global model folder (weights n_k / n)
+evaluate_step   global model + shards        ->  metrics dict (also written as metrics.json)
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -
     summary = write_shards(type(data)(name=data.name, train=train, test=test), out_dir, split)
     summary["seconds"] = time.perf_counter() - start
     write_json(Path(out_dir) / "dataset.json", summary)
+    _log(
+        f"split {data.name}: {summary['num_train_examples']} training examples into {split.num_shards} "
+        f"{split.strategy} shards of {[s['num_examples'] for s in summary['shards']]}, "
+        f"{summary['num_test_examples']} test examples ({summary['seconds']:.1f} s)"
+    )
     return summary
 
 
@@ -61,6 +66,7 @@ def train_step(cfg: WorkerConfig, world_size: int) -> dict[str, Any]:
     """Run WORLD_SIZE local workers (the PyTorchJob contract on one machine); returns the job record."""
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
+    _log(f"train: {world_size} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
     launch_local(world_size, config_to_argv(cfg), log_dir=cfg.out / "logs")
     workers = [read_json(cfg.out / f"worker-{r:05d}.json") for r in range(world_size)]
     record = {"world_size": world_size, "workers": workers, "seconds": time.perf_counter() - start}
@@ -77,8 +83,10 @@ def aggregate_step(micro_dir: str | Path, out_dir: str | Path) -> dict[str, Any]
     for w in job["workers"]:
         state, meta = read_safetensors(micro_dir / w["file"])
         if meta.get("n_k") != str(w["n_k"]):
-            raise MicrofedError(f"{micro_dir / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
-                                f"worker-{w['rank']:05d}.json ({w['n_k']})")
+            raise MicrofedError(
+                f"{micro_dir / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
+                f"worker-{w['rank']:05d}.json ({w['n_k']})"
+            )
         states.append(state)
         weights.append(float(w["n_k"]))
         names.append(f"micro-model of worker {w['rank']} ({w['file']})")
@@ -86,21 +94,37 @@ def aggregate_step(micro_dir: str | Path, out_dir: str | Path) -> dict[str, Any]
     average = weighted_average(states, weights, names=names)
     n = int(sum(weights))
     save_model(out_dir, average, card, metadata={"n": str(n), "micro_models": str(len(states))})
-    record = {"num_examples": n, "micro_models": len(states), "weights": [w / n for w in weights],
-              "seconds": time.perf_counter() - start}
+    record = {
+        "num_examples": n,
+        "micro_models": len(states),
+        "weights": [w / n for w in weights],
+        "seconds": time.perf_counter() - start,
+    }
     write_json(Path(out_dir) / "aggregate.json", record)
+    _log(f"aggregate: weighted average of {len(states)} micro-models, weights {[round(w / n, 4) for w in weights]}")
     return record
 
 
-def evaluate_step(model_dir: str | Path, shards_dir: str | Path, micro_dir: str | Path,
-                  out_dir: str | Path, batch_size: int = 512) -> dict[str, Any]:
+def evaluate_step(
+    model_dir: str | Path,
+    shards_dir: str | Path,
+    micro_dir: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 512,
+) -> dict[str, Any]:
     """Test-set metrics of the global model, with the history of the rounds and the step timings."""
     start = time.perf_counter()
     model, card = load_model(model_dir)
     test = load_test_set(shards_dir)
     pre = Preprocess(list(card.mean), list(card.std), device=torch.device("cpu"))
-    res = evaluate(model, test.images, test.labels, preprocess=pre,
-                   num_classes=card.architecture.num_classes, batch_size=batch_size)
+    res = evaluate(
+        model,
+        test.images,
+        test.labels,
+        preprocess=pre,
+        num_classes=card.architecture.num_classes,
+        batch_size=batch_size,
+    )
     dataset = read_json(Path(shards_dir) / "dataset.json")
     job = read_json(Path(micro_dir) / "job.json")
     aggregate = read_json(Path(model_dir) / "aggregate.json")
@@ -117,8 +141,17 @@ def evaluate_step(model_dir: str | Path, shards_dir: str | Path, micro_dir: str 
         "shard_class_histograms": [s["class_histogram"] for s in dataset["shards"]],
         "round_accuracy": [*round_accuracy, res.accuracy],
         "train_loss": [[r["epochs"][-1]["loss"] for r in w["rounds"]] for w in job["workers"]],
-        "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"],
-                    "evaluate": time.perf_counter() - start},
+        "timings": {
+            "split": dataset.get("seconds", 0.0),
+            "train": job["seconds"],
+            "aggregate": aggregate["seconds"],
+            "evaluate": time.perf_counter() - start,
+        },
     }
     write_json(Path(out_dir) / "metrics.json", metrics)
+    _log(f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples")
     return metrics
+
+
+def _log(message: str) -> None:
+    print(f"[microfed] {message}", flush=True)

@@ -42,7 +42,7 @@ class OptimConfig:
 
     optimizer: str = "adam"
     """`adam`, `adamw` or `sgd` (with Nesterov momentum)."""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
     """L2 penalty (decoupled for adamw)."""
@@ -54,7 +54,7 @@ class OptimConfig:
     """Share of all steps spent warming up (cosine only)."""
     augment: str = "none"
     """`none`, `flip` (horizontal), `crop` (pad 2, random crop), or `crop-flip`."""
-    batch_size: int = 64
+    batch_size: int = 128
     """Examples per step on each worker."""
     precision: str = "auto"
     """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
@@ -197,4 +197,6 @@ def train_epoch(
             f"training diverged: the mean loss of this epoch is {mean_loss}",
             hint="lower --lr or use --optimizer sgd",
         )
-    return EpochStats(loss=mean_loss, accuracy=float(correct.item()) / n, examples=n, seconds=time.perf_counter() - start)
+    return EpochStats(
+        loss=mean_loss, accuracy=float(correct.item()) / n, examples=n, seconds=time.perf_counter() - start
+    )

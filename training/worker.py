@@ -97,8 +97,10 @@ class DistEnv:
         def integer(name: str, default: str | None) -> int:
             raw = env.get(name, default)
             if raw is None:
-                raise MicrofedError(f"environment variable {name} is not set",
-                                    hint="run under a PyTorchJob, torchrun, or microfed's launcher")
+                raise MicrofedError(
+                    f"environment variable {name} is not set",
+                    hint="run under a PyTorchJob, torchrun, or microfed's launcher",
+                )
             try:
                 return int(raw)
             except ValueError:
@@ -155,7 +157,7 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
-    model = build_model(arch).to(device, memory_format=torch.channels_last)
+    model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     distributed = env.world_size > 1
     if distributed:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
         for t in model.state_dict().values():
@@ -176,11 +178,23 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     for r in range(1, cfg.rounds + 1):
         epochs = []
         for e in range(1, cfg.local_epochs + 1):
-            stats = train_epoch(model, images, labels, preprocess=pre, optimizer=opt, scheduler=sched,
-                                batch_size=cfg.optim.batch_size, generator=gen, amp_dtype=amp)
+            stats = train_epoch(
+                model,
+                images,
+                labels,
+                preprocess=pre,
+                optimizer=opt,
+                scheduler=sched,
+                batch_size=cfg.optim.batch_size,
+                generator=gen,
+                amp_dtype=amp,
+            )
             epochs.append(dataclasses.asdict(stats))
-            _log(env, f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
-                      f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)")
+            _log(
+                env,
+                f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
+                f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)",
+            )
         record: dict[str, Any] = {"round": r, "epochs": epochs}
         if distributed and r < cfg.rounds:
             avg_start = time.perf_counter()
@@ -188,16 +202,31 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
             record["average_seconds"] = time.perf_counter() - avg_start
         if test is not None and r < cfg.rounds:
             lo, hi = _slice(test.num_examples, env)
-            res = evaluate(model, test.images[lo:hi], test.labels[lo:hi], preprocess=pre,
-                           num_classes=arch.num_classes, all_reduce=distributed)
+            res = evaluate(
+                model,
+                test.images[lo:hi],
+                test.labels[lo:hi],
+                preprocess=pre,
+                num_classes=arch.num_classes,
+                all_reduce=distributed,
+            )
             record["test_accuracy"], record["test_loss"] = res.accuracy, res.loss
             _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {res.accuracy:.4f}")
         rounds.append(record)
-    write_safetensors(cfg.out / micro_model_name(env.rank), model.state_dict(),
-                      {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)})
-    worker = {"rank": env.rank, "n_k": shard.num_examples, "file": micro_model_name(env.rank),
-              "device": str(device), "threads": torch.get_num_threads(), "rounds": rounds,
-              "seconds": time.perf_counter() - started}
+    write_safetensors(
+        cfg.out / micro_model_name(env.rank),
+        model.state_dict(),
+        {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)},
+    )
+    worker = {
+        "rank": env.rank,
+        "n_k": shard.num_examples,
+        "file": micro_model_name(env.rank),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "seconds": time.perf_counter() - started,
+    }
     write_json(cfg.out / f"worker-{env.rank:05d}.json", worker)
     return worker
 
@@ -209,8 +238,11 @@ def _slice(n: int, env: DistEnv) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m microfed.training.worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m microfed.training.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d, o = WorkerConfig, OptimConfig
     p.add_argument("--shards", type=Path, required=True, help="folder written by the split step")
     p.add_argument("--out", type=Path, required=True, help="folder for micro-models and records")
@@ -234,22 +266,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
     a = build_parser().parse_args(argv)
-    optim = OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
-                        schedule=a.schedule, augment=a.augment, batch_size=a.batch_size,
-                        precision=a.precision)
-    return WorkerConfig(shards=a.shards, out=a.out, model=a.model, rounds=a.rounds, local_epochs=a.local_epochs,
-                        optim=optim, seed=a.seed, device=a.device, threads=a.threads,
-                        eval_every_round=a.eval_every_round)
+    optim = OptimConfig(
+        optimizer=a.optimizer,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        momentum=a.momentum,
+        schedule=a.schedule,
+        augment=a.augment,
+        batch_size=a.batch_size,
+        precision=a.precision,
+    )
+    return WorkerConfig(
+        shards=a.shards,
+        out=a.out,
+        model=a.model,
+        rounds=a.rounds,
+        local_epochs=a.local_epochs,
+        optim=optim,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        eval_every_round=a.eval_every_round,
+    )
 
 
 def config_to_argv(cfg: WorkerConfig) -> list[str]:
     """The command-line flags that make `parse_config` return `cfg` (used by launchers)."""
     o = cfg.optim
-    argv = ["--shards", str(cfg.shards), "--out", str(cfg.out), "--model", cfg.model,
-            "--rounds", str(cfg.rounds), "--local-epochs", str(cfg.local_epochs), "--batch-size", str(o.batch_size),
-            "--optimizer", o.optimizer, "--lr", repr(o.lr), "--weight-decay", repr(o.weight_decay),
-            "--momentum", repr(o.momentum), "--schedule", o.schedule, "--augment", o.augment, "--precision", o.precision,
-            "--seed", str(cfg.seed), "--device", cfg.device, "--threads", str(cfg.threads)]
+    argv = [
+        "--shards",
+        str(cfg.shards),
+        "--out",
+        str(cfg.out),
+        "--model",
+        cfg.model,
+        "--rounds",
+        str(cfg.rounds),
+        "--local-epochs",
+        str(cfg.local_epochs),
+        "--batch-size",
+        str(o.batch_size),
+        "--optimizer",
+        o.optimizer,
+        "--lr",
+        repr(o.lr),
+        "--weight-decay",
+        repr(o.weight_decay),
+        "--momentum",
+        repr(o.momentum),
+        "--schedule",
+        o.schedule,
+        "--augment",
+        o.augment,
+        "--precision",
+        o.precision,
+        "--seed",
+        str(cfg.seed),
+        "--device",
+        cfg.device,
+        "--threads",
+        str(cfg.threads),
+    ]
     return argv if cfg.eval_every_round else [*argv, "--no-eval-every-round"]
 
 
@@ -260,9 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.out.mkdir(parents=True, exist_ok=True)
         if env.world_size > 1:
             backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(minutes=30),
+            )
         try:
             run_worker(cfg, env)
         finally:

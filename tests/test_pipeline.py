@@ -1,0 +1,132 @@
+"""The whole pipeline: compiled YAML, `microfed run` through kfp.local, and bad input failing early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import components
+
+from microfed.pipelines.cli import main
+from microfed.pipelines.pipeline import compile_pipeline
+from tests.conftest import CLASSES, write_zip
+
+STEPS = {"split-dataset", "train", "aggregate", "evaluate"}
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_compiled_yaml_loads_back_with_four_chained_steps(tmp_path: Path) -> None:
+    path = compile_pipeline(tmp_path / "pipeline.yaml")
+    loaded = components.load_component_from_file(str(path))
+    assert loaded.name == "microfed"
+    assert {"dataset", "model", "workers", "rounds", "local_epochs", "split", "seed"} <= set(
+        loaded.component_spec.inputs
+    )
+    spec = yaml.safe_load(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == STEPS
+    assert tasks["train"]["dependentTasks"] == ["split-dataset"]
+    assert tasks["aggregate"]["dependentTasks"] == ["train"]
+    assert set(tasks["evaluate"]["dependentTasks"]) == {"aggregate", "split-dataset", "train"}
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["dataset"] == "fashion-mnist" and defaults["workers"] == 3 and defaults["split"] == "stratified"
+
+
+def test_compile_command_writes_the_yaml(tmp_path: Path) -> None:
+    assert main(["compile", "-o", str(tmp_path / "p.yaml")]) == 0
+    assert set(yaml.safe_load((tmp_path / "p.yaml").read_text())["root"]["dag"]["tasks"]) == STEPS
+
+
+def run(tmp_path: Path, *flags: str) -> int:
+    return main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", *flags])
+
+
+@pytest.mark.slow
+def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(tmp_path: Path) -> None:
+    zip_path = write_zip(tmp_path / "shapes.zip")
+    code = run(
+        tmp_path,
+        "--dataset",
+        str(zip_path),
+        "--model",
+        "cnn-small",
+        "--workers",
+        "2",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+    )
+    assert code == 0
+    run_dir = tmp_path / "runs" / "r"
+    assert {"model.safetensors", "model_config.json", "pipeline.yaml", "metrics.json"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert list(m["per_class_accuracy"]) == sorted(CLASSES)
+    assert m["class_names"] == list(CLASSES)
+    assert len(m["confusion_matrix"]) == 3 and len(m["round_accuracy"]) == 2
+    assert m["shard_sizes"] == [45, 45]
+    assert m["accuracy"] > 0.9  # the bands are easy to learn
+    assert {"split", "train", "aggregate", "evaluate", "total"} <= set(m["timings"])
+    assert m["config"]["workers"] == 2 and m["config"]["model"] == "cnn-small"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
+def test_run_on_fashion_mnist_subset_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(tmp_path, "--train-limit", "3000", "--test-limit", "1000", "--rounds", "2", "--local-epochs", "1")
+    assert code == 0
+    m = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
+    assert m["shard_sizes"] == [1000, 1000, 1000]
+    assert m["accuracy"] > 0.6 and len(m["round_accuracy"]) == 2
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and str(tmp_path / "runs" / "r" / "model.safetensors") in out
+
+
+def error_of(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err
+
+
+def test_unknown_dataset_and_model_fail_before_any_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(tmp_path, "--dataset", "imagenet-22k") == 2
+    err = error_of(capsys)
+    assert "imagenet-22k" in err and "fashion-mnist" in err
+    assert run(tmp_path, "--model", "resnet9000") == 2
+    assert "resnet9000" in error_of(capsys)
+    assert run(tmp_path, "--split", "random") == 2
+    assert "stratified" in error_of(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_zip_without_test_folder_fails_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    zip_path = write_zip(tmp_path / "no-test.zip", with_test=False)
+    assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
+    err = error_of(capsys)
+    assert "test/" in err and "no-test.zip" in err
+
+
+@pytest.mark.slow
+def test_more_workers_than_a_class_can_feed_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    zip_path = write_zip(tmp_path / "small.zip", per_class_train=4)
+    assert run(tmp_path, "--dataset", str(zip_path), "--workers", "5") == 2
+    err = error_of(capsys)
+    assert "circle" in err and "workers" in err
+
+
+@pytest.mark.slow
+def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import zipfile
+
+    zip_path = write_zip(tmp_path / "broken.zip")
+    with zipfile.ZipFile(zip_path, "a") as zf:
+        zf.writestr("shapes/train/circle/broken.png", b"\x89PNG not really")
+    assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
+    assert "broken.png" in error_of(capsys)
