@@ -21,7 +21,10 @@ from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
 __all__ = ["RunResult", "run_local"]
 
 # The last line of a failing step's traceback that names one of our errors: what the user should read.
-_ERROR_LINE = re.compile(r"^(?:microfed\.training\.\w+\.)?(MicrofedError|WorkerFailed): (.*)$")
+# A worker's own error line, when present, comes after WorkerFailed's (it is in the log tail) and wins.
+_ERROR_LINE = re.compile(
+    r"^(?:microfed\.training\.\w+\.)?(MicrofedError|WorkerFailed|\[microfed worker\] error): (.*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,8 @@ class RunResult:
 
 
 # Lines worth a person's attention while kfp.local streams each step's log (the rest goes to kfp.log).
-_SHOW = re.compile(r"\[microfed|Executing task|finished with status|Traceback|Error|error:")
+# An exception's last line ("module.SomeError: message") is shown; the traceback above it stays in kfp.log.
+_SHOW = re.compile(r"\[microfed|Executing task|finished with status|^\s*[\w.]*(Error|Exception|Failed): ")
 
 
 class _Tee(io.TextIOBase):

@@ -11,7 +11,7 @@ from torch import nn
 
 from microfed.training.train import Preprocess
 
-__all__ = ["EvalResult", "confusion_counts", "evaluate", "summarize"]
+__all__ = ["EvalResult", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -25,41 +25,6 @@ class EvalResult:
 
 
 @torch.no_grad()
-def confusion_counts(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    preprocess: Preprocess,
-    num_classes: int,
-    batch_size: int = 512,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy as a float64 scalar, int64 confusion matrix) over the given examples."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=preprocess.device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=preprocess.device)
-    for begin in range(0, labels.numel(), batch_size):
-        x = preprocess(images[begin : begin + batch_size])
-        y = labels[begin : begin + batch_size].to(preprocess.device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    return loss_sum, confusion.view(num_classes, num_classes)
-
-
-def summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:
-    conf = confusion.cpu()
-    n = int(conf.sum())
-    per_class = conf.diag().double() / conf.sum(1).clamp_min(1).double()
-    return EvalResult(
-        loss=float(loss_sum.item()) / max(1, n),
-        accuracy=float(conf.diag().sum()) / max(1, n),
-        per_class_accuracy=[float(v) for v in per_class.tolist()],
-        confusion_matrix=[[int(v) for v in row] for row in conf.tolist()],
-        num_examples=n,
-    )
-
-
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -72,10 +37,29 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate on the given examples. With `all_reduce`, every rank of a torch.distributed job passes its
     slice of the test set and all get the result over the whole of it."""
-    loss_sum, confusion = confusion_counts(
-        model, images, labels, preprocess=preprocess, num_classes=num_classes, batch_size=batch_size
-    )
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=preprocess.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=preprocess.device)
+    for begin in range(0, labels.numel(), batch_size):
+        x = preprocess(images[begin : begin + batch_size])
+        y = labels[begin : begin + batch_size].to(preprocess.device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     if all_reduce:
         dist.all_reduce(loss_sum)
         dist.all_reduce(confusion)
-    return summarize(loss_sum, confusion)
+    return _summarize(loss_sum, confusion.view(num_classes, num_classes))
+
+
+def _summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:
+    conf = confusion.cpu()
+    n = int(conf.sum())
+    per_class = conf.diag().double() / conf.sum(1).clamp_min(1).double()
+    return EvalResult(
+        loss=float(loss_sum.item()) / max(1, n),
+        accuracy=float(conf.diag().sum()) / max(1, n),
+        per_class_accuracy=[float(v) for v in per_class.tolist()],
+        confusion_matrix=[[int(v) for v in row] for row in conf.tolist()],
+        num_examples=n,
+    )

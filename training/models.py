@@ -115,7 +115,7 @@ def check_model_name(name: object) -> None:
     if isinstance(name, str) and (name in MODEL_NAMES or _FACTORY_PATTERN.fullmatch(name)):
         return
     raise MicrofedError(
-        f"ModelConfig.name: unknown model {name!r}",
+        f"unknown model {name!r} (--model, ModelConfig.name)",
         hint=f"choose one of {', '.join(MODEL_NAMES)}, {_FACTORY_HINT}",
     )
 

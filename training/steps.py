@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from microfed.training.aggregation import weighted_average
-from microfed.training.datasets import load_dataset
+from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import read_json, read_safetensors, write_json
@@ -51,7 +51,7 @@ def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -
     data = load_dataset(options.source, data_dir=options.data_dir, image_size=options.image_size)
     train = subsample(data.train, options.train_limit, split.seed)
     test = subsample(data.test, options.test_limit, split.seed)
-    summary = write_shards(type(data)(name=data.name, train=train, test=test), out_dir, split)
+    summary = write_shards(LoadedDataset(name=data.name, train=train, test=test), out_dir, split)
     summary["seconds"] = time.perf_counter() - start
     write_json(Path(out_dir) / "dataset.json", summary)
     _log(

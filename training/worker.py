@@ -31,7 +31,7 @@ from microfed.training.evaluation import evaluate
 from microfed.training.io import write_json, write_safetensors
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
-from microfed.training.shards import load_shard, load_test_set, read_dataset_manifest
+from microfed.training.shards import Shard, load_shard, load_test_set, read_dataset_manifest
 from microfed.training.train import (
     OptimConfig,
     Preprocess,
@@ -141,6 +141,20 @@ def _log(env: DistEnv, message: str) -> None:
         print(f"[microfed worker] {message}", flush=True)
 
 
+@dataclass
+class _Local:
+    """What one worker trains with: its model, shard, optimiser state and random stream."""
+
+    model: torch.nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    preprocess: Preprocess
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    amp: torch.dtype | None
+
+
 def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up."""
     started = time.perf_counter()
@@ -153,71 +167,22 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     device = _device(cfg, env)
     torch.set_num_threads(cfg.threads or max(1, _usable_cores() // max(1, env.local_world_size)))
     shard = load_shard(cfg.shards, env.rank)
-    test = load_test_set(cfg.shards) if cfg.eval_every_round and cfg.rounds > 1 else None
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
-    model = build_model(arch).to(device).to(memory_format=torch.channels_last)
-    distributed = env.world_size > 1
-    if distributed:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
-        for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
-    card = ModelCard.from_manifest(arch, summary)
     if env.rank == 0:
-        write_json(cfg.out / MODEL_CONFIG_FILE, card.to_dict())
-    pre = Preprocess(summary["mean"], summary["std"], device, cfg.optim.augment)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * (env.rank + 1))
-    images, labels = shard.images, shard.labels
-    if device.type == "cuda":
-        images, labels = images.to(device), labels.to(device)
-    steps_per_epoch = -(-shard.num_examples // cfg.optim.batch_size)
-    opt = make_optimizer(model, cfg.optim)
-    amp = autocast_dtype(cfg.optim.precision, device)
-    sched = make_scheduler(opt, cfg.optim, cfg.rounds * cfg.local_epochs * steps_per_epoch)
-    rounds: list[dict[str, Any]] = []
+        write_json(cfg.out / MODEL_CONFIG_FILE, ModelCard.from_manifest(arch, summary).to_dict())
+    local = _prepare(cfg, env, arch, summary, shard.images, shard.labels, device)
+    test = load_test_set(cfg.shards) if cfg.eval_every_round and cfg.rounds > 1 else None
+    rounds = []
     for r in range(1, cfg.rounds + 1):
-        epochs = []
-        for e in range(1, cfg.local_epochs + 1):
-            stats = train_epoch(
-                model,
-                images,
-                labels,
-                preprocess=pre,
-                optimizer=opt,
-                scheduler=sched,
-                batch_size=cfg.optim.batch_size,
-                generator=gen,
-                amp_dtype=amp,
-            )
-            epochs.append(dataclasses.asdict(stats))
-            _log(
-                env,
-                f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
-                f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)",
-            )
-        record: dict[str, Any] = {"round": r, "epochs": epochs}
-        if distributed and r < cfg.rounds:
-            avg_start = time.perf_counter()
-            model.load_state_dict(allreduce_average(model.state_dict(), float(shard.num_examples)))
-            record["average_seconds"] = time.perf_counter() - avg_start
-        if test is not None and r < cfg.rounds:
-            lo, hi = _slice(test.num_examples, env)
-            res = evaluate(
-                model,
-                test.images[lo:hi],
-                test.labels[lo:hi],
-                preprocess=pre,
-                num_classes=arch.num_classes,
-                all_reduce=distributed,
-            )
-            record["test_accuracy"], record["test_loss"] = res.accuracy, res.loss
-            _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {res.accuracy:.4f}")
+        record = _train_round(cfg, env, local, r)
+        if r < cfg.rounds:  # the last average is the aggregate step's
+            record.update(_average(cfg, env, local, shard.num_examples, test, arch.num_classes))
+            if "test_accuracy" in record:
+                _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {record['test_accuracy']:.4f}")
         rounds.append(record)
-    write_safetensors(
-        cfg.out / micro_model_name(env.rank),
-        model.state_dict(),
-        {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)},
-    )
+    meta = {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)}
+    write_safetensors(cfg.out / micro_model_name(env.rank), local.model.state_dict(), meta)
     worker = {
         "rank": env.rank,
         "n_k": shard.num_examples,
@@ -229,6 +194,83 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     }
     write_json(cfg.out / f"worker-{env.rank:05d}.json", worker)
     return worker
+
+
+def _prepare(
+    cfg: WorkerConfig,
+    env: DistEnv,
+    arch: ModelConfig,
+    summary: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+) -> _Local:
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
+    model = build_model(arch).to(device).to(memory_format=torch.channels_last)
+    if env.world_size > 1:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    if device.type == "cuda":
+        images, labels = images.to(device), labels.to(device)
+    steps_per_epoch = -(-labels.numel() // cfg.optim.batch_size)
+    opt = make_optimizer(model, cfg.optim)
+    return _Local(
+        model=model,
+        images=images,
+        labels=labels,
+        preprocess=Preprocess(summary["mean"], summary["std"], device, cfg.optim.augment),
+        optimizer=opt,
+        # one schedule over the whole job, so rounds continue it rather than restart it
+        scheduler=make_scheduler(opt, cfg.optim, cfg.rounds * cfg.local_epochs * steps_per_epoch),
+        generator=torch.Generator().manual_seed(cfg.seed + 1000 * (env.rank + 1)),
+        amp=autocast_dtype(cfg.optim.precision, device),
+    )
+
+
+def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict[str, Any]:
+    epochs = []
+    for e in range(1, cfg.local_epochs + 1):
+        stats = train_epoch(
+            local.model,
+            local.images,
+            local.labels,
+            preprocess=local.preprocess,
+            optimizer=local.optimizer,
+            scheduler=local.scheduler,
+            batch_size=cfg.optim.batch_size,
+            generator=local.generator,
+            amp_dtype=local.amp,
+        )
+        epochs.append(dataclasses.asdict(stats))
+        _log(
+            env,
+            f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
+            f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)",
+        )
+    return {"round": r, "epochs": epochs}
+
+
+def _average(
+    cfg: WorkerConfig, env: DistEnv, local: _Local, n_k: int, test: Shard | None, num_classes: int
+) -> dict[str, Any]:
+    """In-job FedAvg of all ranks' weights (weights n_k / n), then the averaged model's test metrics."""
+    out: dict[str, Any] = {}
+    if env.world_size > 1:
+        start = time.perf_counter()
+        local.model.load_state_dict(allreduce_average(local.model.state_dict(), float(n_k)))
+        out["average_seconds"] = time.perf_counter() - start
+    if test is not None:
+        lo, hi = _slice(test.num_examples, env)
+        res = evaluate(
+            local.model,
+            test.images[lo:hi],
+            test.labels[lo:hi],
+            preprocess=local.preprocess,
+            num_classes=num_classes,
+            all_reduce=env.world_size > 1,
+        )
+        out["test_accuracy"], out["test_loss"] = res.accuracy, res.loss
+    return out
 
 
 def _slice(n: int, env: DistEnv) -> tuple[int, int]:
@@ -350,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     except MicrofedError as e:
-        print(f"microfed worker error: {e}", file=sys.stderr, flush=True)
+        print(f"[microfed worker] error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 
