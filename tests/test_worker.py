@@ -125,7 +125,9 @@ def test_a_failing_worker_fails_the_launch_with_its_log_and_stops_the_others(sha
     assert time.monotonic() - start < 60
 
 
-def test_in_job_average_across_two_processes_equals_weighted_average(tmp_path: Path) -> None:
+def test_in_job_average_across_two_processes_equals_weighted_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     probe = tmp_path / "probe_allreduce.py"
     probe.write_text(
         textwrap.dedent("""
@@ -142,12 +144,8 @@ def test_in_job_average_across_two_processes_equals_weighted_average(tmp_path: P
         dist.destroy_process_group()
     """)
     )
-    env_path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    os.environ["PYTHONPATH"] = env_path
-    try:
-        launch_local(2, [str(tmp_path)], log_dir=tmp_path / "logs", module="probe_allreduce", echo_rank0=False)
-    finally:
-        os.environ["PYTHONPATH"] = env_path.split(os.pathsep, 1)[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    launch_local(2, [str(tmp_path)], log_dir=tmp_path / "logs", module="probe_allreduce", echo_rank0=False)
     # weights 1 and 2: (1*1 + 2*2) / 3 = 5/3; the int buffer keeps its dtype and takes the max
     for rank in range(2):
         avg, _ = read_safetensors(tmp_path / f"avg-{rank}.safetensors")
@@ -163,3 +161,27 @@ def test_dist_env_reads_the_training_operator_variables() -> None:
         DistEnv.from_environ({"WORLD_SIZE": "4", "RANK": "4"})
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         DistEnv.from_environ({"WORLD_SIZE": "two"})
+
+
+def test_stopping_the_launcher_stops_its_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sleeper.py").write_text(
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], f\"pid-{os.environ['RANK']}\"), 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    code = (
+        "import sys; from microfed.training.launch import launch_local; "
+        "launch_local(2, [sys.argv[1]], log_dir=sys.argv[1] + '/logs', module='sleeper', echo_rank0=False)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("pid-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+    assert len(pids) == 2
+    parent.terminate()
+    assert parent.wait(timeout=30) != 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

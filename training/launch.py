@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ def launch_local(
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs: list[_Proc] = []
+    # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _in_main_thread() else None
     try:
         for rank in range(world_size):
             env = {
@@ -95,7 +98,17 @@ def launch_local(
         _wait(procs, echo_rank0, poll_seconds)
     finally:
         _stop(procs)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return [p.log_path for p in procs]
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait(procs: list[_Proc], echo_rank0: bool, poll_seconds: float) -> None:
