@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # torch/torchvision are pinned to the builds cached on the project's machines (see DESIGN.md).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data run test lint typecheck compile clean
+.PHONY: install data run test lint typecheck compile image clean
 
 install: $(STAMP)
 
@@ -35,7 +35,13 @@ run: install data
 	$(VENV)/bin/microfed run $(ARGS)
 
 compile: install
-	$(VENV)/bin/microfed compile -o pipeline.yaml
+	$(VENV)/bin/microfed compile $(if $(IMAGE),--image $(IMAGE)) -o pipeline.yaml
+
+# The components' and workers' image (needs a Docker engine): make image IMAGE=REGION-docker.pkg.dev/P/R/microfed:TAG
+# [TORCH_VARIANT=cu128] — then `docker push $(IMAGE)` and `make compile IMAGE=...`.
+image:
+	@test -n "$(IMAGE)" || { echo "set IMAGE=registry/path:tag"; exit 2; }
+	docker build -t $(IMAGE) --build-arg TORCH_VARIANT=$(or $(TORCH_VARIANT),cpu) .
 
 lint: install
 	$(VENV)/bin/ruff check .

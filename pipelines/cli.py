@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show every step's full KFP log (always in kfp.log)")
     comp = sub.add_parser("compile", help="write the pipeline YAML to upload to Kubeflow Pipelines")
     comp.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
+    comp.add_argument(
+        "--image",
+        default=None,
+        help="container image for every step and worker (default: MICROFED_IMAGE or microfed:0.1.0)",
+    )
     return parser
 
 
@@ -148,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from microfed.pipelines.pipeline import compile_pipeline
 
-    path = compile_pipeline(args.output)
+    path = compile_pipeline(args.output, image=args.image)
     print(f"wrote {path}: upload it in the Kubeflow Pipelines UI (Pipelines → Upload pipeline)")
     return 0
 

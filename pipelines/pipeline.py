@@ -2,12 +2,15 @@
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
 from kfp import compiler, dsl
 
 from microfed.components import aggregate, evaluate, split_dataset, train
+from microfed.training.io import atomic_write_bytes
 
 __all__ = ["PIPELINE_NAME", "compile_pipeline", "microfed_pipeline"]
 
@@ -80,9 +83,21 @@ def microfed_pipeline(
     return Outputs(global_model=agg_task.outputs["global_model"], report=eval_task.outputs["report"])
 
 
-def compile_pipeline(path: str | Path) -> Path:
-    """Write the pipeline YAML that users upload to Kubeflow Pipelines."""
+def compile_pipeline(path: str | Path, image: str | None = None) -> Path:
+    """Write the pipeline YAML that users upload to Kubeflow Pipelines; `image` replaces every executor's image.
+
+    The compiled spec is data, so the image is set there rather than by re-declaring the components.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(microfed_pipeline, str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(microfed_pipeline, str(compiled))
+        text = compiled.read_text()
+    if image:
+        spec = yaml.safe_load(text)
+        for executor in spec["deploymentSpec"]["executors"].values():
+            executor["container"]["image"] = image
+        text = yaml.safe_dump(spec, sort_keys=False)
+    atomic_write_bytes(path, text.encode())
     return path
