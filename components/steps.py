@@ -74,37 +74,66 @@ def train(
     augment: str = "none",
     precision: str = "auto",
     seed: int = 0,
+    launcher: str = "local",
+    worker_image: str = "",
+    namespace: str = "",
+    accelerators: str = "none,nvidia-tesla-t4",
+    timeout_minutes: int = 720,
+    run_id: str = "",
+    task_name: str = "train",
 ) -> None:
-    """Train one micro-model per shard: one worker per shard under the PyTorchJob contract (locally,
-    WORLD_SIZE processes), `rounds` rounds of `local_epochs` epochs with in-job weighted averaging between
-    rounds. Fails with the failing worker's log when a worker fails.
+    """Train one micro-model per shard: one worker per shard under the PyTorchJob contract, `rounds` rounds of
+    `local_epochs` epochs with in-job weighted averaging between rounds. launcher: `local` (WORLD_SIZE
+    processes in this step) or `pytorchjob` (a Kubeflow Training Operator job with one replica per shard,
+    resources from the plan, image `worker_image`, accelerators chosen from the comma-separated
+    `accelerators`). Fails with the failing worker's log when a worker fails.
     """
-    from pathlib import Path
+    import os
+    import zlib
 
+    from microfed.training.errors import MicrofedError
     from microfed.training.shards import read_dataset_manifest
-    from microfed.training.steps import train_step
+    from microfed.training.steps import ClusterOptions, train_step
     from microfed.training.train import OptimConfig
     from microfed.training.worker import WorkerConfig
 
+    if launcher not in ("local", "pytorchjob"):
+        raise MicrofedError(f"unknown launcher {launcher!r}", hint="use local or pytorchjob")
+    on_cluster = launcher == "pytorchjob"
     world_size = len(read_dataset_manifest(shards.path)["shards"])
+    optim = OptimConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        augment=augment,
+        batch_size=batch_size,
+        precision=precision,
+    )
+    # Replicas in other pods cannot see this pod's files: give them the artifacts' gs:// URIs.
     cfg = WorkerConfig(
-        shards=Path(shards.path),
-        out=Path(micro_models.path),
+        shards=shards.uri if on_cluster else shards.path,
+        out=micro_models.uri if on_cluster else micro_models.path,
         model=model,
         rounds=rounds,
         local_epochs=local_epochs,
         seed=seed,
-        optim=OptimConfig(
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            augment=augment,
-            batch_size=batch_size,
-            precision=precision,
-        ),
+        optim=optim,
     )
-    record = train_step(cfg, world_size)
+    cluster = None
+    if on_cluster:
+        cluster = ClusterOptions(
+            image=worker_image,
+            namespace=namespace,
+            accelerators=tuple(a.strip() for a in accelerators.split(",") if a.strip()),
+            timeout_seconds=60.0 * timeout_minutes,
+            run_id=run_id,
+            task=task_name,
+            # A retried step runs in a new pod (a new HOSTNAME) and gets a new job; a restarted container
+            # in the same pod adopts the job it had started.
+            attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
+        )
+    record = train_step(cfg, world_size, cluster=cluster)
     micro_models.metadata.update({"workers": world_size, "n_k": [w["n_k"] for w in record["workers"]]})
 
 

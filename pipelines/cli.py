@@ -1,13 +1,15 @@
-"""The `microfed` command: run the pipeline locally, or compile it for Kubeflow Pipelines.
+"""The `microfed` command: run the pipeline locally, compile it for Kubeflow Pipelines, or submit a run there.
 
 microfed run [--dataset fashion-mnist] [--model cnn-fmnist] [--workers 3] ...
 microfed compile -o pipeline.yaml
+microfed submit --host http://localhost:8080 [--namespace NS] [--experiment NAME] [--workers 3] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on this machine with kfp.local")
     defaults = _pipeline_defaults()
-    for name, (kind, help_text) in _PARAMS.items():
-        run.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=defaults[name],
-            help=f"{help_text} (default: {defaults[name]})",
-        )
+    _add_pipeline_params(run, defaults)
     run.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     run.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
@@ -82,7 +77,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="container image for every step and worker (default: MICROFED_IMAGE or microfed:0.1.0)",
     )
+    _add_submit_parser(sub, defaults)
     return parser
+
+
+def _add_pipeline_params(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One flag per pipeline parameter, so `run` and `submit` accept the same ones."""
+    for name, (kind, help_text) in _PARAMS.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=defaults[name],
+            help=f"{help_text} (default: {defaults[name]})",
+        )
+
+
+def _add_submit_parser(sub: Any, defaults: dict[str, Any]) -> None:
+    from microfed.pipelines.pipeline import PIPELINE_NAME
+    from microfed.pipelines.submit import DEFAULT_EXPERIMENT
+
+    submit = sub.add_parser("submit", help="upload the pipeline to Kubeflow Pipelines and start a run")
+    endpoint = os.environ.get("KF_PIPELINES_ENDPOINT")
+    submit.add_argument(
+        "--host",
+        default=endpoint,
+        required=endpoint is None,
+        help="Kubeflow Pipelines URL, e.g. http://localhost:8080 after "
+        "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` (default: KF_PIPELINES_ENDPOINT)",
+    )
+    submit.add_argument("--namespace", default=None, help="profile namespace on a multi-user installation")
+    submit.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment to run in (default: {DEFAULT_EXPERIMENT})"
+    )
+    submit.add_argument(
+        "--pipeline-name",
+        default=PIPELINE_NAME,
+        help=f"pipeline to upload as, a new version when it exists (default: {PIPELINE_NAME})",
+    )
+    submit.add_argument(
+        "--image",
+        default=None,
+        help="container image for every step and worker (default: MICROFED_IMAGE or microfed:0.1.0)",
+    )
+    submit.add_argument(
+        "--token",
+        default=os.environ.get("KF_PIPELINES_TOKEN"),
+        help="bearer token for the API; prefer the KF_PIPELINES_TOKEN variable, which stays out of shell history",
+    )
+    _add_pipeline_params(submit, defaults)
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +136,9 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}
-    check_source(values["dataset"])
+    if check_source(values["dataset"]) != "name":
+        # the steps run elsewhere (another process, or a pod): give them an absolute path
+        values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
     check_model_name(values["model"])
     SplitConfig(
         num_shards=values["workers"],
@@ -117,8 +162,6 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("image_size", "train_limit", "test_limit"):
         if values[name] < 0:
             raise MicrofedError(f"--{name.replace('_', '-')} must be 0 or more, got {values[name]}")
-    if values["dataset"] not in ("fashion-mnist", "mnist", "cifar10"):
-        values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
     return values
 
 
@@ -150,6 +193,43 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_dataset(dataset: str) -> str:
+    """The dataset as the cluster reads it: a built-in name or a gs:// URI, never a path on this machine."""
+    from microfed.training.datasets import DATASET_NAMES
+
+    if dataset.startswith("gs://"):
+        return dataset
+    name = dataset.strip().lower().replace("_", "-")
+    if name in DATASET_NAMES:
+        return name
+    raise MicrofedError(
+        f"--dataset {dataset!r} is not a dataset name or a gs:// URI; the cluster cannot read paths on this machine",
+        hint=f"copy it to a bucket (gcloud storage cp -r {dataset} gs://BUCKET/) and pass --dataset gs://BUCKET/..., "
+        f"or use one of {', '.join(DATASET_NAMES)}",
+    )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from microfed.pipelines.submit import submit
+
+    dataset = _cluster_dataset(args.dataset)
+    # The other flags are checked here, before anything is uploaded; the dataset is the cluster's to read, so a
+    # built-in name stands in for it during the local checks.
+    arguments = pipeline_arguments(argparse.Namespace(**{**vars(args), "dataset": "fashion-mnist"}))
+    arguments["dataset"] = dataset
+    result = submit(
+        args.host,
+        arguments,
+        namespace=args.namespace,
+        experiment=args.experiment,
+        pipeline_name=args.pipeline_name,
+        image=args.image,
+        existing_token=args.token,
+    )
+    print(result.run_url)
+    return 0
+
+
 def _compile(args: argparse.Namespace) -> int:
     from microfed.pipelines.pipeline import compile_pipeline
 
@@ -161,7 +241,8 @@ def _compile(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _compile(args)
+        commands = {"run": _run, "compile": _compile, "submit": _submit}
+        return commands[args.command](args)
     except MicrofedError as e:
         if args.debug:
             raise

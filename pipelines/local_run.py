@@ -92,7 +92,8 @@ def run_local(
         # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            task = microfed_pipeline(**arguments)
+            # Locally the train step starts the workers as processes; compiled YAML defaults to PyTorchJob.
+            task = microfed_pipeline(**{**arguments, "launcher": "local"})
         except RuntimeError as e:
             raise MicrofedError(tee.error or str(e), hint=f"the full log is {run_dir / 'kfp.log'}") from None
     total = time.perf_counter() - start
@@ -103,6 +104,6 @@ def run_local(
     metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
     steps = sum(metrics["timings"].values())
     metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}
-    metrics["config"] = dict(arguments)
+    metrics["config"] = {**arguments, "launcher": "local"}
     write_json(run_dir / "metrics.json", metrics)
     return RunResult(run_dir=run_dir, metrics=metrics)

@@ -10,6 +10,7 @@ import yaml
 from kfp import compiler, dsl
 
 from microfed.components import aggregate, evaluate, split_dataset, train
+from microfed.components.image import component_image
 from microfed.training.io import atomic_write_bytes
 
 __all__ = ["PIPELINE_NAME", "compile_pipeline", "microfed_pipeline"]
@@ -46,6 +47,11 @@ def microfed_pipeline(
     image_size: int = 0,
     train_limit: int = 0,
     test_limit: int = 0,
+    launcher: str = "pytorchjob",
+    worker_image: str = component_image(),
+    namespace: str = "",
+    accelerators: str = "none,nvidia-tesla-t4",
+    timeout_minutes: int = 720,
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, averaged with weights n_k / n, and evaluate the global model on the test set."""
@@ -73,6 +79,13 @@ def microfed_pipeline(
         augment=augment,
         precision=precision,
         seed=seed,
+        launcher=launcher,
+        worker_image=worker_image,
+        namespace=namespace,
+        accelerators=accelerators,
+        timeout_minutes=timeout_minutes,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
     ).set_display_name("train micro-models")
     agg_task = aggregate(micro_models=train_task.outputs["micro_models"]).set_display_name("aggregate (FedAvg)")
     eval_task = evaluate(
@@ -98,6 +111,8 @@ def compile_pipeline(path: str | Path, image: str | None = None) -> Path:
         spec = yaml.safe_load(text)
         for executor in spec["deploymentSpec"]["executors"].values():
             executor["container"]["image"] = image
+        # the PyTorchJob replicas run the same image as the steps
+        spec["root"]["inputDefinitions"]["parameters"]["worker_image"]["defaultValue"] = image
         text = yaml.safe_dump(spec, sort_keys=False)
     atomic_write_bytes(path, text.encode())
     return path

@@ -130,3 +130,17 @@ def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         zf.writestr("shapes/train/circle/broken.png", b"\x89PNG not really")
     assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
     assert "broken.png" in error_of(capsys)
+
+
+def test_compile_with_an_image_bakes_it_into_every_step_and_the_workers(tmp_path: Path) -> None:
+    assert main(["compile", "--image", "europe-docker.pkg.dev/p/r/microfed:1.2", "-o", str(tmp_path / "p.yaml")]) == 0
+    spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"europe-docker.pkg.dev/p/r/microfed:1.2"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["worker_image"]["defaultValue"] == "europe-docker.pkg.dev/p/r/microfed:1.2"
+    # uploaded to Kubeflow, the train step launches a PyTorchJob unless told otherwise
+    assert params["launcher"]["defaultValue"] == "pytorchjob"
+    # and the result still loads as the same four-step pipeline
+    assert set(components.load_component_from_file(str(tmp_path / "p.yaml")).component_spec.inputs) >= {"dataset"}
+    assert set(spec["root"]["dag"]["tasks"]) == STEPS

@@ -1,5 +1,8 @@
 """The four pipeline steps as plain functions over folders; each KFP component is one call into this module.
 
+Every folder argument may be a local path or a gs:// URI: inputs are staged in (only the files a step reads),
+outputs are written locally and uploaded when the step succeeds.
+
 split_step      dataset name / zip / folder  ->  shards folder (one shard per worker + test set)
 train_step      shards folder                ->  micro-models folder (one per worker, with n_k)
 aggregate_step  micro-models folder          ->  global model folder (weights n_k / n)
@@ -8,7 +11,12 @@ evaluate_step   global model + shards        ->  metrics dict (also written as m
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +30,23 @@ from microfed.training.evaluation import evaluate
 from microfed.training.io import read_json, read_safetensors, write_json
 from microfed.training.launch import launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, load_model, save_model
+from microfed.training.models import ModelConfig
+from microfed.training.resources import ResourcePlan, format_plan, plan_resources
 from microfed.training.shards import SplitConfig, load_test_set, subsample, write_shards
+from microfed.training.storage import (
+    is_gcs,
+    join,
+    read_bytes,
+    staged_file,
+    staged_input,
+    staged_output,
+    upload_tree,
+    write_bytes,
+)
 from microfed.training.train import Preprocess
 from microfed.training.worker import WorkerConfig, config_to_argv
 
-__all__ = ["SplitOptions", "aggregate_step", "evaluate_step", "split_step", "train_step"]
+__all__ = ["ClusterOptions", "SplitOptions", "aggregate_step", "evaluate_step", "split_step", "train_step"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,12 +68,13 @@ class SplitOptions:
 def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -> dict[str, Any]:
     """Decode the dataset once and write the shards; returns the dataset manifest (with `seconds`)."""
     start = time.perf_counter()
-    data = load_dataset(options.source, data_dir=options.data_dir, image_size=options.image_size)
-    train = subsample(data.train, options.train_limit, split.seed)
-    test = subsample(data.test, options.test_limit, split.seed)
-    summary = write_shards(LoadedDataset(name=data.name, train=train, test=test), out_dir, split)
-    summary["seconds"] = time.perf_counter() - start
-    write_json(Path(out_dir) / "dataset.json", summary)
+    with _staged_source(options.source) as source, staged_output(out_dir) as out:
+        data = load_dataset(source, data_dir=options.data_dir, image_size=options.image_size)
+        train = subsample(data.train, options.train_limit, split.seed)
+        test = subsample(data.test, options.test_limit, split.seed)
+        summary = write_shards(LoadedDataset(name=data.name, train=train, test=test), out, split)
+        summary["seconds"] = time.perf_counter() - start
+        write_json(out / "dataset.json", summary)
     _log(
         f"split {data.name}: {summary['num_train_examples']} training examples into {split.num_shards} "
         f"{split.strategy} shards of {[s['num_examples'] for s in summary['shards']]}, "
@@ -62,47 +83,151 @@ def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -
     return summary
 
 
-def train_step(cfg: WorkerConfig, world_size: int) -> dict[str, Any]:
-    """Run WORLD_SIZE local workers (the PyTorchJob contract on one machine); returns the job record."""
+@contextlib.contextmanager
+def _staged_source(source: str) -> Iterator[str]:
+    """A dataset name as is; a gs:// zip or folder downloaded first (the name of a zip is kept)."""
+    if not is_gcs(source):
+        yield source
+    elif source.rstrip("/").lower().endswith(".zip"):
+        with staged_file(source) as path:
+            yield str(path)
+    else:
+        with staged_input(source) as path:
+            yield str(path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """Where and how the train step runs its workers as a PyTorchJob."""
+
+    image: str
+    """Image of the worker replicas (the components' image)."""
+    namespace: str
+    """Namespace of the job; the step's own namespace when empty."""
+    accelerators: tuple[str, ...]
+    """Accelerators the resource plan may choose from, e.g. ("none", "nvidia-tesla-t4")."""
+    timeout_seconds: float
+    """Overall wait for the job, capacity waits included."""
+    run_id: str
+    """KFP run id; with `task` and `attempt` it names the job, so a restarted step adopts its job."""
+    task: str
+    attempt: int
+
+
+def train_step(
+    cfg: WorkerConfig, world_size: int, *, cluster: ClusterOptions | None = None, log_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run one worker per shard, locally (processes) or as a PyTorchJob; returns the job record.
+
+    Worker logs go to `log_dir` (a temporary folder when None) and are uploaded beside the micro-models,
+    also when the job fails.
+    """
     start = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
     _log(f"train: {world_size} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
-    launch_local(world_size, config_to_argv(cfg), log_dir=cfg.out / "logs")
-    workers = [read_json(cfg.out / f"worker-{r:05d}.json") for r in range(world_size)]
-    record = {"world_size": world_size, "workers": workers, "seconds": time.perf_counter() - start}
-    write_json(cfg.out / "job.json", record)
+    plan = None
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = log_dir or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            if cluster is None:
+                launch_local(world_size, config_to_argv(cfg), log_dir=logs)
+            else:
+                plan = _plan(cfg, cluster)
+                _run_on_cluster(cfg, world_size, cluster, plan, logs)
+        finally:
+            if any(logs.iterdir()):
+                upload_tree(logs, join(cfg.out, "logs"))
+    workers = [json.loads(read_bytes(join(cfg.out, f"worker-{r:05d}.json"))) for r in range(world_size)]
+    record = {
+        "world_size": world_size,
+        "workers": workers,
+        "plan": plan.to_dict() if plan else None,
+        "seconds": time.perf_counter() - start,
+    }
+    write_bytes(join(cfg.out, "job.json"), json.dumps(record, indent=2, sort_keys=True).encode())
     return record
+
+
+def _plan(cfg: WorkerConfig, cluster: ClusterOptions) -> ResourcePlan:
+    """The resource plan of one replica, from the model and the largest shard."""
+    summary = json.loads(read_bytes(join(cfg.shards, "dataset.json")))
+    c, h, w = summary["image_shape"]
+    arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
+    plan = plan_resources(
+        arch,
+        batch_size=cfg.optim.batch_size,
+        optimizer=cfg.optim.optimizer,
+        shard_examples=max(s["num_examples"] for s in summary["shards"]),
+        precision=cfg.optim.precision,
+        accelerators=cluster.accelerators,
+    )
+    _log(f"resource plan per replica: {format_plan(plan)}")
+    return plan
+
+
+def _run_on_cluster(
+    cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path
+) -> None:
+    from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
+    from microfed.training.pytorchjob_launch import TrainingClientBackend, run_pytorchjob
+
+    # In a pod, sched_getaffinity sees the node's cores, not the container's CPU limit: pass the plan's.
+    worker = dataclasses.replace(cfg, threads=max(1, int(plan.cpu_limit)))
+    job = build_pytorchjob(
+        JobConfig(
+            name=job_name(cluster.run_id, cluster.task, cluster.attempt),
+            namespace=cluster.namespace or _own_namespace(),
+            image=cluster.image,
+            workers=world_size,
+            worker_args=config_to_argv(worker),
+            plan=plan,
+            active_deadline_seconds=int(cluster.timeout_seconds),
+            labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
+        )
+    )
+    backend = TrainingClientBackend(namespace=str(job.metadata.namespace))
+    outcome = run_pytorchjob(job, backend, timeout_seconds=cluster.timeout_seconds, log_dir=logs, log=_log)
+    _log(
+        f"PyTorchJob {outcome.name} succeeded in {outcome.seconds:.0f} s "
+        f"({outcome.waiting_for_capacity_seconds:.0f} s waiting for capacity)"
+    )
+
+
+def _own_namespace() -> str:
+    """The namespace this pod runs in (KFP runs steps in the pipeline's namespace)."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else "default"
 
 
 def aggregate_step(micro_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Weighted average (n_k / n) of the micro-models listed in `job.json`; writes the global model."""
     start = time.perf_counter()
-    micro_dir = Path(micro_dir)
-    job = read_json(micro_dir / "job.json")
+    with staged_input(micro_dir) as micro, staged_output(out_dir) as out:
+        record = _aggregate(micro, out)
+        record["seconds"] = time.perf_counter() - start
+        write_json(out / "aggregate.json", record)
+    return record
+
+
+def _aggregate(micro: Path, out: Path) -> dict[str, Any]:
+    job = read_json(micro / "job.json")
     states, weights, names = [], [], []
     for w in job["workers"]:
-        state, meta = read_safetensors(micro_dir / w["file"])
+        state, meta = read_safetensors(micro / w["file"])
         if meta.get("n_k") != str(w["n_k"]):
             raise MicrofedError(
-                f"{micro_dir / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
+                f"{micro / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
                 f"worker-{w['rank']:05d}.json ({w['n_k']})"
             )
         states.append(state)
         weights.append(float(w["n_k"]))
         names.append(f"micro-model of worker {w['rank']} ({w['file']})")
-    card = ModelCard.from_dict(read_json(micro_dir / MODEL_CONFIG_FILE), str(micro_dir / MODEL_CONFIG_FILE))
+    card = ModelCard.from_dict(read_json(micro / MODEL_CONFIG_FILE), str(micro / MODEL_CONFIG_FILE))
     average = weighted_average(states, weights, names=names)
     n = int(sum(weights))
-    save_model(out_dir, average, card, metadata={"n": str(n), "micro_models": str(len(states))})
-    record = {
-        "num_examples": n,
-        "micro_models": len(states),
-        "weights": [w / n for w in weights],
-        "seconds": time.perf_counter() - start,
-    }
-    write_json(Path(out_dir) / "aggregate.json", record)
+    save_model(out, average, card, metadata={"n": str(n), "micro_models": str(len(states))})
     _log(f"aggregate: weighted average of {len(states)} micro-models, weights {[round(w / n, 4) for w in weights]}")
-    return record
+    return {"num_examples": n, "micro_models": len(states), "weights": [w / n for w in weights]}
 
 
 def evaluate_step(
@@ -114,8 +239,21 @@ def evaluate_step(
 ) -> dict[str, Any]:
     """Test-set metrics of the global model, with the history of the rounds and the step timings."""
     start = time.perf_counter()
+    with (
+        staged_input(model_dir) as model_path,
+        staged_input(shards_dir, only=["dataset.json", "test.safetensors", "test.json"]) as shards,
+        staged_input(micro_dir, only=["job.json"]) as micro,
+        staged_output(out_dir) as out,
+    ):
+        metrics = _evaluate(model_path, shards, micro, batch_size)
+        metrics["timings"]["evaluate"] = time.perf_counter() - start
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> dict[str, Any]:
     model, card = load_model(model_dir)
-    test = load_test_set(shards_dir)
+    test = load_test_set(shards)
     pre = Preprocess(list(card.mean), list(card.std), device=torch.device("cpu"))
     res = evaluate(
         model,
@@ -125,12 +263,13 @@ def evaluate_step(
         num_classes=card.architecture.num_classes,
         batch_size=batch_size,
     )
-    dataset = read_json(Path(shards_dir) / "dataset.json")
-    job = read_json(Path(micro_dir) / "job.json")
-    aggregate = read_json(Path(model_dir) / "aggregate.json")
+    dataset = read_json(shards / "dataset.json")
+    job = read_json(micro / "job.json")
+    aggregate = read_json(model_dir / "aggregate.json")
     rank0_rounds = job["workers"][0]["rounds"]
     round_accuracy = [r["test_accuracy"] for r in rank0_rounds[:-1] if "test_accuracy" in r]
-    metrics = {
+    _log(f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples")
+    return {
         "accuracy": res.accuracy,
         "loss": res.loss,
         "class_names": list(card.class_names),
@@ -141,16 +280,9 @@ def evaluate_step(
         "shard_class_histograms": [s["class_histogram"] for s in dataset["shards"]],
         "round_accuracy": [*round_accuracy, res.accuracy],
         "train_loss": [[r["epochs"][-1]["loss"] for r in w["rounds"]] for w in job["workers"]],
-        "timings": {
-            "split": dataset.get("seconds", 0.0),
-            "train": job["seconds"],
-            "aggregate": aggregate["seconds"],
-            "evaluate": time.perf_counter() - start,
-        },
+        "resource_plan": job.get("plan"),
+        "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"]},
     }
-    write_json(Path(out_dir) / "metrics.json", metrics)
-    _log(f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples")
-    return metrics
 
 
 def _log(message: str) -> None:

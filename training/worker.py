@@ -32,6 +32,7 @@ from microfed.training.io import write_json, write_safetensors
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import Shard, load_shard, load_test_set, read_dataset_manifest
+from microfed.training.storage import staged_input, staged_output
 from microfed.training.train import (
     OptimConfig,
     Preprocess,
@@ -52,10 +53,10 @@ def micro_model_name(rank: int) -> str:
 class WorkerConfig:
     """Everything a worker needs besides the distributed environment."""
 
-    shards: Path
-    """Folder written by the split step."""
-    out: Path
-    """Folder for micro-models, per-worker records and the in-job history."""
+    shards: str
+    """Folder written by the split step: a local path or a gs:// URI (on a cluster)."""
+    out: str
+    """Folder for micro-models and per-worker records: a local path or a gs:// URI."""
     model: str = "cnn-fmnist"
     """Model name (see microfed.training.models) or `package.module:function`."""
     rounds: int = 1
@@ -156,9 +157,22 @@ class _Local:
 
 
 def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
-    """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up."""
+    """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up.
+
+    With gs:// URIs, the worker downloads only its own shard and the test set, and uploads what it wrote
+    when it finishes (nothing when it fails).
+    """
+    own = [f"shard-{env.rank:05d}.safetensors", f"shard-{env.rank:05d}.json"]
+    with (
+        staged_input(cfg.shards, only=["dataset.json", *own, "test.safetensors", "test.json"]) as shards,
+        staged_output(cfg.out) as out,
+    ):
+        return _run(cfg, env, shards, out)
+
+
+def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    summary = read_dataset_manifest(cfg.shards)
+    summary = read_dataset_manifest(shards)
     if len(summary["shards"]) != env.world_size:
         raise MicrofedError(
             f"{cfg.shards} holds {len(summary['shards'])} shards but WORLD_SIZE={env.world_size}",
@@ -166,13 +180,13 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
         )
     device = _device(cfg, env)
     torch.set_num_threads(cfg.threads or max(1, _usable_cores() // max(1, env.local_world_size)))
-    shard = load_shard(cfg.shards, env.rank)
+    shard = load_shard(shards, env.rank)
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
     if env.rank == 0:
-        write_json(cfg.out / MODEL_CONFIG_FILE, ModelCard.from_manifest(arch, summary).to_dict())
+        write_json(out / MODEL_CONFIG_FILE, ModelCard.from_manifest(arch, summary).to_dict())
     local = _prepare(cfg, env, arch, summary, shard.images, shard.labels, device)
-    test = load_test_set(cfg.shards) if cfg.eval_every_round and cfg.rounds > 1 else None
+    test = load_test_set(shards) if cfg.eval_every_round and cfg.rounds > 1 else None
     rounds = []
     for r in range(1, cfg.rounds + 1):
         record = _train_round(cfg, env, local, r)
@@ -182,7 +196,7 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
                 _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {record['test_accuracy']:.4f}")
         rounds.append(record)
     meta = {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)}
-    write_safetensors(cfg.out / micro_model_name(env.rank), local.model.state_dict(), meta)
+    write_safetensors(out / micro_model_name(env.rank), local.model.state_dict(), meta)
     worker = {
         "rank": env.rank,
         "n_k": shard.num_examples,
@@ -192,7 +206,7 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
         "rounds": rounds,
         "seconds": time.perf_counter() - started,
     }
-    write_json(cfg.out / f"worker-{env.rank:05d}.json", worker)
+    write_json(out / f"worker-{env.rank:05d}.json", worker)
     return worker
 
 
@@ -286,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d, o = WorkerConfig, OptimConfig
-    p.add_argument("--shards", type=Path, required=True, help="folder written by the split step")
-    p.add_argument("--out", type=Path, required=True, help="folder for micro-models and records")
+    p.add_argument("--shards", required=True, help="folder (or gs:// URI) written by the split step")
+    p.add_argument("--out", required=True, help="folder (or gs:// URI) for micro-models and records")
     p.add_argument("--model", default=d.model)
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--local-epochs", type=int, default=d.local_epochs)
@@ -376,9 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         env = DistEnv.from_environ()
-        cfg.out.mkdir(parents=True, exist_ok=True)
         if env.world_size > 1:
-            backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+            # The PyTorchJob builder sets MICROFED_BACKEND from the resource plan; by hand, CUDA decides.
+            default = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+            backend = os.environ.get("MICROFED_BACKEND") or default
             dist.init_process_group(
                 backend,
                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
