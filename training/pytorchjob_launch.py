@@ -105,17 +105,23 @@ def _unschedulable(pod: V1Pod) -> str | None:
     return None
 
 
+# The worker's exit code for an error it diagnosed itself (MicrofedError); peers that then lose a collective
+# exit with other codes, so this one points at the cause.
+_OWN_ERROR_EXIT = 2
+
+
 def _failed_replica(pods: list[V1Pod]) -> V1Pod | None:
-    """The pod whose container exited non-zero first (by finish time), else a Failed pod, else None."""
+    """The replica to blame: one that reported its own error, else the first to exit non-zero (Kubernetes
+    timestamps have one-second resolution, so ties go by name), else a Failed pod, else None."""
     terminated = []
     for pod in pods:
         for cs in (pod.status.container_statuses if pod.status else None) or []:
             term = cs.state.terminated if cs.state else None
             if term is not None and term.exit_code not in (0, None):
                 when = term.finished_at.timestamp() if term.finished_at else float("inf")
-                terminated.append((when, str(pod.metadata.name), pod))
+                terminated.append((term.exit_code != _OWN_ERROR_EXIT, when, str(pod.metadata.name), pod))
     if terminated:
-        return min(terminated, key=lambda t: (t[0], t[1]))[2]
+        return min(terminated, key=lambda t: t[:3])[3]
     failed = [p for p in pods if p.status is not None and p.status.phase == "Failed"]
     return failed[0] if failed else None
 

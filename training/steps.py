@@ -31,6 +31,7 @@ from microfed.training.io import read_json, read_safetensors, write_json
 from microfed.training.launch import launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, load_model, save_model
 from microfed.training.models import ModelConfig
+from microfed.training.pytorchjob_launch import JobBackend
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
 from microfed.training.shards import SplitConfig, load_test_set, subsample, write_shards
 from microfed.training.storage import (
@@ -112,6 +113,10 @@ class ClusterOptions:
     """KFP run id; with `task` and `attempt` it names the job, so a restarted step adopts its job."""
     task: str
     attempt: int
+    backend: JobBackend | None = None
+    """The cluster to talk to; None means the Training Operator through TrainingClient (in-cluster config)."""
+    poll_seconds: float = 10.0
+    """How often the job's state is read."""
 
 
 def train_step(
@@ -185,8 +190,15 @@ def _run_on_cluster(
             labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
         )
     )
-    backend = TrainingClientBackend(namespace=str(job.metadata.namespace))
-    outcome = run_pytorchjob(job, backend, timeout_seconds=cluster.timeout_seconds, log_dir=logs, log=_log)
+    backend = cluster.backend or TrainingClientBackend(namespace=str(job.metadata.namespace))
+    outcome = run_pytorchjob(
+        job,
+        backend,
+        timeout_seconds=cluster.timeout_seconds,
+        log_dir=logs,
+        poll_seconds=cluster.poll_seconds,
+        log=_log,
+    )
     _log(
         f"PyTorchJob {outcome.name} succeeded in {outcome.seconds:.0f} s "
         f"({outcome.waiting_for_capacity_seconds:.0f} s waiting for capacity)"
