@@ -131,7 +131,8 @@ def train_step(
     _log(f"train: {world_size} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
     plan = None
     with tempfile.TemporaryDirectory() as tmp:
-        logs = log_dir or Path(tmp)
+        # local output: logs go straight to their place (errors name files that stay); gs://: uploaded after
+        logs = log_dir or (Path(tmp) if is_gcs(cfg.out) else Path(cfg.out) / "logs")
         logs.mkdir(parents=True, exist_ok=True)
         try:
             if cluster is None:
