@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_params(run, defaults)
     run.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    run.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
+    run.add_argument("--json", action="store_true", help="print only metrics.json (no progress, no summary)")
+    run.add_argument("--quiet", action="store_true", help="print only the run folder (no progress, no summary)")
     run.add_argument("--verbose", action="store_true", help="show every step's full KFP log (always in kfp.log)")
     comp = sub.add_parser("compile", help="write the pipeline YAML to upload to Kubeflow Pipelines")
     comp.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
@@ -188,8 +189,15 @@ def _run(args: argparse.Namespace) -> int:
     from microfed.pipelines.local_run import run_local
 
     arguments = pipeline_arguments(args)
-    result = run_local(arguments, runs_dir=args.runs_dir, name=args.name, verbose=args.verbose)
-    print(json.dumps(result.metrics, indent=2) if args.json else _summary(result))
+    result = run_local(
+        arguments, runs_dir=args.runs_dir, name=args.name, verbose=args.verbose, quiet=args.quiet or args.json
+    )
+    if args.json:
+        print(json.dumps(result.metrics, indent=2))
+    elif args.quiet:
+        print(result.run_dir)
+    else:
+        print(_summary(result))
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from microfed.pipelines.progress import Display, make_display
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, write_json
 from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
@@ -33,17 +34,12 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-# Lines worth a person's attention while kfp.local streams each step's log (the rest goes to kfp.log).
-# An exception's last line ("module.SomeError: message") is shown; the traceback above it stays in kfp.log.
-_SHOW = re.compile(r"\[microfed|Executing task|finished with status|^\s*[\w.]*(Error|Exception|Failed): ")
-
-
 class _Tee(io.TextIOBase):
-    """Write everything to the run's log file; show the console only what `_SHOW` matches (or all, when
-    `verbose`); remember the last error line of our own exception types."""
+    """Write everything to the run's log file, pass each line to the display, and remember the last error
+    line of our own exception types."""
 
-    def __init__(self, console: TextIO, log: TextIO, verbose: bool) -> None:
-        self.console, self.log, self.verbose = console, log, verbose
+    def __init__(self, display: Display, log: TextIO) -> None:
+        self.display, self.log = display, log
         self.error: str | None = None
         self._partial = ""
 
@@ -52,28 +48,33 @@ class _Tee(io.TextIOBase):
         lines = (self._partial + s).split("\n")
         self._partial = lines.pop()
         for line in lines:
-            if self.verbose or _SHOW.search(line):
-                self.console.write(line + "\n")
+            self.display.line(line)
             m = _ERROR_LINE.match(line.strip())
             if m:
                 self.error = m.group(2)
         return len(s)
 
     def flush(self) -> None:
-        self.console.flush()
         self.log.flush()
 
 
 @contextlib.contextmanager
-def _capture(log_path: Path, verbose: bool) -> Iterator[_Tee]:
+def _capture(log_path: Path, display: Display) -> Iterator[_Tee]:
     with open(log_path, "w") as log:
-        tee = _Tee(sys.stdout, log, verbose)
-        with contextlib.redirect_stdout(tee):
-            yield tee
+        tee = _Tee(display, log)
+        try:
+            with contextlib.redirect_stdout(tee):
+                yield tee
+        finally:
+            display.close()
 
 
 def run_local(
-    arguments: dict[str, Any], runs_dir: str | Path = "runs", name: str | None = None, verbose: bool = False
+    arguments: dict[str, Any],
+    runs_dir: str | Path = "runs",
+    name: str | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     """Compile the pipeline, run it with kfp.local (workers as local processes), collect the run folder."""
     from kfp import local
@@ -88,7 +89,8 @@ def run_local(
     # No venv per step: the steps run in this Python environment, which has microfed installed.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
     start = time.perf_counter()
-    with _capture(run_dir / "kfp.log", verbose) as tee, warnings.catch_warnings():
+    display = make_display(sys.stdout, verbose=verbose, quiet=quiet)
+    with _capture(run_dir / "kfp.log", display) as tee, warnings.catch_warnings():
         # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:

@@ -44,7 +44,9 @@ def run(tmp_path: Path, *flags: str) -> int:
 
 
 @pytest.mark.slow
-def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(tmp_path: Path) -> None:
+def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     zip_path = write_zip(tmp_path / "shapes.zip")
     code = run(
         tmp_path,
@@ -62,13 +64,17 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(tmp_path
         "16",
         "--lr",
         "0.01",
+        "--json",
     )
     assert code == 0
+    # --json prints exactly the metrics (no progress lines), for scripts
+    printed = json.loads(capsys.readouterr().out)
     run_dir = tmp_path / "runs" / "r"
     assert {"model.safetensors", "model_config.json", "pipeline.yaml", "metrics.json"} <= {
         p.name for p in run_dir.iterdir()
     }
     m = json.loads((run_dir / "metrics.json").read_text())
+    assert printed == m
     assert list(m["per_class_accuracy"]) == sorted(CLASSES)
     assert m["class_names"] == list(CLASSES)
     assert len(m["confusion_matrix"]) == 3 and len(m["round_accuracy"]) == 2
