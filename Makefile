@@ -1,5 +1,5 @@
 # make run   — train Fashion-MNIST through the real KFP pipeline on this machine (kfp.local)
-# make test  — lint, type-check and run the test suite
+# make test  — lint, type-check, check infra/ (terraform fmt, checkov) and run the test suite
 # Both create .venv and install the pinned dependencies when missing.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # torch/torchvision are pinned to the builds cached on the project's machines (see DESIGN.md).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data run test lint typecheck compile image clean
+.PHONY: install data run test lint typecheck infra-check compile image clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
+
+# checkov gets a virtualenv of its own: its pinned dependencies would fight kfp's in .venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := .venv-checkov
+CHECKOV_STAMP   := $(CHECKOV_VENV)/.checkov-$(CHECKOV_VERSION)
 
 # Fashion-MNIST: Debian's package where apt-get can install it; otherwise torchvision downloads it on first
 # use; with neither, the loader's error says how to get it.
@@ -53,7 +58,23 @@ typecheck: install
 	@for d in training components pipelines; do ln -sfn ../../$$d .typecheck/microfed/$$d; done
 	$(VENV)/bin/mypy
 
-test: install data lint typecheck
+# Static checks of infra/ (the Google provider cannot be downloaded here, so no terraform validate): formatting, and
+# checkov with a gate that fails on parse errors (which checkov reports as fewer checks, not as a failure), failed
+# checks, and skips without a reason or missing from infra/README.md.
+$(CHECKOV_STAMP):
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	@printf '*\n' > $(CHECKOV_VENV)/.gitignore
+	$(CHECKOV_VENV)/bin/pip install -qq --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -qq checkov==$(CHECKOV_VERSION)
+	@touch $@
+
+infra-check: $(CHECKOV_STAMP)
+	@command -v terraform >/dev/null 2>&1 || { \
+	  echo "infra-check needs terraform >= 1.9 on PATH: https://developer.hashicorp.com/terraform/install"; exit 2; }
+	terraform fmt -check -recursive -diff infra/
+	$(CHECKOV_VENV)/bin/python infra/checkov_gate.py --checkov $(CHECKOV_VENV)/bin/checkov infra
+
+test: install data lint typecheck infra-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -79,6 +79,7 @@ def train(
     namespace: str = "",
     accelerators: str = "none,nvidia-tesla-t4",
     timeout_minutes: int = 720,
+    service_account: str = "pipeline-runner",
     run_id: str = "",
     task_name: str = "train",
 ) -> None:
@@ -132,6 +133,7 @@ def train(
             # A retried step runs in a new pod (a new HOSTNAME) and gets a new job; a restarted container
             # in the same pod adopts the job it had started.
             attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
+            service_account=service_account,
         )
     record = train_step(cfg, world_size, cluster=cluster)
     micro_models.metadata.update({"workers": world_size, "n_k": [w["n_k"] for w in record["workers"]]})

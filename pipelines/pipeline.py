@@ -52,6 +52,7 @@ def microfed_pipeline(
     namespace: str = "",
     accelerators: str = "none,nvidia-tesla-t4",
     timeout_minutes: int = 720,
+    service_account: str = "pipeline-runner",
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, averaged with weights n_k / n, and evaluate the global model on the test set."""
@@ -84,6 +85,7 @@ def microfed_pipeline(
         namespace=namespace,
         accelerators=accelerators,
         timeout_minutes=timeout_minutes,
+        service_account=service_account,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
     ).set_display_name("train micro-models")

@@ -36,12 +36,14 @@ class LocalOperator:
         self.jobs: dict[str, KubeflowOrgV1PyTorchJob] = {}
         self.procs: dict[str, dict[str, subprocess.Popen[bytes]]] = {}
         self.deleted: list[str] = []
+        self.created: list[KubeflowOrgV1PyTorchJob] = []
 
     def create(self, job: KubeflowOrgV1PyTorchJob) -> bool:
         name = job.metadata.name
         if name in self.jobs:
             return False
         self.jobs[name] = job
+        self.created.append(job)
         specs = job.spec.pytorch_replica_specs
         world = sum(spec.replicas for spec in specs.values())
         port = free_port()

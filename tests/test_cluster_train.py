@@ -51,6 +51,10 @@ def test_train_step_runs_the_built_pytorchjob_and_cleans_up(gcs: GcsEmulator, tm
     # the plan put this small model on CPU even though a T4 was allowed, and it was saved with the run
     assert record["plan"]["accelerator"] == "none" and record["plan"]["gpus"] == 0
     assert [w["n_k"] for w in record["workers"]] == [30, 30, 30]
+    # the replicas run as the account Workload Identity maps to the bucket, in the namespace asked for
+    (job,) = operator.created
+    assert job.metadata.namespace == "team-a"
+    assert job.spec.pytorch_replica_specs["Worker"].template.spec.service_account_name == "pipeline-runner"
     # one job, deleted after it succeeded; its replicas' logs kept beside the micro-models
     assert len(operator.deleted) == 1 and operator.jobs == {}
     files = set(storage.list_files(micro))

@@ -113,6 +113,9 @@ class ClusterOptions:
     """KFP run id; with `task` and `attempt` it names the job, so a restarted step adopts its job."""
     task: str
     attempt: int
+    service_account: str = "pipeline-runner"
+    """Kubernetes service account of the replicas: the one Workload Identity maps to a Google service account
+    with access to the bucket (KFP's `pipeline-runner`; `default-editor` in a multi-user profile namespace)."""
     backend: JobBackend | None = None
     """The cluster to talk to; None means the Training Operator through TrainingClient (in-cluster config)."""
     poll_seconds: float = 10.0
@@ -187,6 +190,7 @@ def _run_on_cluster(
             workers=world_size,
             worker_args=config_to_argv(worker),
             plan=plan,
+            service_account=cluster.service_account or None,
             active_deadline_seconds=int(cluster.timeout_seconds),
             labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
         )
