@@ -11,7 +11,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 from microfed.components.image import component_image
 
-__all__ = ["aggregate", "evaluate", "split_dataset", "train"]
+__all__ = ["aggregate", "evaluate", "export", "split_dataset", "train"]
 
 _IMAGE = component_image()
 
@@ -173,3 +173,34 @@ def evaluate(
         # Metric names show as table rows in the UI; keep them to one safe token ("T-shirt/top" has a slash).
         metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), acc)
     classification.log_confusion_matrix(m["class_names"], m["confusion_matrix"])
+
+
+@dsl.component(base_image=_IMAGE, install_kfp_package=False)
+def export(
+    global_model: Input[Model],
+    shards: Input[Dataset],
+    exported: Output[Model],
+    export_format: str = "onnx",
+    parity_images: int = 64,
+    tolerance: float = 0.0001,
+) -> None:
+    """The global model as ONNX (or TorchScript) taking uint8 NCHW images, normalisation inside, with model.json
+    (class names, input size); fails unless its logits match eager PyTorch within `tolerance` on test images."""
+    from microfed.training.steps import export_step
+
+    r = export_step(
+        global_model.path,
+        shards.path,
+        exported.path,
+        fmt=export_format,
+        parity_images=parity_images,
+        tolerance=tolerance,
+    )
+    exported.metadata.update(
+        {
+            "format": export_format,
+            "file": r["file"],
+            "bytes": r["bytes"],
+            "parity_max_abs_diff": r["parity"]["max_abs_diff"],
+        }
+    )

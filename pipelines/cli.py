@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="container image for every step and worker (default: MICROFED_IMAGE or microfed:0.1.0)",
     )
     _add_submit_parser(sub, defaults)
+    exp = sub.add_parser("export", help="write a run's global model as ONNX or TorchScript, checked against PyTorch")
+    exp.add_argument("run_dir", type=Path, help="a run folder written by `microfed run`")
+    exp.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
+    exp.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
+    exp.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference (default: 1e-4)")
+    # handled in main() before this parser is built (no torch needed); listed here for --help
+    sub.add_parser("predict", help="classify images with an exported ONNX model: predict MODEL IMAGE... (no torch)")
     return parser
 
 
@@ -246,10 +253,35 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from microfed.training.export import export_model, parity_images_from_shards
+
+    run_dir: Path = args.run_dir
+    if not (run_dir / "model.safetensors").exists():
+        raise MicrofedError(f"{run_dir} holds no model.safetensors", hint="pass a run folder written by `microfed run`")
+    # parity on the run's own test images when its shards are still there, else on a fixed random batch
+    test = next(run_dir.glob("kfp/*/split-dataset/shards/test.safetensors"), None)
+    images = parity_images_from_shards(test.parent, 64) if test else None
+    r = export_model(
+        run_dir, args.out or run_dir / "export", fmt=args.fmt, parity_images=images, tolerance=args.tolerance
+    )
+    print(
+        f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB); parity: max |logit difference| "
+        f"{r['parity']['max_abs_diff']:.1e} on {r['parity']['images']} images (tolerance {args.tolerance})"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        # predict needs neither torch nor kfp: dispatch before the parser imports them
+        from microfed.training.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": _run, "compile": _compile, "submit": _submit}
+        commands = {"run": _run, "compile": _compile, "submit": _submit, "export": _export}
         return commands[args.command](args)
     except MicrofedError as e:
         if args.debug:

@@ -103,6 +103,10 @@ def run_local(
     report_dir = Path(task.outputs["report"].path)
     for f in (MODEL_FILE, MODEL_CONFIG_FILE):
         shutil.copy2(model_dir / f, run_dir / f)
+    # the ONNX model and its sidecar (class names, input size), for `microfed predict` without torch
+    exported = Path(task.outputs["exported"].path)
+    for f in ("model.onnx", "model.json"):
+        shutil.copy2(exported / f, run_dir / f)
     metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
     steps = sum(metrics["timings"].values())
     metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}

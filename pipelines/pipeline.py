@@ -9,7 +9,7 @@ from typing import NamedTuple
 import yaml
 from kfp import compiler, dsl
 
-from microfed.components import aggregate, evaluate, split_dataset, train
+from microfed.components import aggregate, evaluate, export, split_dataset, train
 from microfed.components.image import component_image
 from microfed.training.io import atomic_write_bytes
 
@@ -21,6 +21,7 @@ PIPELINE_NAME = "microfed"
 class Outputs(NamedTuple):
     global_model: dsl.Model
     report: dsl.Artifact
+    exported: dsl.Model
 
 
 @dsl.pipeline(
@@ -95,7 +96,14 @@ def microfed_pipeline(
         shards=split_task.outputs["shards"],
         micro_models=train_task.outputs["micro_models"],
     ).set_display_name("evaluate")
-    return Outputs(global_model=agg_task.outputs["global_model"], report=eval_task.outputs["report"])
+    export_task = export(
+        global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"]
+    ).set_display_name("export (ONNX)")
+    return Outputs(
+        global_model=agg_task.outputs["global_model"],
+        report=eval_task.outputs["report"],
+        exported=export_task.outputs["exported"],
+    )
 
 
 def compile_pipeline(path: str | Path, image: str | None = None) -> Path:

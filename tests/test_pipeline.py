@@ -13,7 +13,7 @@ from microfed.pipelines.cli import main
 from microfed.pipelines.pipeline import compile_pipeline
 from tests.conftest import CLASSES, write_zip
 
-STEPS = {"split-dataset", "train", "aggregate", "evaluate"}
+STEPS = {"split-dataset", "train", "aggregate", "evaluate", "export"}
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -30,6 +30,7 @@ def test_compiled_yaml_loads_back_with_four_chained_steps(tmp_path: Path) -> Non
     assert tasks["train"]["dependentTasks"] == ["split-dataset"]
     assert tasks["aggregate"]["dependentTasks"] == ["train"]
     assert set(tasks["evaluate"]["dependentTasks"]) == {"aggregate", "split-dataset", "train"}
+    assert set(tasks["export"]["dependentTasks"]) == {"aggregate", "split-dataset"}
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["dataset"] == "fashion-mnist" and defaults["workers"] == 3 and defaults["split"] == "stratified"
 
@@ -82,6 +83,18 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     assert m["accuracy"] > 0.9  # the bands are easy to learn
     assert {"split", "train", "aggregate", "evaluate", "total"} <= set(m["timings"])
     assert m["config"]["workers"] == 2 and m["config"]["model"] == "cnn-small"
+    # the export step left an ONNX model a user can run without torch
+    assert {"model.onnx", "model.json"} <= {p.name for p in run_dir.iterdir()}
+    import zipfile
+
+    image = tmp_path / "square.png"
+    image.write_bytes(zipfile.ZipFile(zip_path).read("shapes/test/square/0010.png"))
+    assert main(["predict", str(run_dir / "model.onnx"), str(image)]) == 0
+    path, label, probability = capsys.readouterr().out.strip().split("\t")
+    assert path == str(image) and label == "square" and 0.5 < float(probability) <= 1.0
+    # and `microfed export` writes TorchScript too, checked against PyTorch on the run's test images
+    assert main(["export", str(run_dir), "--format", "torchscript"]) == 0
+    assert "parity" in capsys.readouterr().out and (run_dir / "export" / "model.torchscript.pt").exists()
 
 
 @pytest.mark.slow

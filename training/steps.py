@@ -47,7 +47,15 @@ from microfed.training.storage import (
 from microfed.training.train import Preprocess
 from microfed.training.worker import WorkerConfig, config_to_argv
 
-__all__ = ["ClusterOptions", "SplitOptions", "aggregate_step", "evaluate_step", "split_step", "train_step"]
+__all__ = [
+    "ClusterOptions",
+    "SplitOptions",
+    "aggregate_step",
+    "evaluate_step",
+    "export_step",
+    "split_step",
+    "train_step",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +308,32 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
         "resource_plan": job.get("plan"),
         "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"]},
     }
+
+
+def export_step(
+    model_dir: str | Path,
+    shards_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    fmt: str = "onnx",
+    parity_images: int = 64,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """The global model as ONNX or TorchScript with its preprocessing, checked against eager PyTorch on test images."""
+    from microfed.training.export import export_model, parity_images_from_shards
+
+    with (
+        staged_input(model_dir) as model_path,
+        staged_input(shards_dir, only=["test.safetensors", "test.json"]) as shards,
+        staged_output(out_dir) as out,
+    ):
+        images = parity_images_from_shards(shards, parity_images)
+        record = export_model(model_path, out, fmt=fmt, parity_images=images, tolerance=tolerance)
+    _log(
+        f"export: {record['file']} ({record['bytes'] / 1e6:.1f} MB), max |logit difference| "
+        f"{record['parity']['max_abs_diff']:.1e} on {record['parity']['images']} test images"
+    )
+    return record
 
 
 def _log(message: str) -> None:
