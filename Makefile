@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # torch/torchvision are pinned to the builds cached on the project's machines (see DESIGN.md).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data run test lint typecheck infra-check compile image clean
+.PHONY: install data run test lint typecheck infra-check compile image bench clean
 
 install: $(STAMP)
 
@@ -76,6 +76,10 @@ infra-check: $(CHECKOV_STAMP)
 
 test: install data lint typecheck infra-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Side-by-side measurements (not part of `make test`): make bench [BENCH_ARGS=--quick]
+bench: install data
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs pipeline.yaml .pytest_cache .mypy_cache .ruff_cache .typecheck
