@@ -7,7 +7,7 @@ its own; the image (or, locally, this Python environment) provides microfed.
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from microfed.components.image import component_image
 
@@ -157,14 +157,18 @@ def evaluate(
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
     report: Output[Artifact],
+    report_html: Output[HTML],
 ) -> None:
     """Test-set loss, accuracy, per-class accuracy and confusion matrix of the global model; `report` holds
-    metrics.json with the per-round accuracy, shard sizes and step timings."""
+    metrics.json (per-round accuracy, each micro-model's accuracy, shard sizes, step timings) and report.html,
+    which `report_html` shows in the Kubeflow UI (split audit, rounds, confusion matrix, plan, configuration)."""
     import re
+    import shutil
 
     from microfed.training.steps import evaluate_step
 
     m = evaluate_step(global_model.path, shards.path, micro_models.path, report.path)
+    shutil.copyfile(f"{report.path}/report.html", report_html.path)
     metrics.log_metric("accuracy", m["accuracy"])
     metrics.log_metric("loss", m["loss"])
     for i, acc in enumerate(m["round_accuracy"], start=1):
@@ -172,6 +176,10 @@ def evaluate(
     for name, acc in m["per_class_accuracy"].items():
         # Metric names show as table rows in the UI; keep them to one safe token ("T-shirt/top" has a slash).
         metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), acc)
+    for i, n in enumerate(m["shard_sizes"]):
+        metrics.log_metric(f"shard_{i}_examples", n)
+    for step, seconds in m["timings"].items():
+        metrics.log_metric(f"seconds_{step}", round(seconds, 3))
     classification.log_confusion_matrix(m["class_names"], m["confusion_matrix"])
 
 

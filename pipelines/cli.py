@@ -188,6 +188,7 @@ def _summary(result: Any) -> str:
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         f"model           {result.run_dir / 'model.safetensors'} (+ model_config.json)",
         f"metrics         {result.run_dir / 'metrics.json'}",
+        f"report          {result.run_dir / 'report.html'}",
     ]
     return "\n".join(lines)
 

@@ -107,6 +107,7 @@ def run_local(
     exported = Path(task.outputs["exported"].path)
     for f in ("model.onnx", "model.json"):
         shutil.copy2(exported / f, run_dir / f)
+    shutil.copy2(report_dir / "report.html", run_dir / "report.html")
     metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
     steps = sum(metrics["timings"].values())
     metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}

@@ -68,6 +68,9 @@ def microfed_pipeline(
         train_limit=train_limit,
         test_limit=test_limit,
     ).set_display_name("split dataset")
+    # Every step is idempotent (deterministic outputs, each file replaced whole; the train step resumes from its
+    # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.
+    split_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     train_task = train(
         shards=split_task.outputs["shards"],
         model=model,
@@ -90,12 +93,15 @@ def microfed_pipeline(
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
     ).set_display_name("train micro-models")
+    train_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     agg_task = aggregate(micro_models=train_task.outputs["micro_models"]).set_display_name("aggregate (FedAvg)")
+    agg_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     eval_task = evaluate(
         global_model=agg_task.outputs["global_model"],
         shards=split_task.outputs["shards"],
         micro_models=train_task.outputs["micro_models"],
     ).set_display_name("evaluate")
+    eval_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     export_task = export(
         global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"]
     ).set_display_name("export (ONNX)")

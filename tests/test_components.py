@@ -81,6 +81,10 @@ def test_components_run_one_by_one_on_a_zip(kfp_local: Path, shapes_zip: Path) -
     metrics = ev["metrics"].metadata
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert {"round_1_accuracy", "round_2_accuracy", "accuracy_circle", "accuracy_triangle"} <= set(metrics)
+    # what the UI's scalar metrics table shows: every value a number, shard sizes and step timings among them
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert (metrics["shard_0_examples"], metrics["shard_1_examples"]) == (45, 45)
+    assert {"seconds_split", "seconds_train", "seconds_aggregate", "seconds_evaluate"} <= set(metrics)
     # what the Kubeflow UI reads to draw the confusion matrix
     cm = ev["classification"].metadata["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == list(CLASSES)

@@ -29,7 +29,7 @@ from microfed.pipelines.submit import submit
 from microfed.training.errors import MicrofedError
 
 API = "/apis/v2beta1"
-STEPS = {"split-dataset", "train", "aggregate", "evaluate"}
+STEPS = {"split-dataset", "train", "aggregate", "evaluate", "export"}
 
 
 @dataclass

@@ -14,17 +14,30 @@ Sources (`load_dataset`):
       [top-folder/]train/<class>/<image>   and   [top-folder/]test/<class>/<image>
 
 Named datasets are looked up in `default_data_dirs` and, when missing and allowed, downloaded.
+
+Zips and folders come from users and are read as hostile. Nothing is ever extracted to disk: entries are read
+into memory one at a time. Entries with absolute paths or '..', symbolic links (in a zip's attributes or on
+disk), special files and duplicate names are refused; so are archives over the `DatasetLimits` (expanded size,
+per-entry compression ratio, file count) and images whose header declares more pixels than allowed, checked
+before anything is decoded. An image that cannot be decoded (truncated, not an image) is an error naming it,
+or with bad_images='skip' it is left out, warned about and recorded for the shard manifest. Class folder names
+are kept exactly (labels, manifests) and shown through `display_name` in messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
+import re
+import stat
+import unicodedata
+import warnings
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -35,12 +48,17 @@ from PIL import Image, UnidentifiedImageError, features
 from microfed.training.errors import MicrofedError
 
 __all__ = [
+    "BAD_IMAGE_POLICIES",
     "DATASET_NAMES",
+    "DatasetLimits",
     "ImageData",
     "LoadedDataset",
     "SYSTEM_DATA_DIR",
+    "SkippedFile",
+    "SkippedImagesWarning",
     "check_source",
     "default_data_dirs",
+    "display_name",
     "load_dataset",
     "read_idx",
 ]
@@ -95,6 +113,20 @@ _LAYOUT = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class SkippedFile:
+    """An image file left out under bad_images='skip', and why."""
+
+    file: str
+    """Its path inside the zip or folder, exactly as stored there."""
+    reason: str
+    """What was wrong with it (the error it would have raised)."""
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some images could not be read and were left out (bad_images='skip'); the manifest lists them."""
+
+
 @dataclass(frozen=True)
 class ImageData:
     """One split of a dataset, fully decoded."""
@@ -105,6 +137,8 @@ class ImageData:
     """int64, (N,); each label indexes `class_names`."""
     class_names: tuple[str, ...]
     """Class names shared by train and test, in label order."""
+    skipped: tuple[SkippedFile, ...] = ()
+    """Files of this split left out because they could not be read (only with bad_images='skip')."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +151,59 @@ class LoadedDataset:
     """The training split."""
     test: ImageData
     """The test split."""
+
+
+BAD_IMAGE_POLICIES = ("fail", "skip")
+# Entries smaller than this are not held to the compression-ratio limit: a small file of flat colour
+# compresses well and harms no one; the ratio matters where the expanded size does.
+_RATIO_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetLimits:
+    """Limits on an image zip or folder, which come from users and are read as hostile input.
+
+    The platform we replace capped uploads at 200 MB at its ingress. Zips of PNG or JPEG files barely
+    compress (the images are compressed already), so an honest 200 MB upload expands to little more; the
+    defaults leave an order of magnitude of room above that and stop zip bombs (which expand about 1000
+    times per entry, or nest) and decompression bombs (an image header declaring billions of pixels) before
+    they fill a disk or memory. Named datasets (our own parsers over known files) are not subject to them.
+    """
+
+    max_total_bytes: int = 4 * 1024**3
+    """Zip archives: the sum of the entries' uncompressed sizes, i.e. what the archive expands to (4 GiB)."""
+    max_compression_ratio: float = 100.0
+    """Zip archives: uncompressed over compressed size of any entry larger than 1 MiB."""
+    max_files: int = 1_000_000
+    """Entries of a zip or files and folders of a folder."""
+    max_image_pixels: int = 89_478_485
+    """Width x height of one image, read from its header before any pixel is decoded (Pillow's own default
+    of a quarter gigabyte of RGB)."""
+    max_decoded_bytes: int = 4 * 1024**3
+    """The decoded uint8 tensors (N x C x H x W, train and test together) the split step holds in memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_total_bytes", "max_compression_ratio", "max_files", "max_image_pixels", "max_decoded_bytes"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0):
+                raise MicrofedError(f"DatasetLimits.{name} must be a positive number, got {value!r}")
+
+
+def display_name(name: str, max_chars: int = 120) -> str:
+    """`name` (a file or class folder name from a user's archive) made safe to print in a message or log.
+
+    Control characters (terminal escapes, newlines that would forge log lines), format characters such as
+    bidirectional overrides, and unassigned or private code points are shown as escapes; names longer than
+    `max_chars` keep their start and end. Manifests keep the exact name: this is for display only.
+    """
+    shown = "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch
+        for ch in name
+    )
+    if len(shown) <= max_chars:
+        return shown
+    half = (max_chars - 1) // 2
+    return f"{shown[:half]}…{shown[-half:]}"
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -156,6 +243,8 @@ def load_dataset(
     data_dir: str | Path | None = None,
     image_size: tuple[int, int] | None = None,
     download: bool = True,
+    limits: DatasetLimits | None = None,
+    bad_images: str = "fail",
 ) -> LoadedDataset:
     """Decode `source` into uint8 tensors.
 
@@ -166,17 +255,32 @@ def load_dataset(
     image_size: (height, width) to resize every image to (bilinear). Without it a named dataset keeps
         its native size and a zip/folder uses the size all its images share, or else the most common one.
     download: fetch a named dataset that is not found locally (needs network access).
+    limits: what a zip or folder may hold (`DatasetLimits()` when None). Zip entries with absolute paths or
+        '..', symbolic links, and anything over a limit are errors that name the entry and the limit.
+    bad_images: `fail` (default): an image that cannot be decoded (truncated, not an image, over the pixel
+        limit) is an error naming it; `skip`: it is left out with a SkippedImagesWarning and recorded in
+        `ImageData.skipped`, which the shard manifest lists.
     """
     size = _check_image_size(image_size)
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise MicrofedError(f"unknown bad_images {bad_images!r}", hint=f"use one of {', '.join(BAD_IMAGE_POLICIES)}")
+    limits = limits or DatasetLimits()
     kind = check_source(source)
     if kind == "name":
         dataset = _load_named(str(_canonical_name(str(source))), data_dir=data_dir, download=download)
         return _resized(dataset, size) if size is not None else dataset
     path = Path(source).expanduser()
+    shown = display_name(path.name)
     if kind == "folder":
-        return _load_image_tree(path.name, _list_folder(path), size)
-    with zipfile.ZipFile(path) as archive:
-        return _load_image_tree(path.name, _list_zip(archive), size)
+        return _load_image_tree(path.name, _list_folder(shown, path, limits), size, limits, bad_images)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # e.g. a damaged central directory
+        raise MicrofedError(
+            f"{shown} is not a readable zip archive ({exc})", hint="the upload is damaged or incomplete; zip it again"
+        ) from None
+    with archive:
+        return _load_image_tree(path.name, _list_zip(shown, archive, limits), size, limits, bad_images)
 
 
 def check_source(source: str | Path) -> str:
@@ -463,6 +567,9 @@ _DECODE_ERRORS = (
     zipfile.BadZipFile,
     RuntimeError,  # zipfile: encrypted member, or a compression method it lacks (Windows' Deflate64)
 )
+_READABLE = "readable formats: " + ", ".join(sorted(_IMAGE_SUFFIXES))
+_SKIP_HINT = "or pass bad_images='skip' to leave unreadable images out (they are counted in the manifest)"
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 @dataclass(frozen=True)
@@ -472,7 +579,7 @@ class _Entry:
     parts: tuple[str, ...]
     """Its path split on '/', relative to the layout root (after any top folder is stripped)."""
     name: str
-    """Its path as the user sees it in the zip or folder, for messages."""
+    """Its path as the user sees it in the zip or folder, for messages and the manifest."""
     read: Callable[[], bytes] | None
     """Returns the file's bytes; None for a folder."""
 
@@ -482,25 +589,112 @@ def _ignored(parts: tuple[str, ...]) -> bool:
     return any(part == "__MACOSX" or part.startswith(".") for part in parts)
 
 
-def _list_zip(archive: zipfile.ZipFile) -> list[_Entry]:
-    entries = []
-    for info in archive.infolist():
-        # Some Windows tools write backslashes; the zip format itself only knows '/'.
-        parts = tuple(part for part in info.filename.replace("\\", "/").split("/") if part)
+def _zip_parts(source: str, raw: str) -> tuple[str, ...]:
+    """The parts of a zip entry's path. Absolute paths and '..' are refused although nothing is ever
+    extracted to disk here: an archive that holds them was made to attack whoever extracts it."""
+    # Some Windows tools write backslashes; the zip format itself only knows '/'.
+    name = raw.replace("\\", "/")
+    layout = "entries must be relative paths inside the archive, such as train/<class>/<image>"
+    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
+        raise MicrofedError(f"{source}: entry {display_name(raw)} has an absolute path", hint=layout)
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise MicrofedError(f"{source}: entry {display_name(raw)} points outside the archive with '..'", hint=layout)
+    return parts
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    # Unix zip tools keep st_mode in the high 16 bits of the external attributes.
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _check_zip_entry(source: str, info: zipfile.ZipInfo, total: int, limits: DatasetLimits) -> None:
+    shown = display_name(info.filename)
+    if _is_symlink(info):
+        raise MicrofedError(
+            f"{source}: entry {shown} is a symbolic link",
+            hint="an archive may hold only regular files and folders; zip the files themselves, not links to them",
+        )
+    if total > limits.max_total_bytes:
+        raise MicrofedError(
+            f"{source}: the archive expands to more than {_size(limits.max_total_bytes)} (at entry {shown})",
+            hint=f"archives may expand to at most {_size(limits.max_total_bytes)} "
+            "(DatasetLimits.max_total_bytes); split the dataset or use smaller images",
+        )
+    ratio = info.file_size / max(1, info.compress_size)
+    if info.file_size > _RATIO_MIN_BYTES and ratio > limits.max_compression_ratio:
+        raise MicrofedError(
+            f"{source}: entry {shown} expands {ratio:.0f} times ({_size(info.compress_size)} to "
+            f"{_size(info.file_size)}), a zip bomb's ratio",
+            hint=f"entries over {_size(_RATIO_MIN_BYTES)} may expand at most {limits.max_compression_ratio:g} "
+            "times (DatasetLimits.max_compression_ratio); store images as PNG or JPEG",
+        )
+
+
+def _list_zip(source: str, archive: zipfile.ZipFile, limits: DatasetLimits) -> list[_Entry]:
+    infos = archive.infolist()
+    _check_count(source, len(infos), limits)
+    entries, seen, total = [], set(), 0
+    for info in infos:
+        parts = _zip_parts(source, info.filename)
+        total += info.file_size
+        _check_zip_entry(source, info, total, limits)
         if not parts or _ignored(parts):
             continue
-        reader = None if info.is_dir() else functools.partial(archive.read, info)
-        entries.append(_Entry(parts, "/".join(parts), reader))
+        name = "/".join(parts)
+        if not info.is_dir():
+            if name in seen:  # which of two same-named entries is "the" file is up to the tool that extracts
+                raise MicrofedError(
+                    f"{source}: entry {display_name(name)} appears twice", hint="every path may appear once"
+                )
+            seen.add(name)
+        reader = None if info.is_dir() else functools.partial(_read_member, archive, info)
+        entries.append(_Entry(parts, name, reader))
     return entries
 
 
-def _list_folder(root: Path) -> list[_Entry]:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The entry's bytes, never more than its header declares (the totals above were checked on those)."""
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)
+    if len(data) > info.file_size:
+        raise zipfile.BadZipFile(f"the entry holds more than the {info.file_size} bytes its header declares")
+    if len(data) < info.file_size:
+        raise zipfile.BadZipFile(f"the entry holds {len(data)} bytes where its header declares {info.file_size}")
+    return data
+
+
+def _list_folder(source: str, root: Path, limits: DatasetLimits) -> list[_Entry]:
+    """Every file and folder under root; links and special files are refused, not followed."""
     entries = []
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if not _ignored(parts):
-            entries.append(_Entry(parts, "/".join(parts), None if path.is_dir() else path.read_bytes))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted([*dirnames, *filenames]):
+            path = Path(dirpath, name)
+            parts = path.relative_to(root).parts
+            if _ignored(parts):
+                continue
+            mode = path.lstat().st_mode
+            shown = display_name("/".join(parts))
+            if stat.S_ISLNK(mode):
+                raise MicrofedError(
+                    f"{source}: {shown} is a symbolic link",
+                    hint="a dataset folder may hold only regular files and folders; copy the files in instead",
+                )
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise MicrofedError(f"{source}: {shown} is not a regular file", hint=f"expected {_LAYOUT}")
+            is_dir = stat.S_ISDIR(mode)
+            entries.append(_Entry(parts, "/".join(parts), None if is_dir else path.read_bytes))
+            _check_count(source, len(entries), limits)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored((d,)))  # walked in a stable order
     return entries
+
+
+def _check_count(source: str, count: int, limits: DatasetLimits) -> None:
+    if count > limits.max_files:
+        raise MicrofedError(
+            f"{source}: more than {limits.max_files:,} files",
+            hint=f"a dataset may hold at most {limits.max_files:,} files (DatasetLimits.max_files)",
+        )
 
 
 def _folders(entries: list[_Entry]) -> set[str]:
@@ -520,77 +714,8 @@ def _is_image(entry: _Entry) -> bool:
     return entry.read is not None and PurePosixPath(entry.parts[-1]).suffix.lower() in _IMAGE_SUFFIXES
 
 
-def _class_files(source: str, split: str, entries: list[_Entry]) -> dict[str, list[_Entry]]:
-    """Images of one split grouped by class folder; every class folder must hold at least one image."""
-    classes: dict[str, list[_Entry]] = {}
-    for entry in entries:
-        if entry.parts[0] != split or len(entry.parts) < 2:
-            continue
-        if len(entry.parts) == 2 and entry.read is not None:
-            if _is_image(entry):  # an image outside any class folder would otherwise be dropped silently
-                raise MicrofedError(
-                    f"{source}: {entry.name} is not inside a class folder",
-                    hint=f"move it into {split}/<class>/; expected {_LAYOUT}",
-                )
-            continue  # stray non-image files (README, Thumbs.db) are not data
-        images = classes.setdefault(entry.parts[1], [])
-        if _is_image(entry):  # images in nested folders count for their class, as in ImageFolder
-            images.append(entry)
-    if not classes:
-        raise MicrofedError(f"{source}: {split}/ has no class folders", hint=f"expected {_LAYOUT}")
-    for class_name, images in classes.items():
-        if not images:
-            raise MicrofedError(
-                f"{source}: class folder {split}/{class_name}/ contains no images",
-                hint=f"add images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or remove the folder",
-            )
-        images.sort(key=lambda entry: entry.parts)  # zip order is arbitrary; labels must not depend on it
-    return classes
-
-
-def _load_image_tree(source: str, entries: list[_Entry], image_size: tuple[int, int] | None) -> LoadedDataset:
-    entries = _strip_top_folder(entries)
-    present = _folders(entries)
-    missing = [f"{split}/" for split in ("train", "test") if split not in present]
-    if missing:
-        found = ", ".join(f"{folder}/" for folder in sorted(present)) or "nothing"
-        raise MicrofedError(
-            f"{source}: no {' and no '.join(missing)} folder (found at the top: {found})",
-            hint=f"expected {_LAYOUT}",
-        )
-    train = _class_files(source, "train", entries)
-    test = _class_files(source, "test", entries)
-    unknown = sorted(set(test) - set(train))
-    if unknown:
-        raise MicrofedError(
-            f"{source}: test/ has classes that train/ lacks: {', '.join(unknown)}",
-            hint="every test class needs training images under train/<class>/ (names are case-sensitive)",
-        )
-    class_names = tuple(sorted(train))
-    train_files = _labelled(train, class_names)
-    test_files = _labelled(test, class_names)
-    channels, size = _plan_decode(source, [entry for entry, _ in train_files + test_files], image_size)
-    return LoadedDataset(
-        name=source,
-        train=_decode(source, train_files, channels, size, class_names),
-        test=_decode(source, test_files, channels, size, class_names),
-    )
-
-
 def _labelled(classes: dict[str, list[_Entry]], class_names: tuple[str, ...]) -> list[tuple[_Entry, int]]:
     return [(entry, label) for label, name in enumerate(class_names) for entry in classes.get(name, [])]
-
-
-def _open(source: str, entry: _Entry) -> Image.Image:
-    """Open an image lazily (header only); errors name the file inside the zip or folder."""
-    assert entry.read is not None  # only files reach here (internal invariant, not user input)
-    try:
-        return Image.open(io.BytesIO(entry.read()))
-    except _DECODE_ERRORS as exc:
-        raise MicrofedError(
-            f"{source}: cannot decode image {entry.name} ({_reason(exc)})",
-            hint="replace or remove the file; readable formats: " + ", ".join(sorted(_IMAGE_SUFFIXES)),
-        ) from exc
 
 
 def _reason(exc: Exception) -> str:
@@ -598,25 +723,225 @@ def _reason(exc: Exception) -> str:
     return "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
 
 
-def _plan_decode(
-    source: str, entries: Sequence[_Entry], image_size: tuple[int, int] | None
-) -> tuple[int, tuple[int, int]]:
-    """Channels and (height, width) for the whole dataset, from the image headers only.
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
-    C=1 only when every image is grayscale, so no colour is thrown away (palette images count as
-    colour: telling a grey palette apart would mean decoding them here). Without `image_size`, the size
-    every image shares, else the most common one (ties: the larger area, then the larger height), so
-    that the fewest images are resampled. Train and test are planned together: one model sees both.
-    """
-    sizes: Counter[tuple[int, int]] = Counter()
-    all_gray = True
-    for entry in entries:
-        with _open(source, entry) as image:
-            all_gray = all_gray and image.mode in _GRAY_MODES
-            sizes[(image.height, image.width)] += 1
-    if image_size is None:
-        image_size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1], hw))
-    return (1 if all_gray else 3), image_size
+
+class _TreeReader:
+    """Decodes the images of one zip or folder under `limits`; per-image failures follow `bad_images`."""
+
+    def __init__(self, source: str, limits: DatasetLimits, bad_images: str) -> None:
+        self.source = display_name(source)
+        self.limits = limits
+        self.skip = bad_images == "skip"
+        self.skipped: list[tuple[str, SkippedFile]] = []  # (split, file)
+
+    def bad(self, entry: _Entry, problem: str, hint: str) -> None:
+        """Fail naming the file, or (bad_images='skip') remember it and go on."""
+        if not self.skip:
+            raise MicrofedError(f"{self.source}: {problem}", hint=f"{hint}; {_SKIP_HINT}")
+        self.skipped.append((entry.parts[0], SkippedFile(file=entry.name, reason=problem)))
+
+    def class_files(self, split: str, entries: list[_Entry]) -> dict[str, list[_Entry]]:
+        """Images of one split grouped by class folder; every class folder must hold at least one image."""
+        classes: dict[str, list[_Entry]] = {}
+        for entry in entries:
+            if entry.parts[0] != split or len(entry.parts) < 2:
+                continue
+            if len(entry.parts) == 2 and entry.read is not None:
+                if _is_image(entry):  # an image outside any class folder would otherwise be dropped silently
+                    raise MicrofedError(
+                        f"{self.source}: {display_name(entry.name)} is not inside a class folder",
+                        hint=f"move it into {split}/<class>/; expected {_LAYOUT}",
+                    )
+                continue  # stray non-image files (README, Thumbs.db) are not data
+            images = classes.setdefault(entry.parts[1], [])
+            if _is_image(entry):  # images in nested folders count for their class, as in ImageFolder
+                images.append(entry)
+        if not classes:
+            raise MicrofedError(f"{self.source}: {split}/ has no class folders", hint=f"expected {_LAYOUT}")
+        for class_name, images in classes.items():
+            if not images:
+                raise MicrofedError(
+                    f"{self.source}: class folder {split}/{display_name(class_name)}/ contains no images",
+                    hint=f"add images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or remove the folder",
+                )
+            images.sort(key=lambda entry: entry.parts)  # zip order is arbitrary; labels must not depend on it
+        return classes
+
+    def open(self, entry: _Entry) -> Image.Image | None:
+        """The image with only its header read, or None when it was skipped; the pixel limit is checked here,
+        before anything is decoded."""
+        assert entry.read is not None  # only files reach here (internal invariant, not user input)
+        shown = display_name(entry.name)
+        try:
+            image = Image.open(io.BytesIO(entry.read()))
+        except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow opens"
+            self.bad(
+                entry,
+                f"image {shown} declares {declared}, over the limit of {self.limits.max_image_pixels:,} "
+                "(a decompression bomb?)",
+                hint=self._pixels_hint(),
+            )
+            return None
+        except _DECODE_ERRORS as exc:
+            self.bad(entry, f"cannot decode image {shown} ({_reason(exc)})", hint=f"replace or remove it; {_READABLE}")
+            return None
+        pixels = image.width * image.height
+        if pixels > self.limits.max_image_pixels:
+            image.close()
+            self.bad(
+                entry,
+                f"image {shown} declares {image.width}x{image.height} = {pixels:,} pixels, over the limit of "
+                f"{self.limits.max_image_pixels:,} (a decompression bomb?)",
+                hint=self._pixels_hint(),
+            )
+            return None
+        return image
+
+    def _pixels_hint(self) -> str:
+        return (
+            f"images may have at most {self.limits.max_image_pixels:,} pixels (DatasetLimits.max_image_pixels); "
+            "resize or remove the image"
+        )
+
+    def plan(
+        self, files: Sequence[tuple[_Entry, int]], image_size: tuple[int, int] | None
+    ) -> tuple[list[tuple[_Entry, int]], int, tuple[int, int]]:
+        """The files whose headers read, and channels and (height, width) for the whole dataset.
+
+        C=1 only when every image is grayscale, so no colour is thrown away (palette images count as
+        colour: telling a grey palette apart would mean decoding them here). Without `image_size`, the size
+        every image shares, else the most common one (ties: the larger area, then the larger height), so
+        that the fewest images are resampled. Train and test are planned together: one model sees both.
+        """
+        sizes: Counter[tuple[int, int]] = Counter()
+        all_gray = True
+        kept = []
+        for entry, label in files:
+            image = self.open(entry)
+            if image is None:
+                continue
+            with image:
+                all_gray = all_gray and image.mode in _GRAY_MODES
+                sizes[(image.height, image.width)] += 1
+            kept.append((entry, label))
+        if image_size is None and sizes:
+            image_size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1], hw))
+        channels = 1 if all_gray else 3
+        height, width = image_size or (1, 1)
+        needed = len(kept) * channels * height * width
+        if needed > self.limits.max_decoded_bytes:
+            raise MicrofedError(
+                f"{self.source}: {len(kept):,} images of {channels}x{height}x{width} need {_size(needed)} decoded, "
+                f"over the limit of {_size(self.limits.max_decoded_bytes)}",
+                hint="pass a smaller image_size (--image-size), use fewer images, or raise "
+                "DatasetLimits.max_decoded_bytes",
+            )
+        return kept, channels, (height, width)
+
+    def decode(
+        self, files: Sequence[tuple[_Entry, int]], channels: int, size: tuple[int, int], class_names: tuple[str, ...]
+    ) -> ImageData:
+        """Decode into one preallocated (N, C, H, W) array: no per-image tensors to stack afterwards."""
+        height, width = size
+        images = np.empty((len(files), channels, height, width), dtype=np.uint8)
+        keep = np.ones(len(files), dtype=bool)
+        for index, (entry, _) in enumerate(files):
+            array = self._pixels(entry, channels, size)
+            if array is None:
+                keep[index] = False
+                continue
+            images[index] = array[None] if channels == 1 else array.transpose(2, 0, 1)
+        labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+        if not keep.all():
+            images, labels = images[keep], labels[torch.from_numpy(keep)]
+        return ImageData(images=torch.from_numpy(images), labels=labels, class_names=class_names)
+
+    def _pixels(self, entry: _Entry, channels: int, size: tuple[int, int]) -> np.ndarray | None:
+        image = self.open(entry)
+        if image is None:
+            return None
+        height, width = size
+        try:
+            with image:
+                pixels = _to_mode(image, channels)
+                if pixels.size != (width, height):
+                    pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
+                return np.asarray(pixels)
+        except _DECODE_ERRORS as exc:  # the header was fine but the pixel data is not (truncated files)
+            self.bad(entry, f"cannot decode image {display_name(entry.name)} ({_reason(exc)})", "replace or remove it")
+            return None
+
+    def require_images(self, labels: Iterable[int], class_names: tuple[str, ...], split: str) -> None:
+        """After skipping: every training class keeps an image, and the test set is not empty."""
+        have = set(labels)
+        lost = [name for label, name in enumerate(class_names) if label not in have]
+        after = f"after skipping {len(self.skipped)} unreadable file(s)"
+        if split == "train" and lost:
+            raise MicrofedError(
+                f"{self.source}: no readable images left in train/{display_name(lost[0])}/ {after}",
+                hint="every class needs at least one readable training image",
+            )
+        if not have:
+            raise MicrofedError(
+                f"{self.source}: no readable images left in {split}/ {after}", hint=f"add readable images; {_READABLE}"
+            )
+
+    def skipped_in(self, split: str) -> tuple[SkippedFile, ...]:
+        return tuple(file for where, file in self.skipped if where == split)
+
+
+def _load_image_tree(
+    source: str,
+    entries: list[_Entry],
+    image_size: tuple[int, int] | None,
+    limits: DatasetLimits,
+    bad_images: str,
+) -> LoadedDataset:
+    reader = _TreeReader(source, limits, bad_images)
+    entries = _strip_top_folder(entries)
+    present = _folders(entries)
+    missing = [f"{split}/" for split in ("train", "test") if split not in present]
+    if missing:
+        found = ", ".join(f"{display_name(folder)}/" for folder in sorted(present)) or "nothing"
+        raise MicrofedError(
+            f"{reader.source}: no {' and no '.join(missing)} folder (found at the top: {found})",
+            hint=f"expected {_LAYOUT}",
+        )
+    train = reader.class_files("train", entries)
+    test = reader.class_files("test", entries)
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise MicrofedError(
+            f"{reader.source}: test/ has classes that train/ lacks: {', '.join(map(display_name, unknown))}",
+            hint="every test class needs training images under train/<class>/ (names are case-sensitive)",
+        )
+    class_names = tuple(sorted(train))  # exact names: the manifest keeps them; messages show display_name
+    files = _labelled(train, class_names) + _labelled(test, class_names)
+    files, channels, size = reader.plan(files, image_size)
+    splits = {}
+    for split in ("train", "test"):
+        part = [(entry, label) for entry, label in files if entry.parts[0] == split]
+        reader.require_images((label for _, label in part), class_names, split)
+        data = reader.decode(part, channels, size, class_names)
+        reader.require_images(data.labels.tolist(), class_names, split)
+        splits[split] = dataclasses.replace(data, skipped=reader.skipped_in(split))
+    if reader.skipped:
+        names = ", ".join(display_name(file.file) for _, file in reader.skipped[:5])
+        more = f" and {len(reader.skipped) - 5} more" if len(reader.skipped) > 5 else ""
+        warnings.warn(
+            f"{reader.source}: skipped {len(reader.skipped)} unreadable image(s): {names}{more}",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
+    return LoadedDataset(name=source, train=splits["train"], test=splits["test"])
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -629,34 +954,6 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
         image = image.convert("RGBA")  # the direct P -> RGB conversion warns about the transparency
     target = "L" if channels == 1 else "RGB"
     return image if image.mode == target else image.convert(target)  # convert() would copy anyway
-
-
-def _decode(
-    source: str,
-    files: Sequence[tuple[_Entry, int]],
-    channels: int,
-    size: tuple[int, int],
-    class_names: tuple[str, ...],
-) -> ImageData:
-    """Decode into one preallocated (N, C, H, W) array: no per-image tensors to stack afterwards."""
-    height, width = size
-    images = np.empty((len(files), channels, height, width), dtype=np.uint8)
-    for index, (entry, _) in enumerate(files):
-        image = _open(source, entry)  # outside the try: its MicrofedError is a ValueError too
-        try:
-            with image:
-                pixels = _to_mode(image, channels)
-                if pixels.size != (width, height):
-                    pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
-                array = np.asarray(pixels)
-        except _DECODE_ERRORS as exc:  # the header was fine but the pixel data is not
-            raise MicrofedError(
-                f"{source}: cannot decode image {entry.name} ({_reason(exc)})",
-                hint="replace or remove the file",
-            ) from exc
-        images[index] = array[None] if channels == 1 else array.transpose(2, 0, 1)
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageData(images=torch.from_numpy(images), labels=labels, class_names=class_names)
 
 
 # ------------------------------------------------------------------------------------------- resizing
@@ -677,4 +974,4 @@ def _resize_split(data: ImageData, size: tuple[int, int], chunk: int = 4096) -> 
         block = data.images[start : start + chunk].float()
         scaled = torch.nn.functional.interpolate(block, size=size, mode="bilinear", antialias=True)
         out[start : start + chunk] = scaled.round_().clamp_(0, 255).to(torch.uint8)
-    return ImageData(images=out, labels=data.labels, class_names=data.class_names)
+    return ImageData(images=out, labels=data.labels, class_names=data.class_names, skipped=data.skipped)

@@ -65,9 +65,18 @@ def write_safetensors(
 ) -> bytes:
     """Atomically write tensors (moved to CPU, made contiguous) and return the bytes written."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = st_save(cpu, metadata=dict(metadata) if metadata else None)
+    data = _sorted_header(st_save(cpu, metadata=dict(metadata) if metadata else None))
     atomic_write_bytes(path, data)
     return data
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes metadata in hash order, so equal
+    inputs would give different bytes (and checksums). Offsets are relative to the data, so they still hold."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

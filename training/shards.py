@@ -2,7 +2,8 @@
 
 A *shard* is the part of the training set one worker trains on: uint8 images (N, C, H, W) and int64 labels
 in safetensors, plus a JSON manifest (n_k = `num_examples`, class names and histogram, image shape, the
-normalisation statistics of the whole training set, split strategy and seed, and a checksum of the tensors
+normalisation statistics of the whole training set, split strategy and seed, the number of image files the
+loader skipped as unreadable (`num_skipped_files`; dataset.json names them), and a checksum of the tensors
 file). Every training example lands in exactly one shard. The test set is written once, beside the shards.
 """
 
@@ -39,6 +40,8 @@ __all__ = [
 SPLIT_STRATEGIES = ("stratified", "iid", "dirichlet")
 # A Dirichlet draw can leave a shard empty; redraw this many times before giving up.
 _DIRICHLET_TRIES = 100
+# dataset.json lists at most this many skipped files by name (num_skipped_files counts all of them).
+_MAX_SKIPPED_LISTED = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,7 +228,10 @@ def subsample(data: ImageData, limit: int, seed: int) -> ImageData:
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c, n in zip(classes, counts, strict=True)])
     keep.sort()
     index = torch.from_numpy(keep)
-    return ImageData(images=data.images[index], labels=data.labels[index], class_names=data.class_names)
+    # The files left out while decoding stay on record: subsampling does not make them readable.
+    return ImageData(
+        images=data.images[index], labels=data.labels[index], class_names=data.class_names, skipped=data.skipped
+    )
 
 
 def _histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -266,6 +272,7 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
             "ratios": list(config.ratios) if config.ratios else None,
             "num_shards": config.num_shards,
         },
+        "num_skipped_files": len(train.skipped) + len(dataset.test.skipped),
     }
     shards = []
     for i, idx in enumerate(assign_shards(train.labels, train.class_names, config)):
@@ -277,9 +284,20 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
         "num_train_examples": int(train.labels.numel()),
         "num_test_examples": test["num_examples"],
         "shards": shards,
+        "skipped_files": _skipped(dataset),
     }
     write_json(out / "dataset.json", summary)
     return summary
+
+
+def _skipped(dataset: LoadedDataset) -> list[dict[str, str]]:
+    """The image files the loader left out (bad_images='skip'), listed up to _MAX_SKIPPED_LISTED."""
+    files = [
+        {"split": split, "file": f.file, "reason": f.reason}
+        for split, data in (("train", dataset.train), ("test", dataset.test))
+        for f in data.skipped
+    ]
+    return files[:_MAX_SKIPPED_LISTED]
 
 
 def read_dataset_manifest(shards_dir: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from microfed.training.aggregation import weighted_average
+from microfed.training.aggregation import check_same_architecture, weighted_average
 from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
@@ -32,6 +32,7 @@ from microfed.training.launch import launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, load_model, save_model
 from microfed.training.models import ModelConfig
 from microfed.training.pytorchjob_launch import JobBackend
+from microfed.training.report import render_report, write_report
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
 from microfed.training.shards import SplitConfig, load_test_set, subsample, write_shards
 from microfed.training.storage import (
@@ -157,6 +158,7 @@ def train_step(
     workers = [json.loads(read_bytes(join(cfg.out, f"worker-{r:05d}.json"))) for r in range(world_size)]
     record = {
         "world_size": world_size,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),  # paths as text
         "workers": workers,
         "plan": plan.to_dict() if plan else None,
         "seconds": time.perf_counter() - start,
@@ -227,18 +229,26 @@ def _own_namespace() -> str:
 def aggregate_step(micro_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Weighted average (n_k / n) of the micro-models listed in `job.json`; writes the global model."""
     start = time.perf_counter()
-    with staged_input(micro_dir) as micro, staged_output(out_dir) as out:
+    # only what the average reads: not the workers' logs or checkpoints
+    files = ["job.json", MODEL_CONFIG_FILE, *_micro_model_files(micro_dir)]
+    with staged_input(micro_dir, only=files) as micro, staged_output(out_dir) as out:
         record = _aggregate(micro, out)
         record["seconds"] = time.perf_counter() - start
         write_json(out / "aggregate.json", record)
     return record
 
 
+def _micro_model_files(micro_dir: str | Path) -> list[str]:
+    job = json.loads(read_bytes(join(micro_dir, "job.json")))
+    return [str(w["file"]) for w in job["workers"]]
+
+
 def _aggregate(micro: Path, out: Path) -> dict[str, Any]:
     job = read_json(micro / "job.json")
-    states, weights, names = [], [], []
+    states, weights, names, metas = [], [], [], []
     for w in job["workers"]:
         state, meta = read_safetensors(micro / w["file"])
+        metas.append(meta)
         if meta.get("n_k") != str(w["n_k"]):
             raise MicrofedError(
                 f"{micro / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
@@ -248,6 +258,7 @@ def _aggregate(micro: Path, out: Path) -> dict[str, Any]:
         weights.append(float(w["n_k"]))
         names.append(f"micro-model of worker {w['rank']} ({w['file']})")
     card = ModelCard.from_dict(read_json(micro / MODEL_CONFIG_FILE), str(micro / MODEL_CONFIG_FILE))
+    check_same_architecture(metas, names)
     average = weighted_average(states, weights, names=names)
     n = int(sum(weights))
     save_model(out, average, card, metadata={"n": str(n), "micro_models": str(len(states))})
@@ -262,17 +273,21 @@ def evaluate_step(
     out_dir: str | Path,
     batch_size: int = 512,
 ) -> dict[str, Any]:
-    """Test-set metrics of the global model, with the history of the rounds and the step timings."""
+    """Test-set metrics of the global model and of each micro-model, the history of the rounds and the step
+    timings, written as metrics.json and the run's HTML report (report.html) in `out_dir`."""
     start = time.perf_counter()
     with (
         staged_input(model_dir) as model_path,
         staged_input(shards_dir, only=["dataset.json", "test.safetensors", "test.json"]) as shards,
-        staged_input(micro_dir, only=["job.json"]) as micro,
+        staged_input(micro_dir) as micro,
         staged_output(out_dir) as out,
     ):
         metrics = _evaluate(model_path, shards, micro, batch_size)
         metrics["timings"]["evaluate"] = time.perf_counter() - start
         write_json(out / "metrics.json", metrics)
+        job, dataset = read_json(micro / "job.json"), read_json(shards / "dataset.json")
+        html = render_report(metrics, config=job.get("config", {}), dataset=dataset, workers=job["workers"])
+        write_report(out / "report.html", html)
     return metrics
 
 
@@ -280,20 +295,27 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
     model, card = load_model(model_dir)
     test = load_test_set(shards)
     pre = Preprocess(list(card.mean), list(card.std), device=torch.device("cpu"))
-    res = evaluate(
-        model,
-        test.images,
-        test.labels,
-        preprocess=pre,
-        num_classes=card.architecture.num_classes,
-        batch_size=batch_size,
-    )
+    classes = card.architecture.num_classes
+    res = evaluate(model, test.images, test.labels, preprocess=pre, num_classes=classes, batch_size=batch_size)
     dataset = read_json(shards / "dataset.json")
     job = read_json(micro / "job.json")
     aggregate = read_json(model_dir / "aggregate.json")
+    # each micro-model on the same test set: how much the average gains over its parts
+    micro_accuracy = []
+    for w in job["workers"]:
+        state, _ = read_safetensors(micro / w["file"])
+        model.load_state_dict(state)
+        micro_accuracy.append(
+            evaluate(
+                model, test.images, test.labels, preprocess=pre, num_classes=classes, batch_size=batch_size
+            ).accuracy
+        )
     rank0_rounds = job["workers"][0]["rounds"]
     round_accuracy = [r["test_accuracy"] for r in rank0_rounds[:-1] if "test_accuracy" in r]
-    _log(f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples")
+    _log(
+        f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples "
+        f"(micro-models {min(micro_accuracy):.4f} to {max(micro_accuracy):.4f})"
+    )
     return {
         "accuracy": res.accuracy,
         "loss": res.loss,
@@ -304,6 +326,7 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
         "shard_sizes": [s["num_examples"] for s in dataset["shards"]],
         "shard_class_histograms": [s["class_histogram"] for s in dataset["shards"]],
         "round_accuracy": [*round_accuracy, res.accuracy],
+        "micro_model_accuracy": micro_accuracy,
         "train_loss": [[r["epochs"][-1]["loss"] for r in w["rounds"]] for w in job["workers"]],
         "resource_plan": job.get("plan"),
         "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"]},

@@ -7,17 +7,26 @@ aggregate step. Run it by hand on one machine with two workers:
 
     torchrun --standalone --nproc_per_node=2 -m microfed.training.worker \\
         --shards SHARDS_DIR --out OUT_DIR --model cnn-fmnist --rounds 3 --local-epochs 1
+
+Faults. Each in-job average ends with a checkpoint of the round (microfed.training.checkpoint), written by
+rank 0 into OUT_DIR/checkpoints/ before any rank starts the next round. A worker group started again on the
+same OUT_DIR (the PyTorchJob restarting its pods, the local launcher restarting its processes) resumes after
+the last checkpointed round: rank 0 picks the round and broadcasts it, so all ranks agree. Exit codes tell a
+launcher what happened: 0 done, 2 bad input or a diverged worker (MicrofedError: restarting cannot help),
+200 a peer was lost in a collective (restart the group), and a crash or a signal anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +34,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from microfed.training.aggregation import allreduce_average
+from microfed.training.aggregation import ARCHITECTURE_KEY, allreduce_average
+from microfed.training.checkpoint import (
+    build_checkpoint,
+    capture_rank_state,
+    checkpoint_uri,
+    decode_rank_state,
+    encode_rank_state,
+    gather_bytes,
+    latest_round,
+    read_checkpoint,
+    restore_rank_state,
+    write_checkpoint,
+)
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import write_json, write_safetensors
+from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import Shard, load_shard, load_test_set, read_dataset_manifest
@@ -42,7 +64,11 @@ from microfed.training.train import (
     train_epoch,
 )
 
-__all__ = ["DistEnv", "WorkerConfig", "main", "micro_model_name", "run_worker"]
+__all__ = ["DistEnv", "PeerLost", "WorkerConfig", "main", "micro_model_name", "run_worker"]
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another rank died or became unreachable. The group should be restarted."""
 
 
 def micro_model_name(rank: int) -> str:
@@ -186,16 +212,24 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
     if env.rank == 0:
         write_json(out / MODEL_CONFIG_FILE, ModelCard.from_manifest(arch, summary).to_dict())
     local = _prepare(cfg, env, arch, summary, shard.images, shard.labels, device)
+    fingerprint = _fingerprint(cfg, env, summary)
+    resumed, rounds = _resume(cfg, env, local, fingerprint)
     test = load_test_set(shards) if cfg.eval_every_round and cfg.rounds > 1 else None
-    rounds = []
-    for r in range(1, cfg.rounds + 1):
+    for r in range(resumed + 1, cfg.rounds + 1):
         record = _train_round(cfg, env, local, r)
+        _check_finite(local.model.state_dict(), env, r, cfg.rounds)  # a diverged worker never enters the average
+        rounds.append(record)
         if r < cfg.rounds:  # the last average is the aggregate step's
-            record.update(_average(cfg, env, local, shard.num_examples, test, arch.num_classes))
+            record.update(_average(cfg, env, local, shard.num_examples, test, arch.num_classes, r))
             if "test_accuracy" in record:
                 _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {record['test_accuracy']:.4f}")
-        rounds.append(record)
-    meta = {"n_k": str(shard.num_examples), "rank": str(env.rank), "rounds": str(cfg.rounds)}
+            _checkpoint(cfg, env, local, r, fingerprint, rounds)
+    meta = {
+        "n_k": str(shard.num_examples),
+        "rank": str(env.rank),
+        "rounds": str(cfg.rounds),
+        ARCHITECTURE_KEY: json.dumps(arch.to_dict(), sort_keys=True),
+    }
     write_safetensors(out / micro_model_name(env.rank), local.model.state_dict(), meta)
     worker = {
         "rank": env.rank,
@@ -204,10 +238,93 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         "device": str(device),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
+        "resumed_from_round": resumed,
         "seconds": time.perf_counter() - started,
     }
     write_json(out / f"worker-{env.rank:05d}.json", worker)
     return worker
+
+
+@contextlib.contextmanager
+def _collective(env: DistEnv, what: str) -> Iterator[None]:
+    """Turn a failed collective (gloo/NCCL raise RuntimeError when a peer's connection drops or times out)
+    into PeerLost, which `main` reports with EXIT_PEER_LOST so that the group is restarted and resumes."""
+    try:
+        yield
+    except RuntimeError as e:
+        if env.world_size == 1 or isinstance(e, PeerLost):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(f"worker {env.rank}: {what} failed, a peer is gone ({first})") from e
+
+
+def _fingerprint(cfg: WorkerConfig, env: DistEnv, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides the training trajectory: a checkpoint only resumes a job with the same fingerprint."""
+    return {
+        "model": cfg.model,
+        "rounds": cfg.rounds,
+        "local_epochs": cfg.local_epochs,
+        "optim": dataclasses.asdict(cfg.optim),
+        "seed": cfg.seed,
+        "world_size": env.world_size,
+        "shards": [s["sha256"] for s in summary["shards"]],
+    }
+
+
+def _resume(
+    cfg: WorkerConfig, env: DistEnv, local: _Local, fingerprint: dict[str, Any]
+) -> tuple[int, list[dict[str, Any]]]:
+    """The last checkpointed round (0: none) and this rank's records so far; loads the checkpoint's state.
+
+    Rank 0 alone lists the checkpoints and broadcasts the round, so every rank resumes from the same one even
+    if a later checkpoint appeared while they looked.
+    """
+    chosen = torch.tensor([latest_round(str(cfg.out)) if env.rank == 0 else 0], dtype=torch.int64)
+    if env.world_size > 1:
+        with _collective(env, "agreeing on the round to resume from"):
+            chosen = chosen.to(_comm_device())
+            dist.broadcast(chosen, src=0)
+    resumed = int(chosen.item())
+    if resumed == 0:
+        return 0, []
+    ckpt = read_checkpoint(str(cfg.out), resumed, fingerprint=fingerprint, world_size=env.world_size)
+    local.model.load_state_dict(ckpt.weights)
+    records = restore_rank_state(ckpt.ranks[env.rank], local.optimizer, local.scheduler, local.generator)
+    _log(env, f"resuming after round {resumed}/{cfg.rounds} from {checkpoint_uri(str(cfg.out), resumed)}")
+    return resumed, records
+
+
+def _checkpoint(
+    cfg: WorkerConfig, env: DistEnv, local: _Local, r: int, fingerprint: dict[str, Any], rounds: list[dict[str, Any]]
+) -> None:
+    """Gather every rank's state to rank 0, which commits round r's checkpoint; then all ranks wait for the
+    commit, so a crash in round r+1 always finds round r's checkpoint."""
+    mine = encode_rank_state(capture_rank_state(local.optimizer, local.scheduler, local.generator, rounds))
+    with _collective(env, f"gathering round {r}'s checkpoint"):
+        states = gather_bytes(mine, env.world_size)
+    if env.rank == 0:
+        data = build_checkpoint(r, fingerprint, local.model.state_dict(), [decode_rank_state(b) for b in states])
+        uri = write_checkpoint(str(cfg.out), r, data)
+        _log(env, f"round {r}/{cfg.rounds}: checkpoint {uri} ({len(data) / 1e6:.1f} MB)")
+    if env.world_size > 1:
+        with _collective(env, f"waiting for round {r}'s checkpoint"):
+            dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for collectives: NCCL moves CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], env: DistEnv, r: int, rounds: int) -> None:
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MicrofedError(
+                f"worker {env.rank} diverged in round {r}/{rounds}: its weights hold NaN or Inf (tensor {key!r})",
+                hint="lower --lr or use --optimizer sgd; the job stops rather than average a diverged model",
+            )
 
 
 def _prepare(
@@ -222,8 +339,9 @@ def _prepare(
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     if env.world_size > 1:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
-        for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
+        with _collective(env, "broadcasting the initial weights"):
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
     if device.type == "cuda":
         images, labels = images.to(device), labels.to(device)
     steps_per_epoch = -(-labels.numel() // cfg.optim.batch_size)
@@ -244,17 +362,24 @@ def _prepare(
 def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict[str, Any]:
     epochs = []
     for e in range(1, cfg.local_epochs + 1):
-        stats = train_epoch(
-            local.model,
-            local.images,
-            local.labels,
-            preprocess=local.preprocess,
-            optimizer=local.optimizer,
-            scheduler=local.scheduler,
-            batch_size=cfg.optim.batch_size,
-            generator=local.generator,
-            amp_dtype=local.amp,
-        )
+        try:
+            stats = train_epoch(
+                local.model,
+                local.images,
+                local.labels,
+                preprocess=local.preprocess,
+                optimizer=local.optimizer,
+                scheduler=local.scheduler,
+                batch_size=cfg.optim.batch_size,
+                generator=local.generator,
+                amp_dtype=local.amp,
+            )
+        except MicrofedError as err:  # a diverged loss: say which worker and when, for every rank's log
+            raise MicrofedError(
+                f"worker {env.rank} diverged in round {r}/{cfg.rounds}, local epoch {e}/{cfg.local_epochs}: "
+                f"{err.message}",
+                hint=err.hint,
+            ) from None
         epochs.append(dataclasses.asdict(stats))
         _log(
             env,
@@ -265,25 +390,26 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict
 
 
 def _average(
-    cfg: WorkerConfig, env: DistEnv, local: _Local, n_k: int, test: Shard | None, num_classes: int
+    cfg: WorkerConfig, env: DistEnv, local: _Local, n_k: int, test: Shard | None, num_classes: int, r: int
 ) -> dict[str, Any]:
     """In-job FedAvg of all ranks' weights (weights n_k / n), then the averaged model's test metrics."""
     out: dict[str, Any] = {}
-    if env.world_size > 1:
-        start = time.perf_counter()
-        local.model.load_state_dict(allreduce_average(local.model.state_dict(), float(n_k)))
-        out["average_seconds"] = time.perf_counter() - start
-    if test is not None:
-        lo, hi = _slice(test.num_examples, env)
-        res = evaluate(
-            local.model,
-            test.images[lo:hi],
-            test.labels[lo:hi],
-            preprocess=local.preprocess,
-            num_classes=num_classes,
-            all_reduce=env.world_size > 1,
-        )
-        out["test_accuracy"], out["test_loss"] = res.accuracy, res.loss
+    with _collective(env, f"averaging round {r}"):
+        if env.world_size > 1:
+            start = time.perf_counter()
+            local.model.load_state_dict(allreduce_average(local.model.state_dict(), float(n_k)))
+            out["average_seconds"] = time.perf_counter() - start
+        if test is not None:
+            lo, hi = _slice(test.num_examples, env)
+            res = evaluate(
+                local.model,
+                test.images[lo:hi],
+                test.labels[lo:hi],
+                preprocess=local.preprocess,
+                num_classes=num_classes,
+                all_reduce=env.world_size > 1,
+            )
+            out["test_accuracy"], out["test_loss"] = res.accuracy, res.loss
     return out
 
 
@@ -408,7 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dist.destroy_process_group()
     except MicrofedError as e:
         print(f"[microfed worker] error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USER_ERROR
+    except PeerLost as e:
+        print(f"[microfed worker] {e}; exiting with {EXIT_PEER_LOST} to have the group restarted", file=sys.stderr)
+        return EXIT_PEER_LOST
     return 0
 
 
