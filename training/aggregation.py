@@ -39,11 +39,14 @@ def _accumulate(acc: dict[str, torch.Tensor] | None, state: State, weight: float
     if acc is None:
         acc = {}
         for key, t in state.items():
-            acc[key] = t.detach().to(torch.float64) * weight if t.is_floating_point() else t.detach().clone()
+            acc[key] = (
+                t.detach().to(torch.float64, copy=True).mul_(weight) if t.is_floating_point() else t.detach().clone()
+            )
         return acc
     for key, t in state.items():
         if t.is_floating_point():
-            acc[key].add_(t.detach().to(torch.float64), alpha=weight)
+            # in place, promoting t on the fly: no float64 copy of each input
+            acc[key].add_(t.detach(), alpha=weight)
         else:
             torch.maximum(acc[key], t.detach(), out=acc[key])
     return acc
@@ -58,8 +61,9 @@ def _label(names: Sequence[str] | None, i: int) -> str:
     return names[i] if names is not None else f"input {i}"
 
 
-def check_compatible(states: Sequence[State], names: Sequence[str] | None = None) -> None:
-    """Raise MicrofedError naming the input and key when states differ in keys, shapes or dtypes, or hold NaN/Inf."""
+def check_compatible(states: Sequence[State], names: Sequence[str] | None = None, *, finite: bool = True) -> None:
+    """Raise MicrofedError naming the input and key when states differ in keys, shapes or dtypes, or (with
+    `finite`) hold NaN/Inf."""
     if not states:
         raise MicrofedError("nothing to aggregate: no micro-models were given")
     ref = states[0]
@@ -80,7 +84,7 @@ def check_compatible(states: Sequence[State], names: Sequence[str] | None = None
                     f"{r.dtype} {tuple(r.shape)}",
                     hint="all micro-models must come from the same model configuration",
                 )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MicrofedError(f"{who}: tensor {key!r} contains NaN or Inf", hint="that worker diverged")
 
 
@@ -129,7 +133,7 @@ def weighted_average(
     """
     if len(weights) != len(states):
         raise MicrofedError(f"got {len(states)} micro-models but {len(weights)} weights")
-    check_compatible(states, names)
+    check_compatible(states, names, finite=False)
     for i, w in enumerate(weights):
         if not (math.isfinite(w) and w > 0):
             raise MicrofedError(f"{_label(names, i)}: weight must be a positive number, got {w}")
@@ -138,6 +142,10 @@ def weighted_average(
     for state, w in zip(states, weights, strict=True):
         acc = _accumulate(acc, state, w / total)
     assert acc is not None  # states is non-empty (checked above)
+    # NaN and Inf survive a sum with positive weights, so one pass over the result finds them; only then
+    # are the inputs scanned, to name the one they came from.
+    if not all(bool(torch.isfinite(t).all()) for t in acc.values() if t.is_floating_point()):
+        check_compatible(states, names)
     return _finish(acc, states[0])
 
 
