@@ -28,12 +28,14 @@ def split_dataset(
     image_size: int = 0,
     train_limit: int = 0,
     test_limit: int = 0,
+    bad_images: str = "fail",
 ) -> None:
     """Decode `dataset` (fashion-mnist, mnist, cifar10, or a zip/folder of train/ and test/ class folders)
     once and write one shard per worker plus the test set: uint8 safetensors with JSON manifests.
 
     strategy: stratified | iid | dirichlet (label skew with concentration `alpha`). split_ratios: relative
-    shard sizes for stratified/iid, comma-separated ("1,2,1"; empty = equal). image_size: resize to a
+    shard sizes for stratified/iid, comma-separated ("1,2,1"; empty = equal). bad_images: `fail` on an image
+    that cannot be decoded, or `skip` it (counted in the manifest). image_size: resize to a
     square of this side (0 keeps the images' size). train_limit/test_limit: use at most that many examples.
     """
     from microfed.training.shards import SplitConfig, parse_ratios
@@ -45,6 +47,7 @@ def split_dataset(
             image_size=(image_size, image_size) if image_size else None,
             train_limit=train_limit,
             test_limit=test_limit,
+            bad_images=bad_images,
         ),
         SplitConfig(num_shards=workers, strategy=strategy, ratios=parse_ratios(split_ratios), alpha=alpha, seed=seed),
         shards.path,

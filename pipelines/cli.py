@@ -45,6 +45,7 @@ _PARAMS: dict[str, tuple[type, str]] = {
     "image_size": (int, "resize images to this square side (0 keeps their size)"),
     "train_limit": (int, "use at most this many training examples (0 = all)"),
     "test_limit": (int, "use at most this many test examples (0 = all)"),
+    "bad_images": (str, "fail on an image that cannot be decoded, or skip it (counted in the manifest)"),
 }
 
 
@@ -164,6 +165,8 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=values["batch_size"],
         precision=values["precision"],
     )
+    if values["bad_images"] not in ("fail", "skip"):
+        raise MicrofedError(f"--bad-images must be fail or skip, got {values['bad_images']!r}")
     for name in ("rounds", "local_epochs"):
         if values[name] < 1:
             raise MicrofedError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")

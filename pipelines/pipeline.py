@@ -48,6 +48,7 @@ def microfed_pipeline(
     image_size: int = 0,
     train_limit: int = 0,
     test_limit: int = 0,
+    bad_images: str = "fail",
     launcher: str = "pytorchjob",
     worker_image: str = component_image(),
     namespace: str = "",
@@ -67,6 +68,7 @@ def microfed_pipeline(
         image_size=image_size,
         train_limit=train_limit,
         test_limit=test_limit,
+        bad_images=bad_images,
     ).set_display_name("split dataset")
     # Every step is idempotent (deterministic outputs, each file replaced whole; the train step resumes from its
     # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.

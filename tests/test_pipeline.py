@@ -149,6 +149,34 @@ def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         zf.writestr("shapes/train/circle/broken.png", b"\x89PNG not really")
     assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
     assert "broken.png" in error_of(capsys)
+    # asked to, the run skips it and says so in the shards' manifest
+    assert (
+        main(
+            [
+                "run",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--name",
+                "skip",
+                "--dataset",
+                str(zip_path),
+                "--workers",
+                "2",
+                "--model",
+                "cnn-small",
+                "--rounds",
+                "1",
+                "--local-epochs",
+                "1",
+                "--bad-images",
+                "skip",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    (manifest,) = (tmp_path / "runs" / "skip" / "kfp").glob("*/split-dataset/shards/dataset.json")
+    assert json.loads(manifest.read_text())["num_skipped_files"] == 1
 
 
 def test_compile_with_an_image_bakes_it_into_every_step_and_the_workers(tmp_path: Path) -> None:

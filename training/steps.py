@@ -73,13 +73,18 @@ class SplitOptions:
     """Use at most this many training examples, class proportions kept (0 = all); for quick runs."""
     test_limit: int = 0
     """Use at most this many test examples (0 = all)."""
+    bad_images: str = "fail"
+    """`fail` on an image that cannot be decoded (the error names it), or `skip` it with a warning and a
+    count in the manifest."""
 
 
 def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -> dict[str, Any]:
     """Decode the dataset once and write the shards; returns the dataset manifest (with `seconds`)."""
     start = time.perf_counter()
     with _staged_source(options.source) as source, staged_output(out_dir) as out:
-        data = load_dataset(source, data_dir=options.data_dir, image_size=options.image_size)
+        data = load_dataset(
+            source, data_dir=options.data_dir, image_size=options.image_size, bad_images=options.bad_images
+        )
         train = subsample(data.train, options.train_limit, split.seed)
         test = subsample(data.test, options.test_limit, split.seed)
         summary = write_shards(LoadedDataset(name=data.name, train=train, test=test), out, split)
