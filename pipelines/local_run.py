@@ -18,6 +18,7 @@ from microfed.pipelines.progress import Display, make_display
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, write_json
 from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
+from microfed.training.report import render_report, write_report
 
 __all__ = ["RunResult", "run_local"]
 
@@ -107,10 +108,13 @@ def run_local(
     exported = Path(task.outputs["exported"].path)
     for f in ("model.onnx", "model.json"):
         shutil.copy2(exported / f, run_dir / f)
-    shutil.copy2(report_dir / "report.html", run_dir / "report.html")
     metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
     steps = sum(metrics["timings"].values())
     metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}
     metrics["config"] = {**arguments, "launcher": "local"}
     write_json(run_dir / "metrics.json", metrics)
+    # the evaluate step's report, again with what only the whole run knows: total time, the CLI's arguments
+    job, dataset = read_json(report_dir / "job.json"), read_json(report_dir / "dataset.json")
+    html = render_report(metrics, config=metrics["config"], dataset=dataset, workers=job["workers"])
+    write_report(run_dir / "report.html", html)
     return RunResult(run_dir=run_dir, metrics=metrics)

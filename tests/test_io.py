@@ -22,3 +22,12 @@ def test_same_tensors_and_metadata_give_the_same_bytes_whatever_the_order(tmp_pa
     assert torch.equal(loaded["w"], tensors["w"]) and int(loaded["num_batches_tracked"]) == 7
     assert read_safetensors(tmp_path / "b.safetensors")[1] == {"n_k": "3", "rank": "1", "rounds": "2"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    write_safetensors(tmp_path / "m.safetensors", {"w": torch.zeros(2)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -83,6 +83,9 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     assert m["accuracy"] > 0.9  # the bands are easy to learn
     assert {"split", "train", "aggregate", "evaluate", "total"} <= set(m["timings"])
     assert m["config"]["workers"] == 2 and m["config"]["model"] == "cnn-small"
+    # the run's report: the same numbers, and the run's own total time
+    report = (run_dir / "report.html").read_text()
+    assert f"{m['accuracy']:.4f}" in report and "orchestration" in report
     # the export step left an ONNX model a user can run without torch
     assert {"model.onnx", "model.json"} <= {p.name for p in run_dir.iterdir()}
     import zipfile

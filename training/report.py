@@ -27,6 +27,7 @@ import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from microfed.training.io import atomic_write_bytes
 
@@ -44,7 +45,7 @@ SECTION_IDS = (
 )
 """The `id` of each section of the page, in order (links in the page's navigation point at them)."""
 
-_DPI = 100  # small PNGs: a 10-class, 8-shard report stays around 200 KB
+_DPI = 100  # small PNGs: a 10-class, 8-shard report is about 120 KB
 _GLOBAL_COLOR = "#1f4e79"
 _BEST_COLOR = "#2ca02c"
 _WORST_COLOR = "#d62728"
@@ -249,12 +250,15 @@ def _int(v: int) -> str:
 
 
 def _seconds(v: float) -> str:
-    if v < 90:
-        return f"{v:.1f} s"
+    """Seconds as measured (two decimals under 10 s: the aggregate step takes hundredths), plus minutes."""
+    text = f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
+    return f"{text} ({_clock(v)})" if v >= 90 else text
+
+
+def _clock(v: float) -> str:
     minutes, secs = divmod(round(v), 60)
     hours, minutes = divmod(minutes, 60)
-    long = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
-    return f"{v:.1f} s ({long})"
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _bytes(v: int) -> str:
@@ -266,7 +270,9 @@ def _bytes(v: int) -> str:
 
 def _value(v: Any) -> str:
     """A configuration value as people write it: strings bare, everything else as JSON."""
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    if isinstance(v, str):
+        return v or "(empty)"
+    return json.dumps(v, sort_keys=True)
 
 
 def _short(name: str, limit: int = _LABEL_CHARS) -> str:
@@ -320,9 +326,14 @@ def _img(uri: str, alt: str) -> str:
 def _png(fig: Figure) -> str:
     """The figure as a data: URI (PNG, no timestamps or software tags, so equal inputs give equal pages)."""
     FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    rgba = io.BytesIO()
+    fig.savefig(rgba, format="png", dpi=_DPI, metadata={"Software": None})
+    # A 256-colour palette keeps anti-aliased lines smooth and makes the PNG about a third of the RGBA one.
+    with Image.open(rgba) as im:
+        palette = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    palette.save(out, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Axes]]:
@@ -364,10 +375,14 @@ def _summary_section(run: _Run) -> str:
         ("Training examples", _int(sum(m.get("shard_sizes") or []))),
         ("Workers (shards)", _int(len(m.get("shard_sizes") or run.histograms))),
         (f"Rounds {_TIMES} local epochs", f"{run.rounds} {_TIMES} {epochs}" if epochs else str(run.rounds)),
-        (total_label, _seconds(total)),
+        (total_label, f"{total:.1f} s"),
     ]
+    subs = {total_label: _clock(total)} if total >= 90 else {}
     grid = "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div></div>' for k, v in cards
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
+        + (f'<div class="k">{_e(subs[k])}</div>' if k in subs else "")
+        + "</div>"
+        for k, v in cards
     )
     per_class = m.get("per_class_accuracy") or {}
     notes = []
@@ -376,6 +391,14 @@ def _summary_section(run: _Run) -> str:
         best = max(per_class, key=lambda c: per_class[c])
         notes.append(
             _p(f"Weakest class: {worst} ({_acc(per_class[worst])}); strongest: {best} ({_acc(per_class[best])}).")
+        )
+    if run.micro_test_known:
+        tests = [m.test_accuracy for m in run.micros if m.test_accuracy is not None]
+        notes.append(
+            _p(
+                f"On the same test set the micro-models score {_acc(min(tests))} to {_acc(max(tests))}; "
+                f"the global model {_acc(m['accuracy'])}."
+            )
         )
     return _section("summary", "Summary", f'<div class="cards">{grid}</div>', *notes)
 
@@ -504,8 +527,26 @@ def _rounds_plot(run: _Run) -> str:
         ax.spines[["top", "right"]].set_visible(False)
     ax_acc.set_title("accuracy per round")
     ax_loss.set_title("loss per round")
-    ax_loss.legend(fontsize=7, frameon=False, loc="upper right")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    ncol = min(5, len(handles))
+    reading = [len(handles) - 1, *range(len(handles) - 1)]  # the global model (drawn last) first
+    order = [reading[i] for i in _row_major(len(handles), ncol)]
+    # below the panels, so no entry hides a curve
+    fig.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="outside lower center",
+        ncol=ncol,
+        fontsize=8,
+        frameon=False,
+    )
     return _png(fig)
+
+
+def _row_major(n: int, ncol: int) -> list[int]:
+    """Matplotlib fills legend columns first; this order makes entries read left to right, row by row."""
+    rows = math.ceil(n / ncol)
+    return [r * ncol + c for c in range(ncol) for r in range(rows) if r * ncol + c < n]
 
 
 def _rounds_table(run: _Run) -> str:
@@ -601,7 +642,12 @@ def _comparison_section(run: _Run) -> str:
     title = "Global model versus the best and worst micro-model"
     if not run.micros:
         return _section("global-vs-micro", title, _p("No micro-model records were given.", "note"))
-    ranked = sorted(run.micros, key=lambda m: _score(run, m)[0], reverse=True)
+    # ranked on the values as shown (4 decimals); ties go to the lower last-epoch training loss
+    ranked = sorted(
+        run.micros,
+        key=lambda m: (round(_score(run, m)[0], 4), -(m.round_loss[-1] if m.round_loss else 0.0)),
+        reverse=True,
+    )
     basis = _score(run, ranked[0])[1]
     if run.micro_test_known:
         note = "Every micro-model was evaluated on the same test set as the global model."
@@ -634,8 +680,8 @@ def _comparison_section(run: _Run) -> str:
 
 def _confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
     n = len(classes)
-    side = min(12.0, max(5.0, 0.5 * n + 2.2))
-    fig, (ax,) = _figure(side + 1.2, side)
+    side = min(11.0, max(4.2, 0.36 * n + 1.9))
+    fig, (ax,) = _figure(side + 1.3, side)
     rates = [[v / max(1, sum(row)) for v in row] for row in matrix]
     im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     labels = [_short(c) for c in classes]
@@ -645,7 +691,7 @@ def _confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> 
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= _ANNOTATE_CLASSES:
-        size = 8 if n <= 10 else 6
+        size = 7.5 if n <= 10 else 6
         for i, row in enumerate(matrix):
             for j, v in enumerate(row):
                 if v:
@@ -713,7 +759,7 @@ def _plan_section(run: _Run) -> str:
             title,
             _p("Local run: no plan. The workers ran as processes on this machine, without requests or limits.", "note"),
         )
-    rows: list[list[str | _Cell]] = [[k, _num(_plan_value(k, v))] for k, v in _flatten(run.plan)]
+    rows: list[list[str | _Cell]] = [[k, _plan_value(k, v)] for k, v in _flatten(run.plan)]
     return _section("resource-plan", title, _table(["field", "value"], rows))
 
 
@@ -746,22 +792,30 @@ def _timings_section(run: _Run) -> str:
 
 def _dataset_rows(run: _Run) -> list[list[str | _Cell]]:
     d = run.dataset
+
+    def stats(v: Sequence[float] | None) -> str | None:
+        return None if v is None else ", ".join(f"{x:.4f}" for x in v)
+
+    def count(v: int | None) -> str | None:
+        return None if v is None else _int(v)
+
+    shape = d.get("image_shape")
     keys = [
         ("dataset", d.get("dataset")),
-        ("image shape (C, H, W)", d.get("image_shape")),
-        ("classes", len(run.classes)),
-        ("normalisation mean", d.get("mean")),
-        ("normalisation std", d.get("std")),
-        ("training examples", d.get("num_train_examples")),
-        ("test examples", d.get("num_test_examples")),
+        ("image shape (C, H, W)", f" {_TIMES} ".join(str(x) for x in shape) if shape else None),
+        ("classes", str(len(run.classes))),
+        ("normalisation mean (per channel)", stats(d.get("mean"))),
+        ("normalisation std (per channel)", stats(d.get("std"))),
+        ("training examples", count(d.get("num_train_examples"))),
+        ("test examples", count(d.get("num_test_examples"))),
     ]
-    return [[k, _value(v)] for k, v in keys if v is not None]
+    return [[k, str(v)] for k, v in keys if v is not None]
 
 
 def _config_section(run: _Run) -> str:
     parts = []
     if run.config:
-        parts.append(_table(["parameter", "value"], [[str(k), _value(v)] for k, v in sorted(run.config.items())]))
+        parts.append(_table(["parameter", "value"], [[k, _value(v)] for k, v in sorted(_flatten(run.config))]))
     else:
         parts.append(_p("No configuration was recorded for this run.", "note"))
     if run.dataset:

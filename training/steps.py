@@ -293,6 +293,9 @@ def evaluate_step(
         job, dataset = read_json(micro / "job.json"), read_json(shards / "dataset.json")
         html = render_report(metrics, config=job.get("config", {}), dataset=dataset, workers=job["workers"])
         write_report(out / "report.html", html)
+        # what the report was made from, so a caller can render it again with more (the run's own totals)
+        write_json(out / "job.json", job)
+        write_json(out / "dataset.json", dataset)
     return metrics
 
 
