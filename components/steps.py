@@ -92,54 +92,35 @@ def train(
     resources from the plan, image `worker_image`, accelerators chosen from the comma-separated
     `accelerators`). Fails with the failing worker's log when a worker fails.
     """
-    import os
-    import zlib
-
-    from microfed.training.errors import MicrofedError
-    from microfed.training.shards import read_dataset_manifest
-    from microfed.training.steps import ClusterOptions, train_step
+    from microfed.training.steps import train_component_step
     from microfed.training.train import OptimConfig
-    from microfed.training.worker import WorkerConfig
 
-    if launcher not in ("local", "pytorchjob"):
-        raise MicrofedError(f"unknown launcher {launcher!r}", hint="use local or pytorchjob")
-    on_cluster = launcher == "pytorchjob"
-    world_size = len(read_dataset_manifest(shards.path)["shards"])
-    optim = OptimConfig(
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        augment=augment,
-        batch_size=batch_size,
-        precision=precision,
-    )
-    # Replicas in other pods cannot see this pod's files: give them the artifacts' gs:// URIs.
-    cfg = WorkerConfig(
-        shards=shards.uri if on_cluster else shards.path,
-        out=micro_models.uri if on_cluster else micro_models.path,
+    record = train_component_step(
+        shards=(shards.path, shards.uri),
+        out=(micro_models.path, micro_models.uri),
+        launcher=launcher,
         model=model,
         rounds=rounds,
         local_epochs=local_epochs,
         seed=seed,
-        optim=optim,
+        optim=OptimConfig(
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            augment=augment,
+            batch_size=batch_size,
+            precision=precision,
+        ),
+        worker_image=worker_image,
+        namespace=namespace,
+        accelerators=accelerators,
+        timeout_minutes=timeout_minutes,
+        service_account=service_account,
+        run_id=run_id,
+        task_name=task_name,
     )
-    cluster = None
-    if on_cluster:
-        cluster = ClusterOptions(
-            image=worker_image,
-            namespace=namespace,
-            accelerators=tuple(a.strip() for a in accelerators.split(",") if a.strip()),
-            timeout_seconds=60.0 * timeout_minutes,
-            run_id=run_id,
-            task=task_name,
-            # A retried step runs in a new pod (a new HOSTNAME) and gets a new job; a restarted container
-            # in the same pod adopts the job it had started.
-            attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
-            service_account=service_account,
-        )
-    record = train_step(cfg, world_size, cluster=cluster)
-    micro_models.metadata.update({"workers": world_size, "n_k": [w["n_k"] for w in record["workers"]]})
+    micro_models.metadata.update({"workers": record["world_size"], "n_k": [w["n_k"] for w in record["workers"]]})
 
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)

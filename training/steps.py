@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from microfed.training.models import ModelConfig
 from microfed.training.pytorchjob_launch import JobBackend
 from microfed.training.report import render_report, write_report
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
-from microfed.training.shards import SplitConfig, load_test_set, subsample, write_shards
+from microfed.training.shards import SplitConfig, load_test_set, read_dataset_manifest, subsample, write_shards
 from microfed.training.storage import (
     is_gcs,
     join,
@@ -45,7 +47,7 @@ from microfed.training.storage import (
     upload_tree,
     write_bytes,
 )
-from microfed.training.train import Preprocess
+from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.worker import WorkerConfig, config_to_argv
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "evaluate_step",
     "export_step",
     "split_step",
+    "train_component_step",
     "train_step",
 ]
 
@@ -170,6 +173,59 @@ def train_step(
     }
     write_bytes(join(cfg.out, "job.json"), json.dumps(record, indent=2, sort_keys=True).encode())
     return record
+
+
+def train_component_step(
+    *,
+    shards: tuple[str, str],
+    out: tuple[str, str],
+    launcher: str,
+    model: str,
+    rounds: int,
+    local_epochs: int,
+    seed: int,
+    optim: OptimConfig,
+    worker_image: str,
+    namespace: str,
+    accelerators: str,
+    timeout_minutes: int,
+    service_account: str,
+    run_id: str,
+    task_name: str,
+) -> dict[str, Any]:
+    """The train component's body: `shards` and `out` are the artifacts' (local path, URI) pairs.
+
+    With `launcher="pytorchjob"` the replicas run in other pods, which cannot see this pod's files, so they
+    get the URIs (gs://); locally the paths.
+    """
+    if launcher not in ("local", "pytorchjob"):
+        raise MicrofedError(f"unknown launcher {launcher!r}", hint="use local or pytorchjob")
+    on_cluster = launcher == "pytorchjob"
+    world_size = len(read_dataset_manifest(shards[0])["shards"])
+    cfg = WorkerConfig(
+        shards=shards[on_cluster],
+        out=out[on_cluster],
+        model=model,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        seed=seed,
+        optim=optim,
+    )
+    cluster = None
+    if on_cluster:
+        cluster = ClusterOptions(
+            image=worker_image,
+            namespace=namespace,
+            accelerators=tuple(a.strip() for a in accelerators.split(",") if a.strip()),
+            timeout_seconds=60.0 * timeout_minutes,
+            run_id=run_id,
+            task=task_name,
+            # A retried step runs in a new pod (a new HOSTNAME) and gets a new job; a restarted container
+            # in the same pod adopts the job it had started.
+            attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
+            service_account=service_account,
+        )
+    return train_step(cfg, world_size, cluster=cluster)
 
 
 def _plan(cfg: WorkerConfig, cluster: ClusterOptions) -> ResourcePlan:

@@ -240,8 +240,7 @@ def _download(uri: str, dest: Path) -> None:
 def _run_all(fn: Callable[[str], None], names: list[str]) -> None:
     """fn(name) for every name on a few threads; the first error is raised (after the others finish)."""
     with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-        for _ in pool.map(fn, names):
-            pass
+        list(pool.map(fn, names))  # consuming the results raises the first worker's error here
 
 
 def download_tree(uri: str | Path, local_dir: Path, only: Iterable[str] | None = None) -> Path:
