@@ -44,46 +44,8 @@ from microfed.training.shards import SplitConfig, load_shard, subsample, write_s
 from microfed.training.train import OptimConfig, Preprocess, autocast_dtype, make_optimizer, make_scheduler, train_epoch
 from microfed.training.worker import WorkerConfig
 
-FMNIST = ModelConfig(name="cnn-fmnist", num_classes=10, in_channels=1, image_size=(28, 28))
-BATCH = 128
-# numbers one row measures and a later row uses (the cluster projection)
-MEASURED: dict[str, float] = {}
-
-
-def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
-    """Best of `repeat` wall times of fn() (best, not mean: noise on a shared machine only adds time)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def row(
-    name: str,
-    ours: float,
-    alternative: float,
-    unit: str,
-    goal: float,
-    note: str,
-    higher_is_better: bool = True,
-    **extra: Any,
-) -> dict[str, Any]:
-    """One side-by-side row; the ratio is always "ours relative to the alternative, higher is better"."""
-    ratio = ours / alternative if higher_is_better else alternative / ours
-    return {
-        "row": name,
-        "ours": ours,
-        "alternative": alternative,
-        "unit": unit,
-        "ratio": ratio,
-        "goal": goal,
-        "met": ratio >= goal,
-        "note": note,
-        **extra,
-    }
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BATCH, FMNIST, MEASURED, row, timed
 
 # --------------------------------------------------------------------------------------------- data path
 
