@@ -13,6 +13,11 @@ Sources (`load_dataset`):
 
       [top-folder/]train/<class>/<image>   and   [top-folder/]test/<class>/<image>
 
+* a ``.csv`` file (a local path or a ``gs://`` URI) listing one image per row under a header: an image column
+  (``image``, ``path`` or ``filename``), a ``label`` column (class names) and an optional ``split`` column
+  (``train`` / ``test``). Image paths are relative to the CSV's folder, absolute, or ``gs://`` URIs. Like a
+  folder without test/, a CSV without test rows is an error. See `load_dataset`.
+
 Named datasets are looked up in `default_data_dirs` and, when missing and allowed, downloaded.
 
 Zips and folders come from users and are read as hostile. Nothing is ever extracted to disk: entries are read
@@ -26,20 +31,25 @@ are kept exactly (labels, manifests) and shown through `display_name` in message
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import io
 import os
+import posixpath
 import re
 import stat
+import tempfile
 import unicodedata
 import warnings
 import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -49,6 +59,7 @@ from microfed.training.errors import MicrofedError
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
+    "CSV_IMAGE_COLUMNS",
     "DATASET_NAMES",
     "DatasetLimits",
     "ImageData",
@@ -248,8 +259,9 @@ def load_dataset(
 ) -> LoadedDataset:
     """Decode `source` into uint8 tensors.
 
-    source: a name from DATASET_NAMES (case-insensitive; 'fashion_mnist' works too) or the path of a
-        .zip file or folder (see the module docstring for the layout). Names win over same-named paths.
+    source: a name from DATASET_NAMES (case-insensitive; 'fashion_mnist' works too), the path of a
+        .zip file or folder (see the module docstring for the layout), or a .csv file (local or gs://, see
+        below). Names win over same-named paths.
     data_dir: for a named dataset, the only folder to look in (instead of `default_data_dirs`), and
         where a download goes. Ignored for zips and folders.
     image_size: (height, width) to resize every image to (bilinear). Without it a named dataset keeps
@@ -260,6 +272,21 @@ def load_dataset(
     bad_images: `fail` (default): an image that cannot be decoded (truncated, not an image, over the pixel
         limit) is an error naming it; `skip`: it is left out with a SkippedImagesWarning and recorded in
         `ImageData.skipped`, which the shard manifest lists.
+
+    A CSV source is UTF-8 text (a byte-order mark is allowed) with a header row naming its columns
+    (case-insensitive; other columns are ignored):
+
+    * the image: exactly one of ``image``, ``path``, ``filename``. A relative path is relative to the CSV's own
+      folder (or gs:// prefix); absolute paths and ``gs://`` URIs are read as they are. Each image is listed
+      once.
+    * ``label``: the class name, as text. Classes are sorted by name, as class folders are.
+    * ``split`` (optional): ``train`` or ``test`` on every row. Without it every row is a training row and,
+      as for a folder without test/, the dataset is refused for lack of a test set.
+
+    The CSV names what is read, like a command line; the images themselves are decoded under the same
+    limits and `bad_images` policy as a zip or folder. A malformed CSV (missing column, empty field, unknown
+    split, missing image file, a test class with no training row) is an error naming the CSV, the row
+    (the header is row 1) and the column.
     """
     size = _check_image_size(image_size)
     if bad_images not in BAD_IMAGE_POLICIES:
@@ -269,6 +296,8 @@ def load_dataset(
     if kind == "name":
         dataset = _load_named(str(_canonical_name(str(source))), data_dir=data_dir, download=download)
         return _resized(dataset, size) if size is not None else dataset
+    if kind == "csv":
+        return _load_csv(str(source) if _is_gcs(source) else str(Path(source).expanduser()), size, limits, bad_images)
     path = Path(source).expanduser()
     shown = display_name(path.name)
     if kind == "folder":
@@ -284,9 +313,15 @@ def load_dataset(
 
 
 def check_source(source: str | Path) -> str:
-    """`name`, `folder` or `zip` for a usable source, without decoding anything; else MicrofedError."""
+    """`name`, `folder`, `zip` or `csv` for a usable source, without decoding anything; else MicrofedError.
+
+    A gs:// CSV is checked for its form only (nothing is fetched); a local CSV must be a file.
+    """
     if _canonical_name(str(source)) is not None:
         return "name"
+    if _is_csv(source):
+        _check_csv_source(source)
+        return "csv"
     path = Path(source).expanduser()
     if path.is_dir():
         return "folder"
@@ -300,7 +335,7 @@ def check_source(source: str | Path) -> str:
         what = "is neither a .zip file nor a folder"
     raise MicrofedError(
         f"dataset source {str(source)!r} {what}",
-        hint=f"use one of {', '.join(DATASET_NAMES)}, or {_LAYOUT}",
+        hint=f"use one of {', '.join(DATASET_NAMES)}, {_LAYOUT}, or a .csv file listing images and labels",
     )
 
 
@@ -582,6 +617,12 @@ class _Entry:
     """Its path as the user sees it in the zip or folder, for messages and the manifest."""
     read: Callable[[], bytes] | None
     """Returns the file's bytes; None for a folder."""
+    row: int | None = None
+    """For an image listed in a CSV: the CSV row that names it (the header is row 1), shown in messages."""
+
+    def shown(self) -> str:
+        """Its name made safe for a message, with the CSV row when it came from one."""
+        return display_name(self.name) + (f" (row {self.row})" if self.row is not None else "")
 
 
 def _ignored(parts: tuple[str, ...]) -> bool:
@@ -777,7 +818,7 @@ class _TreeReader:
         """The image with only its header read, or None when it was skipped; the pixel limit is checked here,
         before anything is decoded."""
         assert entry.read is not None  # only files reach here (internal invariant, not user input)
-        shown = display_name(entry.name)
+        shown = entry.shown()
         try:
             image = Image.open(io.BytesIO(entry.read()))
         except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
@@ -876,7 +917,7 @@ class _TreeReader:
                     pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
                 return np.asarray(pixels)
         except _DECODE_ERRORS as exc:  # the header was fine but the pixel data is not (truncated files)
-            self.bad(entry, f"cannot decode image {display_name(entry.name)} ({_reason(exc)})", "replace or remove it")
+            self.bad(entry, f"cannot decode image {entry.shown()} ({_reason(exc)})", "replace or remove it")
             return None
 
     def require_images(self, labels: Iterable[int], class_names: tuple[str, ...], split: str) -> None:
@@ -925,6 +966,17 @@ def _load_image_tree(
         )
     class_names = tuple(sorted(train))  # exact names: the manifest keeps them; messages show display_name
     files = _labelled(train, class_names) + _labelled(test, class_names)
+    return _decode_splits(reader, source, files, class_names, image_size)
+
+
+def _decode_splits(
+    reader: _TreeReader,
+    source: str,
+    files: list[tuple[_Entry, int]],
+    class_names: tuple[str, ...],
+    image_size: tuple[int, int] | None,
+) -> LoadedDataset:
+    """Plan and decode labelled files whose `parts[0]` is their split (train or test) into a LoadedDataset."""
     files, channels, size = reader.plan(files, image_size)
     splits = {}
     for split in ("train", "test"):
@@ -939,7 +991,7 @@ def _load_image_tree(
         warnings.warn(
             f"{reader.source}: skipped {len(reader.skipped)} unreadable image(s): {names}{more}",
             SkippedImagesWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_dataset
         )
     return LoadedDataset(name=source, train=splits["train"], test=splits["test"])
 
@@ -954,6 +1006,289 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
         image = image.convert("RGBA")  # the direct P -> RGB conversion warns about the transparency
     target = "L" if channels == 1 else "RGB"
     return image if image.mode == target else image.convert(target)  # convert() would copy anyway
+
+
+# ------------------------------------------------------------------------------------------ CSV lists
+
+CSV_IMAGE_COLUMNS = ("image", "path", "filename")
+"""Accepted names of a CSV's image column (exactly one of them)."""
+_CSV_SPLITS = ("train", "test")
+_CSV_FORMAT = (
+    "a CSV with a header row: an image column (image, path or filename), a label column, and optionally a "
+    "split column (train or test), e.g. 'image,label,split' then 'cats/1.png,cat,train'"
+)
+# Concurrent downloads of gs:// images listed in a CSV (latency-bound, as storage's own transfers are).
+_CSV_FETCH_THREADS = 8
+
+
+def _is_gcs(source: str | Path) -> bool:
+    return str(source).startswith("gs://")
+
+
+def _is_csv(source: str | Path) -> bool:
+    return str(source).strip().lower().endswith(".csv")
+
+
+def _check_csv_source(source: str | Path) -> None:
+    if _is_gcs(source):
+        from microfed.training.storage import split_gcs  # google-cloud-storage only where gs:// is used
+
+        split_gcs(source)
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MicrofedError(f"dataset source {str(source)!r}: the CSV file {what}", hint=f"expected {_CSV_FORMAT}")
+
+
+@dataclass(frozen=True)
+class _CsvRow:
+    """One image listed in a CSV."""
+
+    row: int
+    """Row number in the CSV, the header being row 1."""
+    written: str
+    """The image field as written (messages and the manifest's skipped files show this)."""
+    location: str
+    """Where the image is: a local path or a gs:// URI."""
+    label: str
+    split: str
+
+
+@dataclass(frozen=True)
+class _CsvTable:
+    """A CSV's rows, checked, and the columns they came from."""
+
+    rows: list[_CsvRow]
+    image_column: str
+    has_split: bool
+
+
+def _load_csv(source: str, image_size: tuple[int, int] | None, limits: DatasetLimits, bad_images: str) -> LoadedDataset:
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    reader = _TreeReader(name, limits, bad_images)
+    table = _read_csv_table(source, reader.source, limits)
+    class_names = _csv_class_names(reader.source, table)
+    index = {class_name: label for label, class_name in enumerate(class_names)}
+    with tempfile.TemporaryDirectory(prefix="microfed-csv-") as tmp:
+        local = _fetch_gcs_images(reader.source, table, Path(tmp))
+        files = [
+            (
+                _Entry(
+                    (row.split, row.label),
+                    row.written,
+                    functools.partial(_read_file, local.get(row.location, Path(row.location))),
+                    row.row,
+                ),
+                index[row.label],
+            )
+            for row in table.rows
+        ]
+        return _decode_splits(reader, name, files, class_names, image_size)
+
+
+def _read_csv_table(source: str, shown: str, limits: DatasetLimits) -> _CsvTable:
+    """Parse and check the CSV: columns, fields, splits, duplicates, and that local images exist."""
+    text = _csv_text(source, shown)
+    lines = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not data
+    try:
+        header = next(lines, None)
+        if header is None or not any(field.strip() for field in header):
+            raise MicrofedError(f"{shown}: the CSV is empty (no header row)", hint=f"expected {_CSV_FORMAT}")
+        columns = _csv_columns(shown, [field.strip().lower() for field in header])
+        base = _csv_base(source)
+        rows: list[_CsvRow] = []
+        first_row: dict[str, int] = {}
+        for number, fields in enumerate(lines, start=2):
+            if not any(field.strip() for field in fields):
+                continue  # blank lines (a trailing newline, spacing) are not rows
+            if len(fields) > len(header):
+                raise MicrofedError(
+                    f"{shown} row {number}: {len(fields)} fields, but the header names {len(header)} columns",
+                    hint="quote fields that contain commas",
+                )
+            values = {column: fields[i].strip() if i < len(fields) else "" for column, i in columns.items()}
+            row = _csv_row(shown, number, values, base)
+            if row.location in first_row:
+                raise MicrofedError(
+                    f"{shown} row {number}, column {_image_column(columns)!r}: image {display_name(row.written)} is "
+                    f"also listed in row {first_row[row.location]}",
+                    hint="list every image once (an image in both train and test would leak the test set)",
+                )
+            first_row[row.location] = number
+            rows.append(row)
+            _check_count(shown, len(rows), limits)
+    except csv.Error as exc:
+        raise MicrofedError(
+            f"{shown} line {lines.line_num}: not a readable CSV ({exc})", hint=f"expected {_CSV_FORMAT}"
+        ) from None
+    if not rows:
+        raise MicrofedError(f"{shown}: the CSV has a header but no rows", hint=f"expected {_CSV_FORMAT}")
+    return _CsvTable(rows=rows, image_column=_image_column(columns), has_split="split" in columns)
+
+
+def _image_column(columns: Iterable[str]) -> str:
+    """The image column's name among the checked columns."""
+    return next(column for column in columns if column in CSV_IMAGE_COLUMNS)
+
+
+def _csv_text(source: str, shown: str) -> str:
+    if _is_gcs(source):
+        from microfed.training.storage import read_bytes
+
+        data = read_bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise MicrofedError(f"{shown}: cannot read the CSV ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")  # spreadsheet programs write a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MicrofedError(
+            f"{shown} line {line}: not UTF-8 text (byte {exc.start})", hint="save the CSV as UTF-8"
+        ) from None
+
+
+def _csv_columns(shown: str, names: list[str]) -> dict[str, int]:
+    """Column name -> index for the image, label and (when present) split columns."""
+    found = ", ".join(display_name(name) or "''" for name in names)
+    duplicated = sorted({name for name in names if name and names.count(name) > 1})
+    if duplicated:
+        raise MicrofedError(f"{shown}: column {display_name(duplicated[0])!r} appears twice in the header row")
+    images = [name for name in names if name in CSV_IMAGE_COLUMNS]
+    if not images:
+        raise MicrofedError(
+            f"{shown}: no image column in the header row (found: {found})",
+            hint=f"name the column of image paths one of {', '.join(CSV_IMAGE_COLUMNS)}; expected {_CSV_FORMAT}",
+        )
+    if len(images) > 1:
+        raise MicrofedError(
+            f"{shown}: the header row has {len(images)} image columns ({', '.join(images)})",
+            hint=f"keep exactly one of {', '.join(CSV_IMAGE_COLUMNS)}, or rename the others",
+        )
+    if "label" not in names:
+        raise MicrofedError(
+            f"{shown}: no label column in the header row (found: {found})", hint=f"expected {_CSV_FORMAT}"
+        )
+    wanted = [images[0], "label", *(["split"] if "split" in names else [])]
+    return {name: names.index(name) for name in wanted}
+
+
+def _csv_base(source: str) -> str:
+    """The folder (or gs:// prefix) relative image paths start from: the CSV's own."""
+    if _is_gcs(source):
+        return source.rsplit("/", 1)[0]
+    return str(Path(source).expanduser().absolute().parent)
+
+
+def _csv_row(shown: str, number: int, values: dict[str, str], base: str) -> _CsvRow:
+    column = _image_column(values)
+    where = f"{shown} row {number}"
+    for name, value in values.items():
+        if not value:
+            hint = "every row needs train or test" if name == "split" else f"expected {_CSV_FORMAT}"
+            raise MicrofedError(f"{where}, column {name!r}: the field is empty", hint=hint)
+    split = values.get("split", "train").lower()
+    if split not in _CSV_SPLITS:
+        raise MicrofedError(
+            f"{where}, column 'split': unknown split {display_name(values['split'])!r}",
+            hint="use train or test (a validation set is taken from train by the training itself)",
+        )
+    written = values[column]
+    return _CsvRow(
+        row=number,
+        written=written,
+        location=_csv_location(f"{where}, column {column!r}", written, base),
+        label=values["label"],
+        split=split,
+    )
+
+
+def _csv_location(where: str, written: str, base: str) -> str:
+    """The image a CSV field names: a gs:// URI, or a local path that must be a file."""
+    if _is_gcs(written):
+        from microfed.training.storage import split_gcs
+
+        try:
+            split_gcs(written)
+        except MicrofedError as exc:
+            raise MicrofedError(f"{where}: {exc.message}", hint=exc.hint) from None
+        return written
+    if _is_gcs(base):  # a relative path next to a gs:// CSV (an absolute local path is read as such)
+        if written.startswith("/"):
+            if not Path(written).is_file():
+                _missing(where, written, Path(written))
+            return written
+        bucket_root = "gs://" + base[len("gs://") :].split("/", 1)[0]
+        key = posixpath.normpath(posixpath.join(base[len(bucket_root) :].strip("/"), written))
+        if key == ".." or key.startswith("../") or key == ".":
+            raise MicrofedError(f"{where}: {display_name(written)} points outside the CSV's bucket")
+        return f"{bucket_root}/{key}"
+    path = Path(base, Path(written).expanduser())
+    if not path.is_file():
+        _missing(where, written, path)
+    return str(path)
+
+
+def _missing(where: str, written: str, path: Path) -> NoReturn:
+    at = f" ({path})" if str(path) != written else ""
+    what = "is a folder, not an image file" if path.is_dir() else "not found"
+    raise MicrofedError(
+        f"{where}: image {display_name(written)}{at} {what}",
+        hint="relative paths start from the CSV's folder; fix the path or remove the row",
+    )
+
+
+def _csv_class_names(shown: str, table: _CsvTable) -> tuple[str, ...]:
+    """Sorted training classes, once the CSV is known to hold train and test rows of known classes."""
+    train = {row.label for row in table.rows if row.split == "train"}
+    if not train:
+        raise MicrofedError(f"{shown}: no rows with split 'train'", hint="mark the training images' rows train")
+    if not any(row.split == "test" for row in table.rows):
+        problem = "no rows with split 'test'" if table.has_split else "no split column, so no test set"
+        raise MicrofedError(
+            f"{shown}: {problem}",
+            hint="add a split column with train or test on every row: a CSV, like a folder with train/ and test/, "
+            "brings its own test set",
+        )
+    for row in table.rows:
+        if row.split == "test" and row.label not in train:
+            raise MicrofedError(
+                f"{shown} row {row.row}, column 'label': test class {display_name(row.label)!r} has no training rows",
+                hint="every test class needs training images (class names are case-sensitive)",
+            )
+    return tuple(sorted(train))  # the order class folders get
+
+
+def _fetch_gcs_images(shown: str, table: _CsvTable, folder: Path) -> dict[str, Path]:
+    """Download the gs:// images of the CSV into `folder` (concurrently); returns URI -> local file."""
+    remote = [row for row in table.rows if _is_gcs(row.location)]
+    if not remote:
+        return {}
+    from microfed.training.storage import read_bytes
+
+    def fetch(item: tuple[int, _CsvRow]) -> tuple[str, Path]:
+        index, row = item
+        try:
+            data = read_bytes(row.location)
+        except MicrofedError as exc:
+            raise MicrofedError(
+                f"{shown} row {row.row}, column {table.image_column!r}: image {exc.message}", hint=exc.hint
+            ) from None
+        dest = folder / f"{index:08d}"
+        # A scratch copy in a private temporary folder, read back and deleted within this call: not an output,
+        # so no atomic rename and no fsync per image.
+        dest.write_bytes(data)
+        return row.location, dest
+
+    with ThreadPoolExecutor(max_workers=_CSV_FETCH_THREADS) as pool:
+        return dict(pool.map(fetch, enumerate(remote)))
+
+
+def _read_file(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 # ------------------------------------------------------------------------------------------- resizing

@@ -2,16 +2,33 @@
 
 Builders are deterministic given torch's global RNG state: the worker seeds torch before `build_model`, so
 every worker starts from the same initial weights (DESIGN.md, "Worker <-> PyTorchJob"). Nothing here downloads
-anything: torchvision architectures are built with `weights=None`.
+weights: torchvision architectures are built with `weights=None`.
+
+Besides the built-in names, a model can be a user factory, in one of three forms:
+
+* ``package.module:function``: a module importable in the worker image (installed, or on PYTHONPATH);
+* ``path/to/file.py:function``: a single Python file, loaded with importlib from its path. Workers receive
+  the same string, so the path must be one they can read: `microfed run` makes it absolute;
+* ``gs://bucket/path/file.py:function``: a single Python file fetched from GCS by every worker (the form for a
+  cluster, where the file ships through the bucket rather than the image).
+
+The function is called as ``function(num_classes=, in_channels=, image_size=)`` and returns an ``nn.Module``.
+A factory file runs with the worker's privileges, like the command line that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import importlib.util
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path, PurePosixPath
+from types import ModuleType
 from typing import Any, Self
 
 from torch import nn
@@ -20,7 +37,15 @@ from torchvision import models as tvm
 # Relative, so import sorting does not depend on whether ruff knows `microfed` as first-party.
 from .errors import MicrofedError
 
-__all__ = ["MODEL_NAMES", "ModelConfig", "build_model", "check_model_name", "count_parameters"]
+__all__ = [
+    "MODEL_NAMES",
+    "ModelConfig",
+    "absolute_factory_path",
+    "build_model",
+    "check_model_name",
+    "count_parameters",
+    "factory_file",
+]
 
 MODEL_NAMES: tuple[str, ...] = (
     "cnn-small",
@@ -45,9 +70,13 @@ _VGG_STOCK_HEAD_SIDE = 224
 _VGG16_LAYOUT: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
-# A user factory: `package.module:function` (dotted attribute paths such as `module:Class.create` work too).
-_FACTORY_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_FACTORY_HINT = "or a user factory 'package.module:function' called with num_classes, in_channels, image_size"
+# A user factory: `package.module:function`, `path/file.py:function` or `gs://bucket/file.py:function`; dotted
+# attribute paths such as `module:Class.create` work too.
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_FACTORY_FORMS = "package.module:function, path/to/file.py:function or gs://BUCKET/path/file.py:function"
+_FACTORY_HINT = f"or a user factory ({_FACTORY_FORMS}) called with num_classes, in_channels, image_size"
+# Prefix of the names factory files are registered under in sys.modules (plus a hash of their content).
+_FACTORY_MODULE_PREFIX = "microfed_user_factory_"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +84,8 @@ class ModelConfig:
     """Which network to build and the shape of the data it sees."""
 
     name: str
-    """One of `MODEL_NAMES`, or a user factory `package.module:function`."""
+    """One of `MODEL_NAMES`, or a user factory (`package.module:function`, `file.py:function`,
+    `gs://bucket/file.py:function`)."""
     num_classes: int
     """Number of output logits: the classes in the dataset (at least 2)."""
     in_channels: int
@@ -111,13 +141,68 @@ def _is_int(value: object) -> bool:
 
 
 def check_model_name(name: object) -> None:
-    """Raise MicrofedError unless `name` is a known model or a `package.module:function` factory."""
-    if isinstance(name, str) and (name in MODEL_NAMES or _FACTORY_PATTERN.fullmatch(name)):
+    """Raise MicrofedError unless `name` is a known model or a well-formed user factory (see the module docstring).
+
+    Only the form is checked: whether a factory's module or file exists is for `build_model` to find out, on the
+    machine that builds the model.
+    """
+    if isinstance(name, str) and (name in MODEL_NAMES or _factory_parts(name) is not None):
         return
+    if isinstance(name, str) and (":" in name or name.strip().endswith(".py")):
+        raise MicrofedError(
+            f"unknown model {name!r}: a malformed model factory (--model, ModelConfig.name)",
+            hint=f"write {_FACTORY_FORMS}, where function names a callable in the module (e.g. make_model); "
+            f"or choose one of {', '.join(MODEL_NAMES)}",
+        )
     raise MicrofedError(
         f"unknown model {name!r} (--model, ModelConfig.name)",
         hint=f"choose one of {', '.join(MODEL_NAMES)}, {_FACTORY_HINT}",
     )
+
+
+def factory_file(name: str) -> str | None:
+    """The Python file a `file.py:function` or `gs://.../file.py:function` factory loads, else None."""
+    parts = _factory_parts(name)
+    return parts[0] if parts is not None and parts[0].endswith(".py") else None
+
+
+def absolute_factory_path(name: str) -> str:
+    """`name` with a local factory file's path made absolute (other names as they are), for processes that run
+    elsewhere (the pipeline's steps and workers) and so do not share this one's working directory.
+
+    Raises MicrofedError when that file does not exist.
+    """
+    check_model_name(name)
+    file = factory_file(name)
+    if file is None or file.startswith("gs://"):
+        return name
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise MicrofedError(
+            f"model factory {name!r}: file {path} not found", hint="check the path before the ':' (--model)"
+        )
+    return f"{path}:{name.rpartition(':')[2]}"
+
+
+def _factory_parts(name: str) -> tuple[str, str] | None:
+    """(module or .py file, attribute path) of a well-formed factory name, else None."""
+    where, colon, attribute = name.rpartition(":")
+    if not colon or not _DOTTED.fullmatch(attribute):
+        return None
+    if not where.endswith(".py"):  # `model.py:make` is a file, not a submodule `py` of a package `model`
+        return (where, attribute) if _DOTTED.fullmatch(where) else None
+    if where.strip() != where or any(ord(ch) < 32 for ch in where) or Path(where).name == ".py":
+        return None
+    if where.startswith("gs://"):
+        from .storage import split_gcs
+
+        try:
+            _, key = split_gcs(where)
+        except MicrofedError:
+            return None
+        if PurePosixPath(key).name == ".py":
+            return None
+    return where, attribute
 
 
 def _check_image_size(size: object) -> tuple[int, int]:
@@ -157,8 +242,9 @@ def build_model(config: ModelConfig) -> nn.Module:
     - Any torchvision model gets an `nn.Upsample` (bilinear) in front when a side is below 32 pixels, because
       the backbones downsample by 32; the network then sits under `net.` in the state_dict (`resize` holds no
       weights).
-    - `package.module:function`: the function is called as `function(num_classes=, in_channels=,
-      image_size=)` and must return an `nn.Module`.
+    - a user factory (`package.module:function`, `path/file.py:function`, `gs://bucket/file.py:function`):
+      the function is called as `function(num_classes=, in_channels=, image_size=)` and must return an
+      `nn.Module`.
     """
     if ":" in config.name:
         return _build_from_factory(config)
@@ -314,14 +400,19 @@ def _upsample_if_small(net: nn.Module, image_size: tuple[int, int]) -> nn.Module
 
 
 def _build_from_factory(config: ModelConfig) -> nn.Module:
-    module_name, _, attribute_path = config.name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise MicrofedError(
-            f"model factory {config.name!r}: cannot import module {module_name!r} ({err})",
-            hint="install the package in the worker image or put its folder on PYTHONPATH",
-        ) from err
+    parts = _factory_parts(config.name)
+    assert parts is not None  # ModelConfig checked the name (internal invariant)
+    module_name, attribute_path = parts
+    if module_name.endswith(".py"):
+        module = _load_factory_file(config.name, module_name)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise MicrofedError(
+                f"model factory {config.name!r}: cannot import module {module_name!r} ({err})",
+                hint="install the package in the worker image or put its folder on PYTHONPATH",
+            ) from err
     factory: object = module
     for attribute in attribute_path.split("."):
         if not hasattr(factory, attribute):
@@ -342,6 +433,45 @@ def _build_from_factory(config: ModelConfig) -> nn.Module:
             hint="return the model instance itself",
         )
     return model
+
+
+def _load_factory_file(name: str, file: str) -> ModuleType:
+    """The module of a factory file (local or gs://), executed once per process and content.
+
+    It is registered in sys.modules under a name derived from its content's hash, so loading the same file again
+    (every build_model call of a worker) reuses it, and a changed file is a new module.
+    """
+    from .storage import staged_file  # google-cloud-storage is imported only when a factory file is used
+
+    if not file.startswith("gs://") and not Path(file).expanduser().is_file():
+        raise MicrofedError(
+            f"model factory {name!r}: file {file} not found",
+            hint="a local factory file must exist on the machine that builds the model; "
+            "on a cluster copy it to a bucket and pass gs://BUCKET/path/file.py:function",
+        )
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(staged_file(file if file.startswith("gs://") else Path(file).expanduser()))
+        except MicrofedError as err:  # storage's errors name the URI (not found, access denied); add the flag's
+            raise MicrofedError(f"model factory {name!r}: {err.message}", hint=err.hint) from None
+        module_name = _FACTORY_MODULE_PREFIX + hashlib.sha256(path.read_bytes()).hexdigest()[:24]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None:
+            return loaded
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:  # a .py path always gets a source loader; be explicit anyway
+            raise MicrofedError(f"model factory {name!r}: {file} cannot be loaded as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it, as `import` does (dataclasses look it up)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # the user's code: any error in it means the factory is unusable
+            del sys.modules[module_name]
+            raise MicrofedError(
+                f"model factory {name!r}: running {file} failed: {type(err).__name__}: {err}",
+                hint="fix the file; it runs as a module of its own and can import installed packages only",
+            ) from err
+        return module
 
 
 _BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
