@@ -55,6 +55,20 @@ def tree(tmp_path: Path) -> tuple[Path, list[tuple[str, str, str]]]:
     return root, image_tree(root, {"train": 4, "test": 2})
 
 
+def test_without_a_split_column_a_seventh_of_each_class_becomes_the_test_set(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    rows = image_tree(root, {"train": 14})  # 14 images per class
+    csv_path = write_csv(root / "list.csv", "image,label", [f"{path},{label}" for path, label, _ in rows])
+    first, again = load_dataset(csv_path), load_dataset(csv_path)
+    n = len(CLASSES)
+    assert first.test.labels.numel() == 2 * n and first.train.labels.numel() == 12 * n
+    assert first.test.labels.bincount().tolist() == [2] * n  # stratified
+    # the same CSV gives the same test set every time, and no image is in both
+    assert torch.equal(first.test.images, again.test.images)
+    train = {x.numpy().tobytes() for x in first.train.images}
+    assert not any(x.numpy().tobytes() in train for x in first.test.images)
+
+
 def test_a_csv_loads_exactly_like_the_folder_it_lists(tree: tuple[Path, list[tuple[str, str, str]]]) -> None:
     root, rows = tree
     # a colour image of another size in train/: both loaders switch to RGB and keep the most common size
@@ -141,7 +155,6 @@ BAD_TABLES = [
     ("image,label,split", ["a.png,circle,train", "b.png,square,test"], r"row 3, column 'label': test class 'square'"),
     ("image,label,split", ["a.png,circle,train", "b.png,circle,train"], "no rows with split 'test'"),
     ("image,label,split", ["a.png,circle,test"], "no rows with split 'train'"),
-    ("image,label", ["a.png,circle", "b.png,circle"], "no split column, so no test set"),
     ("image,label,split", [], "a header but no rows"),
     ("image,label,split", ["a.png,circle,train,extra"], "row 2: 4 fields, but the header names 3 columns"),
     ("image,label,split", ['a.png,"circle,train'], "not a readable CSV"),

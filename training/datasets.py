@@ -37,6 +37,7 @@ import functools
 import io
 import os
 import posixpath
+import random
 import re
 import stat
 import tempfile
@@ -1068,6 +1069,8 @@ def _load_csv(source: str, image_size: tuple[int, int] | None, limits: DatasetLi
     name = source.rstrip("/").rsplit("/", 1)[-1]
     reader = _TreeReader(name, limits, bad_images)
     table = _read_csv_table(source, reader.source, limits)
+    if not table.has_split:
+        table = _hold_out_test(table)
     class_names = _csv_class_names(reader.source, table)
     index = {class_name: label for label, class_name in enumerate(class_names)}
     with tempfile.TemporaryDirectory(prefix="microfed-csv-") as tmp:
@@ -1239,6 +1242,26 @@ def _missing(where: str, written: str, path: Path) -> NoReturn:
         f"{where}: image {display_name(written)}{at} {what}",
         hint="relative paths start from the CSV's folder; fix the path or remove the row",
     )
+
+
+CSV_TEST_FRACTION = 1 / 7
+"""Without a split column, this share of each class's rows (Fashion-MNIST's 10,000 of 70,000) becomes the test
+set: drawn with a fixed seed, so the same CSV always gives the same test set."""
+
+
+def _hold_out_test(table: _CsvTable) -> _CsvTable:
+    """Mark CSV_TEST_FRACTION of each class's rows (classes with at least 2 rows) as test."""
+    rng = random.Random(0)
+    by_class: dict[str, list[int]] = {}
+    for i, row in enumerate(table.rows):
+        by_class.setdefault(row.label, []).append(i)
+    test: set[int] = set()
+    for label in sorted(by_class):
+        rows = by_class[label]
+        if len(rows) >= 2:
+            test.update(rng.sample(rows, max(1, round(CSV_TEST_FRACTION * len(rows)))))
+    rows = [dataclasses.replace(r, split="test" if i in test else "train") for i, r in enumerate(table.rows)]
+    return dataclasses.replace(table, rows=rows)
 
 
 def _csv_class_names(shown: str, table: _CsvTable) -> tuple[str, ...]:
