@@ -14,12 +14,28 @@ handing A100s to models a T4 holds. So every number here derives from an estimat
 Compute decides CPU against GPU: the dry run also counts FLOPs, and a shard whose epoch would take a CPU
 replica longer than a budget goes to a GPU when one is allowed. The smallest allowed GPU that holds the
 estimate times a headroom factor wins, so a model that needs a T4 never gets an A100.
+
+Measured right-sizing. An estimate needs a wide headroom because it can be wrong; a measurement of the same
+work needs little. When an earlier run of the same model, input shape, batch size, precision and optimizer
+recorded what its replicas used (`microfed.training.usage`, `MeasuredUsage` here), `plan_resources(...,
+measured=...)` keeps the accelerator choice above but takes the CPU and memory requests from the measurement:
+
+- memory request = measured peak, rescaled to this shard (the host memory a replica does not spend on its
+  shard, plus this shard's bytes), x `MEASURED_MEMORY_HEADROOM` (1.15), rounded up to 64 MiB;
+- CPU request = the measured mean cores (process CPU time, plus the time runnable threads waited for a core,
+  over wall time) rounded up to 0.1 core, at most `MAX_CPU_CORES`: CPU is compressible (an under-request is
+  throttled at the limit, never killed), so no headroom on the request;
+- limits: the same factors over the requests as for estimated plans (memory x1.5, CPU x2).
+
+Measured peak / request is then 1/1.15 = 0.87 minus rounding for memory, and close to 1 for CPU: above the 75%
+request utilisation the issue sets (the reference platform's 62% CPU / 34% memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -41,12 +57,16 @@ __all__ = [
     "GpuSpec",
     "MAX_CPU_CORES",
     "MAX_REPLICA_MEMORY",
+    "MEASURED_CPU_STEP",
+    "MEASURED_MEMORY_HEADROOM",
+    "MeasuredUsage",
     "MemoryEstimate",
     "OPTIMIZER_STATE_COPIES",
     "ResourcePlan",
     "estimate_memory",
     "format_plan",
     "plan_resources",
+    "shard_bytes_per_example",
 ]
 
 MIB = 1024**2
@@ -140,6 +160,13 @@ MEMORY_GRANULE = 64 * MIB  # Requests are rounded up to 64 MiB.
 # and system pods is about 57 GB. Bigger replicas mean the shard should be split further.
 MAX_REPLICA_MEMORY = 48 * GIB
 
+# Plans from a measurement (see the module docstring): a small memory margin over the measured peak for run-to-run
+# variation (allocator state, a different shard order), and CPU requests in 100 millicore steps.
+MEASURED_MEMORY_HEADROOM = 1.15
+MEASURED_CPU_STEP = 0.1
+# Device kinds of measurements: the host memory of a GPU replica (CUDA libraries) differs from a CPU one's.
+MEASURED_DEVICES = ("cpu", "cuda")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ResourcePlan:
@@ -207,6 +234,51 @@ class MemoryEstimate:
         return {**asdict(self), "device_bytes": self.device_bytes, "total_bytes": self.total_bytes}
 
 
+@dataclass(frozen=True, kw_only=True)
+class MeasuredUsage:
+    """What replicas of an earlier run of the same work used on one device kind, in a form that rescales to a
+    shard of another size (the worker keeps its whole shard in memory, so memory grows with it)."""
+
+    device: str
+    """`cpu` or `cuda`: the kind of replica that was measured."""
+    memory_fixed_bytes: int
+    """Peak host memory of the largest replica minus the bytes of the shard it held."""
+    bytes_per_example: int
+    """Host bytes one example of the shard takes (uint8 image + int64 label)."""
+    cpu_cores: float
+    """Mean CPU cores the busiest replica used over its life, or would have used uncontended (its CPU time
+    plus the time its threads waited for a core, over wall time)."""
+    gpu_memory_fixed_bytes: int = 0
+    """Peak GPU memory PyTorch reserved minus the shard's copy on the GPU (0 on CPU)."""
+    source: str = ""
+    """Where the numbers come from (cache entry, memory source), for the plan's log line."""
+
+    def __post_init__(self) -> None:
+        if self.device not in MEASURED_DEVICES:
+            raise MicrofedError(f"measured device must be one of {MEASURED_DEVICES}, got {self.device!r}")
+        numbers = (self.memory_fixed_bytes, self.bytes_per_example, self.cpu_cores, self.gpu_memory_fixed_bytes)
+        if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in numbers):
+            raise MicrofedError(f"measured usage must be finite and non-negative numbers, got {self}")
+
+    def memory_bytes(self, shard_examples: int) -> int:
+        """Peak host memory of a replica holding `shard_examples` examples."""
+        return self.memory_fixed_bytes + shard_examples * self.bytes_per_example
+
+    def gpu_memory_bytes(self, shard_examples: int) -> int:
+        """Peak GPU memory of a replica holding `shard_examples` examples (0 when none was measured)."""
+        if not self.gpu_memory_fixed_bytes:
+            return 0
+        return self.gpu_memory_fixed_bytes + shard_examples * self.bytes_per_example
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shard_bytes_per_example(image_shape: Sequence[int]) -> int:
+    """Bytes one preloaded example takes: its uint8 image (C x H x W) and its int64 label."""
+    return math.prod(image_shape) + torch.int64.itemsize
+
+
 @dataclass(frozen=True)
 class _DryRun:
     """Batch-independent results of the dry run, cached per model and precision."""
@@ -238,7 +310,7 @@ def estimate_memory(
         gradient_bytes=run.parameter_bytes,
         optimizer_bytes=OPTIMIZER_STATE_COPIES[optimizer] * run.parameter_bytes,
         activation_bytes=math.ceil(run.activation_fixed + run.activation_per_example * batch_size),
-        shard_bytes=shard_examples * (c * h * w + torch.int64.itemsize),
+        shard_bytes=shard_examples * shard_bytes_per_example((c, h, w)),
         runtime_bytes=RUNTIME_BYTES,
         train_flops_per_example=TRAIN_FLOPS_PER_FORWARD_FLOP * run.forward_flops_per_example,
     )
@@ -317,17 +389,29 @@ def plan_resources(
     headroom: float = 1.25,
     cpu_threshold_gflop: float = DEFAULT_CPU_THRESHOLD_GFLOP,
     max_memory: int = MAX_REPLICA_MEMORY,
+    measured: Mapping[str, MeasuredUsage] | None = None,
+    measured_headroom: float = MEASURED_MEMORY_HEADROOM,
 ) -> ResourcePlan:
     """Plan one replica: the smallest allowed accelerator that fits the estimate x `headroom`.
 
     A replica whose epoch costs more than `cpu_threshold_gflop` (training GFLOP over the shard) goes to a GPU
     when one is allowed and fits, else to CPU; cheaper work goes to CPU when `none` is allowed. Requests and
-    limits derive from the estimate. Raises MicrofedError when no allowed accelerator fits, or when
-    `accelerators` names an unknown one.
+    limits derive from the estimate, or, where `measured` holds a measurement for the chosen device kind
+    (`cpu` for `none`, `cuda` for a GPU) of an earlier run of the same work, from the measurement: memory
+    request = measured peak rescaled to this shard x `measured_headroom`, CPU request = measured mean cores
+    rounded up to 0.1 (module docstring). A CPU replica whose measured memory exceeds `max_memory` does not fit.
+    The GPU type is always chosen by the estimate. Raises MicrofedError when no allowed accelerator fits, or
+    when `accelerators` names an unknown one.
     """
     allowed = _check_accelerators(accelerators)
     if not (math.isfinite(headroom) and headroom >= 1.0):
         raise MicrofedError(f"headroom must be a finite factor >= 1, got {headroom}", hint="use e.g. 1.25")
+    if not (math.isfinite(measured_headroom) and measured_headroom >= 1.0):
+        raise MicrofedError(f"measured_headroom must be a finite factor >= 1, got {measured_headroom}")
+    measured = dict(measured or {})
+    for kind, given in measured.items():
+        if kind != given.device:
+            raise MicrofedError(f"measured[{kind!r}] holds a measurement of device {given.device!r}")
     if not (math.isfinite(cpu_threshold_gflop) and cpu_threshold_gflop > 0):
         raise MicrofedError(f"cpu_threshold_gflop must be positive, got {cpu_threshold_gflop}")
     est = estimate_memory(
@@ -347,9 +431,17 @@ def plan_resources(
         "train_gflop_per_epoch": epoch_gflop,
         "cpu_threshold_gflop": cpu_threshold_gflop,
         "reason": f"{epoch_gflop:,.0f} GFLOP per epoch {'>' if gpu_work else '<='} {cpu_threshold_gflop:,.0f}",
+        "requests_from": "estimate",
     }
     for name in _preference(allowed, gpu_work):
-        plan = _cpu_plan(est, base, max_memory) if name == "none" else _gpu_plan(GPUS[name], est, base, max_memory)
+        if name == "none":
+            plan = _cpu_plan(est, base, max_memory)
+            m: MeasuredUsage | None = measured.get("cpu")
+        else:
+            plan = _gpu_plan(GPUS[name], est, base, max_memory)
+            m = measured.get("cuda")
+        if plan is not None and m is not None:
+            plan = _from_measurement(plan, m, shard_examples, measured_headroom, max_memory)
         if plan is not None:
             return plan
     raise _too_big(arch, est, allowed, headroom, max_memory)
@@ -429,6 +521,43 @@ def _gpu_plan(gpu: GpuSpec, est: MemoryEstimate, base: dict[str, Any], max_memor
     )
 
 
+def _from_measurement(
+    plan: ResourcePlan, m: MeasuredUsage, shard_examples: int, headroom: float, max_memory: int
+) -> ResourcePlan | None:
+    """`plan` with its CPU and memory requests (and the limits over them) taken from a measurement; None when
+    the measured memory does not fit a replica."""
+    host = m.memory_bytes(shard_examples)
+    request = _round_memory(host * headroom)
+    if request > max_memory:
+        return None
+    cores = _measured_cores(m.cpu_cores)
+    return dataclasses.replace(
+        plan,
+        cpu_request=cores,
+        cpu_limit=round(cores * CPU_LIMIT_FACTOR, 3),
+        memory_request=request,
+        memory_limit=_round_memory(request * MEMORY_LIMIT_FACTOR),
+        estimate={
+            **plan.estimate,
+            "requests_from": "measurement",
+            "measured": m.to_dict(),
+            "measured_headroom": headroom,
+            "measured_host_bytes": host,
+            "measured_gpu_bytes": m.gpu_memory_bytes(shard_examples),
+            "estimated_requests": {
+                "cpu_request": plan.cpu_request,
+                "memory_request": plan.memory_request,
+            },
+        },
+    )
+
+
+def _measured_cores(cores: float) -> float:
+    """Measured cores rounded up to 100 millicores, at least one step and at most the cap."""
+    steps = math.ceil(cores / MEASURED_CPU_STEP - 1e-9)  # 0.3 / 0.1 is 2.9999999999999996
+    return round(min(MAX_CPU_CORES, max(MEASURED_CPU_STEP, steps * MEASURED_CPU_STEP)), 3)
+
+
 def _round_memory(nbytes: float) -> int:
     return math.ceil(nbytes / MEMORY_GRANULE) * MEMORY_GRANULE
 
@@ -466,9 +595,16 @@ def format_plan(plan: ResourcePlan) -> str:
     else:
         total = _human(e["total_bytes"])
     epoch = f", ~{e['seconds_per_epoch'] / 60:,.1f} min/epoch" if "seconds_per_epoch" in e else ""
+    measured = ""
+    if e.get("requests_from") == "measurement":
+        m = e["measured"]
+        measured = (
+            f"; requests from a measurement: {_human(e['measured_host_bytes'])} peak x{e['measured_headroom']:g}, "
+            f"{m['cpu_cores']:.2f} cores used ({m['source']})"
+        )
     return (
         f"{line} (estimate {total}: {_breakdown(e)}; {_gflop(e['train_flops_per_example'])}/example"
-        f"{epoch}; headroom x{e['headroom']:g})"
+        f"{epoch}; headroom x{e['headroom']:g}{measured})"
     )
 
 
