@@ -29,6 +29,7 @@ def split_dataset(
     train_limit: int = 0,
     test_limit: int = 0,
     bad_images: str = "fail",
+    val_fraction: float = 0.05,
 ) -> None:
     """Decode `dataset` (fashion-mnist, mnist, cifar10, or a zip/folder of train/ and test/ class folders)
     once and write one shard per worker plus the test set: uint8 safetensors with JSON manifests.
@@ -37,6 +38,8 @@ def split_dataset(
     shard sizes for stratified/iid, comma-separated ("1,2,1"; empty = equal). bad_images: `fail` on an image
     that cannot be decoded, or `skip` it (counted in the manifest). image_size: resize to a
     square of this side (0 keeps the images' size). train_limit/test_limit: use at most that many examples.
+    val_fraction: share of the training examples held out (stratified) as the validation split that selects
+    the best round (0 = none; then the last round is kept).
     """
     from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.steps import SplitOptions, split_step
@@ -49,7 +52,14 @@ def split_dataset(
             test_limit=test_limit,
             bad_images=bad_images,
         ),
-        SplitConfig(num_shards=workers, strategy=strategy, ratios=parse_ratios(split_ratios), alpha=alpha, seed=seed),
+        SplitConfig(
+            num_shards=workers,
+            strategy=strategy,
+            ratios=parse_ratios(split_ratios),
+            alpha=alpha,
+            seed=seed,
+            val_fraction=val_fraction,
+        ),
         shards.path,
     )
     shards.metadata.update(
@@ -57,6 +67,7 @@ def split_dataset(
             "num_shards": workers,
             "classes": len(summary["class_names"]),
             "train_examples": summary["num_train_examples"],
+            "val_examples": summary["num_val_examples"],
             "test_examples": summary["num_test_examples"],
         }
     )
@@ -77,6 +88,12 @@ def train(
     augment: str = "none",
     precision: str = "auto",
     seed: int = 0,
+    strategy: str = "fedavg",
+    mu: float = 0.01,
+    server_momentum: float = 0.9,
+    server_lr: float = 1.0,
+    fedbn: bool = False,
+    patience: int = 0,
     launcher: str = "local",
     worker_image: str = "",
     namespace: str = "",
@@ -85,13 +102,23 @@ def train(
     service_account: str = "pipeline-runner",
     run_id: str = "",
     task_name: str = "train",
+    usage_cache: str = "",
+    pipeline_root: str = "",
 ) -> None:
     """Train one micro-model per shard: one worker per shard under the PyTorchJob contract, `rounds` rounds of
     `local_epochs` epochs with in-job weighted averaging between rounds. launcher: `local` (WORLD_SIZE
     processes in this step) or `pytorchjob` (a Kubeflow Training Operator job with one replica per shard,
     resources from the plan, image `worker_image`, accelerators chosen from the comma-separated
     `accelerators`). Fails with the failing worker's log when a worker fails.
+
+    strategy: fedavg | fedprox (proximal term `mu`) | fedavgm (server momentum `server_momentum`, server
+    learning rate `server_lr`) | ddp (DistributedDataParallel across the shards: one model). fedbn: keep
+    BatchNorm layers out of the in-job averages. patience: stop after that many rounds without a better
+    validation accuracy (0 = run every round). usage_cache: the measured-usage cache (a folder or .json, local
+    or gs://; default `<pipeline root>/usage-cache.json`, "off" for none): the workers' measured peaks go there and
+    later plans for the same model and input shape start from them.
     """
+    from microfed.training.aggregation import Strategy
     from microfed.training.steps import train_component_step
     from microfed.training.train import OptimConfig
 
@@ -103,6 +130,8 @@ def train(
         rounds=rounds,
         local_epochs=local_epochs,
         seed=seed,
+        strategy=Strategy(name=strategy, mu=mu, server_momentum=server_momentum, server_lr=server_lr, fedbn=fedbn),
+        patience=patience,
         optim=OptimConfig(
             optimizer=optimizer,
             lr=lr,
@@ -119,18 +148,29 @@ def train(
         service_account=service_account,
         run_id=run_id,
         task_name=task_name,
+        usage_cache=usage_cache,
+        pipeline_root=pipeline_root,
     )
     micro_models.metadata.update({"workers": record["world_size"], "n_k": [w["n_k"] for w in record["workers"]]})
 
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
-def aggregate(micro_models: Input[Model], global_model: Output[Model]) -> None:
-    """FedAvg: the average of the micro-models weighted by n_k / n (floating tensors, BatchNorm statistics
-    included; integer buffers kept integer). Writes model.safetensors and model_config.json."""
+def aggregate(micro_models: Input[Model], shards: Input[Dataset], global_model: Output[Model]) -> None:
+    """Combine the micro-models by the training strategy: FedAvg's average weighted by n_k / n (floating
+    tensors, BatchNorm statistics included; integer buffers kept integer), fedavgm's last server update, or
+    ddp's single model. With a validation split, keeps the round with the best validation accuracy. Writes
+    model.safetensors and model_config.json."""
     from microfed.training.steps import aggregate_step
 
-    record = aggregate_step(micro_models.path, global_model.path)
-    global_model.metadata.update({"num_examples": record["num_examples"], "micro_models": record["micro_models"]})
+    record = aggregate_step(micro_models.path, global_model.path, shards.path)
+    global_model.metadata.update(
+        {
+            "num_examples": record["num_examples"],
+            "micro_models": record["micro_models"],
+            "strategy": record["strategy"]["name"],
+            "round": record.get("selected_round") or record["rounds"],
+        }
+    )
 
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
@@ -155,8 +195,11 @@ def evaluate(
     shutil.copyfile(f"{report.path}/report.html", report_html.path)
     metrics.log_metric("accuracy", m["accuracy"])
     metrics.log_metric("loss", m["loss"])
-    for i, acc in enumerate(m["round_accuracy"], start=1):
-        metrics.log_metric(f"round_{i}_accuracy", acc)
+    split = "val" if m["round_split"] == "validation" else "test"
+    for r, acc in zip(m["round_numbers"], m["round_accuracy"], strict=True):
+        metrics.log_metric(f"round_{r}_{split}_accuracy", acc)
+    if m.get("selected_round"):
+        metrics.log_metric("selected_round", m["selected_round"])
     for name, acc in m["per_class_accuracy"].items():
         # Metric names show as table rows in the UI; keep them to one safe token ("T-shirt/top" has a slash).
         metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), acc)

@@ -22,11 +22,15 @@ __all__ = ["build_parser", "main", "pipeline_arguments"]
 # Pipeline parameter → (flag type, help). Defaults come from the pipeline function itself, so the CLI,
 # the compiled YAML and the Kubeflow UI all show the same ones.
 _PARAMS: dict[str, tuple[type, str]] = {
-    "dataset": (str, "fashion-mnist, mnist, cifar10, or a .zip / folder with train/ and test/ class folders"),
+    "dataset": (
+        str,
+        "fashion-mnist, mnist, cifar10, a .zip / folder with train/ and test/ class folders, "
+        "or a .csv listing image,label[,split]",
+    ),
     "model": (
         str,
         "cnn-small, cnn-fmnist, resnet18, vgg16, squeezenet, efficientnet_v2_s, "
-        "mobilenet_v3_small, or package.module:function",
+        "mobilenet_v3_small, or a factory package.module:function, path/file.py:function, gs://.../file.py:function",
     ),
     "workers": (int, "shards = workers (PyTorchJob replicas; local processes here)"),
     "rounds": (int, "rounds of local training followed by a weighted average"),
@@ -46,6 +50,18 @@ _PARAMS: dict[str, tuple[type, str]] = {
     "train_limit": (int, "use at most this many training examples (0 = all)"),
     "test_limit": (int, "use at most this many test examples (0 = all)"),
     "bad_images": (str, "fail on an image that cannot be decoded, or skip it (counted in the manifest)"),
+    "val_fraction": (float, "share of the training set held out to validate each round and keep the best (0 = none)"),
+    "strategy": (str, "fedavg, fedprox, fedavgm or ddp (DistributedDataParallel across the shards)"),
+    "mu": (float, "fedprox: weight of the proximal term"),
+    "server_momentum": (float, "fedavgm: server momentum"),
+    "server_lr": (float, "fedavgm: server learning rate"),
+    "fedbn": (bool, "keep BatchNorm layers out of the in-job averages (FedBN)"),
+    "patience": (int, "stop after this many rounds without a better validation accuracy (0 = run every round)"),
+    "usage_cache": (
+        str,
+        "measured-usage cache (folder or .json, local or gs://) that later resource plans start from; "
+        "empty: next to the pipeline root (runs/ for `run`), off: none",
+    ),
 }
 
 
@@ -93,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pipeline_params(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """One flag per pipeline parameter, so `run` and `submit` accept the same ones."""
     for name, (kind, help_text) in _PARAMS.items():
+        if kind is bool:
+            parser.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=defaults[name],
+                help=f"{help_text} (default: {defaults[name]})",
+            )
+            continue
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
@@ -139,22 +164,32 @@ def _add_submit_parser(sub: Any, defaults: dict[str, Any]) -> None:
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline arguments from parsed flags, checked here so bad input fails before any step runs."""
+    from microfed.training.aggregation import Strategy
     from microfed.training.datasets import check_source
-    from microfed.training.models import check_model_name
+    from microfed.training.models import absolute_factory_path
     from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}
-    if check_source(values["dataset"]) != "name":
+    if check_source(values["dataset"]) != "name" and not values["dataset"].startswith("gs://"):
         # the steps run elsewhere (another process, or a pod): give them an absolute path
         values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
-    check_model_name(values["model"])
+    # likewise a factory file (path/file.py:function) for the workers; checked to exist here
+    values["model"] = absolute_factory_path(values["model"])
     SplitConfig(
         num_shards=values["workers"],
         strategy=values["split"],
         ratios=parse_ratios(values["split_ratios"]),
         alpha=values["alpha"],
         seed=values["seed"],
+        val_fraction=values["val_fraction"],
+    )
+    Strategy(
+        name=values["strategy"],
+        mu=values["mu"],
+        server_momentum=values["server_momentum"],
+        server_lr=values["server_lr"],
+        fedbn=values["fedbn"],
     )
     OptimConfig(
         optimizer=values["optimizer"],
@@ -170,7 +205,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("rounds", "local_epochs"):
         if values[name] < 1:
             raise MicrofedError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
-    for name in ("image_size", "train_limit", "test_limit"):
+    for name in ("image_size", "train_limit", "test_limit", "patience"):
         if values[name] < 0:
             raise MicrofedError(f"--{name.replace('_', '-')} must be 0 or more, got {values[name]}")
     return values
@@ -184,7 +219,12 @@ def _summary(result: Any) -> str:
     lines = [
         "",
         f"test accuracy   {m['accuracy']:.4f}  (loss {m['loss']:.4f}, {m['num_test_examples']} test images)",
-        "per round       " + "  ".join(f"{a:.4f}" for a in m["round_accuracy"]),
+        f"per round       {m['round_split']}: "
+        + "  ".join(
+            f"{a:.4f}" + ("*" if r == m.get("selected_round") else "")
+            for r, a in zip(m["round_numbers"], m["round_accuracy"], strict=True)
+        )
+        + ("  (* kept)" if m.get("selected_round") else ""),
         "shard sizes     " + ", ".join(str(n) for n in m["shard_sizes"]),
         "per class       "
         + "\n                ".join(f"{n:<{width}}  {m['per_class_accuracy'][n]:.4f}" for n in names),
@@ -228,10 +268,25 @@ def _cluster_dataset(dataset: str) -> str:
     )
 
 
+def _cluster_model(model: str) -> None:
+    """Refuse a factory file on this machine: the cluster's workers cannot read it."""
+    from microfed.training.models import factory_file
+
+    file = factory_file(model)
+    if file is not None and not file.startswith("gs://"):
+        raise MicrofedError(
+            f"--model {model!r} names a file on this machine; the cluster's workers cannot read it",
+            hint=f"copy it to a bucket (gcloud storage cp {file} gs://BUCKET/) and pass "
+            "--model gs://BUCKET/FILE.py:FUNCTION, or install its package in the image and pass "
+            "package.module:function",
+        )
+
+
 def _submit(args: argparse.Namespace) -> int:
     from microfed.pipelines.submit import submit
 
     dataset = _cluster_dataset(args.dataset)
+    _cluster_model(args.model)
     # The other flags are checked here, before anything is uploaded; the dataset is the cluster's to read, so a
     # built-in name stands in for it during the local checks.
     arguments = pipeline_arguments(argparse.Namespace(**{**vars(args), "dataset": "fashion-mnist"}))

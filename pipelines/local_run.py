@@ -96,7 +96,9 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
             # Locally the train step starts the workers as processes; compiled YAML defaults to PyTorchJob.
-            task = microfed_pipeline(**{**arguments, "launcher": "local"})
+            # The measured-usage cache outlives a run: beside the run folders, unless the caller chose one.
+            cache = arguments.get("usage_cache") or str(Path(runs_dir).resolve() / "usage-cache.json")
+            task = microfed_pipeline(**{**arguments, "launcher": "local", "usage_cache": cache})
         except RuntimeError as e:
             raise MicrofedError(tee.error or str(e), hint=f"the full log is {run_dir / 'kfp.log'}") from None
     total = time.perf_counter() - start

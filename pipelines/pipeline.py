@@ -49,6 +49,14 @@ def microfed_pipeline(
     train_limit: int = 0,
     test_limit: int = 0,
     bad_images: str = "fail",
+    val_fraction: float = 0.05,
+    strategy: str = "fedavg",
+    mu: float = 0.01,
+    server_momentum: float = 0.9,
+    server_lr: float = 1.0,
+    fedbn: bool = False,
+    patience: int = 0,
+    usage_cache: str = "",
     launcher: str = "pytorchjob",
     worker_image: str = component_image(),
     namespace: str = "",
@@ -57,7 +65,8 @@ def microfed_pipeline(
     service_account: str = "pipeline-runner",
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
-    epochs, averaged with weights n_k / n, and evaluate the global model on the test set."""
+    epochs, combined by `strategy` (fedavg: averaged with weights n_k / n), keep the round with the best
+    accuracy on a validation split held out from train, and evaluate that model once on the test set."""
     split_task = split_dataset(
         dataset=dataset,
         workers=workers,
@@ -69,6 +78,7 @@ def microfed_pipeline(
         train_limit=train_limit,
         test_limit=test_limit,
         bad_images=bad_images,
+        val_fraction=val_fraction,
     ).set_display_name("split dataset")
     # Every step is idempotent (deterministic outputs, each file replaced whole; the train step resumes from its
     # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.
@@ -86,6 +96,12 @@ def microfed_pipeline(
         augment=augment,
         precision=precision,
         seed=seed,
+        strategy=strategy,
+        mu=mu,
+        server_momentum=server_momentum,
+        server_lr=server_lr,
+        fedbn=fedbn,
+        patience=patience,
         launcher=launcher,
         worker_image=worker_image,
         namespace=namespace,
@@ -94,9 +110,13 @@ def microfed_pipeline(
         service_account=service_account,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+        usage_cache=usage_cache,
+        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
     ).set_display_name("train micro-models")
     train_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    agg_task = aggregate(micro_models=train_task.outputs["micro_models"]).set_display_name("aggregate (FedAvg)")
+    agg_task = aggregate(
+        micro_models=train_task.outputs["micro_models"], shards=split_task.outputs["shards"]
+    ).set_display_name("aggregate")
     agg_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     eval_task = evaluate(
         global_model=agg_task.outputs["global_model"],

@@ -31,9 +31,10 @@ def train_only(shards_uri: str, model: str) -> dsl.Model:
 
 
 @dsl.pipeline(name="aggregate-only")
-def aggregate_only(micro_uri: str) -> dsl.Model:
+def aggregate_only(micro_uri: str, shards_uri: str) -> dsl.Model:
     micro = dsl.importer(artifact_uri=micro_uri, artifact_class=dsl.Model)
-    return aggregate(micro_models=micro.output).outputs["global_model"]
+    shards = dsl.importer(artifact_uri=shards_uri, artifact_class=dsl.Dataset)
+    return aggregate(micro_models=micro.output, shards=shards.output).outputs["global_model"]
 
 
 class EvalOutputs(NamedTuple):
@@ -58,11 +59,13 @@ def evaluate_only(model_uri: str, shards_uri: str, micro_uri: str) -> EvalOutput
 
 @pytest.mark.filterwarnings("ignore:.*non-Python base image.*")
 def test_components_run_one_by_one_on_a_zip(kfp_local: Path, shapes_zip: Path) -> None:
-    split = split_dataset(dataset=str(shapes_zip), workers=2, seed=3)
+    split = split_dataset(dataset=str(shapes_zip), workers=2, seed=3, val_fraction=0.2)
     shards = Path(split.outputs["shards"].path)
     summary = read_json(shards / "dataset.json")
     assert summary["class_names"] == list(CLASSES)
-    assert [s["num_examples"] for s in summary["shards"]] == [45, 45]
+    # 90 training images: 18 held out for validation, 72 into two shards
+    assert summary["num_val_examples"] == 18
+    assert [s["num_examples"] for s in summary["shards"]] == [36, 36]
     assert split.outputs["shards"].metadata["num_shards"] == 2
 
     micro = Path(train_only(shards_uri=str(shards), model="cnn-small").output.path)
@@ -70,20 +73,23 @@ def test_components_run_one_by_one_on_a_zip(kfp_local: Path, shapes_zip: Path) -
         "micro-model-00000.safetensors",
         "micro-model-00001.safetensors",
     ]
-    assert [w["n_k"] for w in read_json(micro / "job.json")["workers"]] == [45, 45]
+    assert [w["n_k"] for w in read_json(micro / "job.json")["workers"]] == [36, 36]
 
-    model_dir = Path(aggregate_only(micro_uri=str(micro)).output.path)
+    agg = aggregate_only(micro_uri=str(micro), shards_uri=str(shards)).output
+    model_dir = Path(agg.path)
     state, meta = read_safetensors(model_dir / "model.safetensors")
-    assert meta["n"] == "90" and state
+    assert meta["n"] == "72" and state
+    assert agg.metadata["strategy"] == "fedavg" and agg.metadata["round"] in (1, 2)
     assert json.loads((model_dir / "model_config.json").read_text())["class_names"] == list(CLASSES)
 
     ev = evaluate_only(model_uri=str(model_dir), shards_uri=str(shards), micro_uri=str(micro)).outputs
     metrics = ev["metrics"].metadata
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert {"round_1_accuracy", "round_2_accuracy", "accuracy_circle", "accuracy_triangle"} <= set(metrics)
+    assert {"round_1_val_accuracy", "round_2_val_accuracy", "accuracy_circle", "accuracy_triangle"} <= set(metrics)
+    assert metrics["selected_round"] == agg.metadata["round"]
     # what the UI's scalar metrics table shows: every value a number, shard sizes and step timings among them
     assert all(isinstance(v, int | float) for v in metrics.values())
-    assert (metrics["shard_0_examples"], metrics["shard_1_examples"]) == (45, 45)
+    assert (metrics["shard_0_examples"], metrics["shard_1_examples"]) == (36, 36)
     assert {"seconds_split", "seconds_train", "seconds_aggregate", "seconds_evaluate"} <= set(metrics)
     # what the Kubeflow UI reads to draw the confusion matrix
     cm = ev["classification"].metadata["confusionMatrix"]

@@ -22,7 +22,7 @@ def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> No
     storage.write_bytes(zip_uri, write_zip(tmp_path / "shapes.zip").read_bytes())
     shards, micro, model, report = (gcs.uri(f"run/{name}") for name in ("shards", "micro", "model", "report"))
 
-    summary = split_step(SplitOptions(source=zip_uri), SplitConfig(num_shards=2), shards)
+    summary = split_step(SplitOptions(source=zip_uri), SplitConfig(num_shards=2, val_fraction=0.2), shards)
     assert summary["class_names"] == list(CLASSES)
     assert {"dataset.json", "shard-00000.safetensors", "shard-00001.json", "test.safetensors"} <= set(
         storage.list_files(shards)
@@ -38,7 +38,7 @@ def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> No
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
     job = train_step(cfg, world_size=2)
-    assert [w["n_k"] for w in job["workers"]] == [45, 45]
+    assert [w["n_k"] for w in job["workers"]] == [36, 36]
     written = set(storage.list_files(micro))
     assert {
         "micro-model-00000.safetensors",
@@ -48,8 +48,8 @@ def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> No
         "logs/worker-00000.log",
     } <= written
 
-    agg = aggregate_step(micro, model)
-    assert agg["num_examples"] == 90
+    agg = aggregate_step(micro, model, shards)  # validates the last round on the bucket's validation split
+    assert agg["num_examples"] == 72 and [h["round"] for h in agg["val_history"]] == [1, 2]
     assert {"model.safetensors", "model_config.json", "aggregate.json"} <= set(storage.list_files(model))
 
     metrics = evaluate_step(model, shards, micro, report)

@@ -28,7 +28,7 @@ def test_compiled_yaml_loads_back_with_four_chained_steps(tmp_path: Path) -> Non
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == STEPS
     assert tasks["train"]["dependentTasks"] == ["split-dataset"]
-    assert tasks["aggregate"]["dependentTasks"] == ["train"]
+    assert tasks["aggregate"]["dependentTasks"] == ["split-dataset", "train"]  # the validation split
     assert set(tasks["evaluate"]["dependentTasks"]) == {"aggregate", "split-dataset", "train"}
     assert set(tasks["export"]["dependentTasks"]) == {"aggregate", "split-dataset"}
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
@@ -65,6 +65,8 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
         "16",
         "--lr",
         "0.01",
+        "--val-fraction",
+        "0.2",
         "--json",
     )
     assert code == 0
@@ -79,7 +81,9 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     assert list(m["per_class_accuracy"]) == sorted(CLASSES)
     assert m["class_names"] == list(CLASSES)
     assert len(m["confusion_matrix"]) == 3 and len(m["round_accuracy"]) == 2
-    assert m["shard_sizes"] == [45, 45]
+    # 90 training images: 18 held out to validate each round, 72 in two shards
+    assert m["round_split"] == "validation" and m["selected_round"] in (1, 2)
+    assert m["shard_sizes"] == [36, 36]
     assert m["accuracy"] > 0.9  # the bands are easy to learn
     assert {"split", "train", "aggregate", "evaluate", "total"} <= set(m["timings"])
     assert m["config"]["workers"] == 2 and m["config"]["model"] == "cnn-small"
@@ -106,7 +110,7 @@ def test_run_on_fashion_mnist_subset_learns(tmp_path: Path, capsys: pytest.Captu
     code = run(tmp_path, "--train-limit", "3000", "--test-limit", "1000", "--rounds", "2", "--local-epochs", "1")
     assert code == 0
     m = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
-    assert m["shard_sizes"] == [1000, 1000, 1000]
+    assert m["shard_sizes"] == [950, 950, 950]  # 3000 less the 5% validation split
     assert m["accuracy"] > 0.6 and len(m["round_accuracy"]) == 2
     out = capsys.readouterr().out
     assert "test accuracy" in out and str(tmp_path / "runs" / "r" / "model.safetensors") in out

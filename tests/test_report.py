@@ -312,12 +312,12 @@ def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_
     from microfed.training.worker import WorkerConfig
 
     shards, micro, model, out = (tmp_path / d for d in ("shards", "micro", "model", "eval"))
-    split_step(SplitOptions(source=str(shapes_zip)), SplitConfig(num_shards=2, seed=3), shards)
+    split_step(SplitOptions(source=str(shapes_zip)), SplitConfig(num_shards=2, seed=3, val_fraction=0.2), shards)
     cfg = WorkerConfig(
         shards=str(shards), out=str(micro), model="cnn-small", rounds=2, optim=OptimConfig(batch_size=16)
     )
     train_step(cfg, 2)
-    aggregate_step(micro, model)
+    aggregate_step(micro, model, shards)
     evaluate_step(model, shards, micro, out)
 
     metrics, job = read_json(out / "metrics.json"), read_json(micro / "job.json")
@@ -329,7 +329,10 @@ def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_
     split = cells(s["split-audit"])
     assert [split[split.index(str(i)) + 1] for i in (0, 1)] == [f"{n:,}" for n in metrics["shard_sizes"]]
     assert f"{metrics['per_class_accuracy']['triangle']:.4f}" in cells(s["confusion-matrix"])
-    assert [f"{a:.4f}" for a in metrics["round_accuracy"]] == [
-        r[1] for r in (cells(s["rounds"])[cells(s["rounds"]).index(str(i)) :] for i in (1, 2))
-    ]
+    rows = cells(s["rounds"])
+    starts = [next(j for j, c in enumerate(rows) if c.split(" ")[0] == str(i)) for i in (1, 2)]
+    # per-round accuracy on the validation split, the kept round marked
+    assert [f"{a:.4f}" for a in metrics["round_accuracy"]] == [rows[j + 1] for j in starts]
+    assert rows[starts[metrics["selected_round"] - 1]].endswith("(kept)")
+    assert "global validation accuracy" in rows
     assert len(Page(page).images) == 4

@@ -28,7 +28,9 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "t
 @pytest.fixture
 def shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(num_shards=2, ratios=(1, 2)))
+    # 150 examples: 30 held out for validation, 120 into shards of 40 and 80
+    data = synthetic_dataset(n_train=150, n_test=60)
+    write_shards(data, out, SplitConfig(num_shards=2, ratios=(1, 2), val_fraction=0.2))
     return out
 
 
@@ -73,9 +75,15 @@ def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path:
         _, meta = read_safetensors(out / micro_model_name(rank))
         assert meta["n_k"] == str(rec["n_k"]) and meta["rank"] == str(rank)
         assert len(rec["rounds"]) == 2
-    # rank 0 evaluated the in-job average of round 1 on the whole test set; the last round is left to aggregate
-    assert 0.0 <= records[0]["rounds"][0]["test_accuracy"] <= 1.0
-    assert "test_accuracy" not in records[0]["rounds"][1]
+    # the ranks evaluated the in-job average of round 1 on the validation split (never the test set); the last
+    # round is left to the aggregate step, and rank 0 left it the validation history
+    assert 0.0 <= records[0]["rounds"][0]["val_accuracy"] <= 1.0
+    assert records[1]["rounds"][0]["val_accuracy"] == records[0]["rounds"][0]["val_accuracy"]
+    assert not any("test_accuracy" in r for rec in records for r in rec["rounds"])
+    assert "val_accuracy" not in records[0]["rounds"][1]
+    rounds = read_json(out / "rounds.json")
+    assert rounds["val"] == [{k: records[0]["rounds"][0][k] for k in ("round", "val_accuracy", "val_loss")}]
+    assert rounds["best_round"] == 1 and (out / "best-round.safetensors").exists()
     assert (out / "model_config.json").exists()
     # only rank 0 logs
     assert "[microfed worker] round 1/2" in proc.stdout
@@ -103,10 +111,15 @@ def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: 
     assert meta["n"] == "120"
     for key, value in expected.items():
         assert torch.equal(global_state[key], value), key
-    metrics = evaluate_step(tmp_path / "model", shards, out, tmp_path / "eval")
+    # with the shards, the aggregate step also validates round 2 and keeps the better of rounds 1 and 2
+    selected = aggregate_step(out, tmp_path / "selected", shards)
+    assert [h["round"] for h in selected["val_history"]] == [1, 2]
+    metrics = evaluate_step(tmp_path / "selected", shards, out, tmp_path / "eval")
     # the bands are easy: two rounds of two epochs learn them
     assert metrics["accuracy"] > 0.9
-    assert len(metrics["round_accuracy"]) == 2
+    assert metrics["round_split"] == "validation" and metrics["round_numbers"] == [1, 2]
+    assert metrics["round_accuracy"] == [h["val_accuracy"] for h in selected["val_history"]]
+    assert metrics["selected_round"] == selected["selected_round"]
     assert metrics["shard_sizes"] == [40, 80]
 
 

@@ -13,25 +13,84 @@ Properties (tests/test_properties.py): scaling all weights changes nothing; the 
 at most the last bit; for float32, float16 and bfloat16 tensors equal inputs come back bit for bit and every
 output lies between the inputs, because the float64 accumulator's rounding vanishes in the cast back. A float64
 tensor has no wider accumulator, so there the same holds to within an ulp or so.
+
+Strategies (`Strategy`) build on the same average:
+
+- `fedavg`: the weighted average is the next global model.
+- `fedprox` (Li et al. 2020): the same average; the workers add mu/2 * ||w - w_global||^2 to their local loss
+  (`proximal_step` adds its gradient, mu * (w - w_global)), which keeps non-IID shards from drifting apart.
+- `fedavgm` (Hsu et al. 2019): server momentum over the average's pseudo-gradient, `server_update`:
+  d = w_global - average, v = beta * v + d, w_global' = w_global - server_lr * v. With beta = 0 and
+  server_lr = 1 it is FedAvg.
+- `ddp`: synchronous data parallel; the ranks hold one model, and the average only settles BatchNorm statistics.
+- `fedbn` (Li et al. 2021), an option of the federated strategies: BatchNorm layers stay local in the in-job
+  averages (`batchnorm_keys` lists what to leave out); the last average, in the aggregate step, takes all of
+  them, so the run still ends with one global model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from microfed.training.errors import MicrofedError
 
-__all__ = ["ARCHITECTURE_KEY", "allreduce_average", "check_compatible", "check_same_architecture", "weighted_average"]
+__all__ = [
+    "ARCHITECTURE_KEY",
+    "STRATEGIES",
+    "Strategy",
+    "allreduce_average",
+    "batchnorm_keys",
+    "check_compatible",
+    "check_same_architecture",
+    "exclude",
+    "proximal_step",
+    "server_update",
+    "weighted_average",
+]
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "ddp")
 
 # The safetensors metadata field in which the worker records a micro-model's architecture (ModelConfig as JSON).
 ARCHITECTURE_KEY = "architecture"
 
 State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """How the workers train and how their models are combined (see the module docstring)."""
+
+    name: str = "fedavg"
+    """fedavg, fedprox, fedavgm or ddp."""
+    mu: float = 0.01
+    """fedprox: weight of the proximal term mu/2 * ||w - w_global||^2."""
+    server_momentum: float = 0.9
+    """fedavgm: momentum beta of the server update."""
+    server_lr: float = 1.0
+    """fedavgm: server learning rate."""
+    fedbn: bool = False
+    """Keep BatchNorm layers out of the in-job averages (fedavg, fedprox, fedavgm)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise MicrofedError(f"unknown strategy {self.name!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+        if not (math.isfinite(self.mu) and self.mu >= 0):
+            raise MicrofedError(f"--mu must be a number >= 0, got {self.mu}")
+        if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
+            raise MicrofedError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise MicrofedError(f"--server-lr must be a positive number, got {self.server_lr}")
+        if self.fedbn and self.name == "ddp":
+            raise MicrofedError("--fedbn applies to fedavg, fedprox and fedavgm, not ddp (one model, no averages)")
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"strategy": self.name, "strategy_config": json.dumps(self.__dict__, sort_keys=True)}
 
 
 def _accumulate(acc: dict[str, torch.Tensor] | None, state: State, weight: float) -> dict[str, torch.Tensor]:
@@ -164,3 +223,50 @@ def allreduce_average(state: State, weight: float, group: dist.ProcessGroup | No
     for t in acc.values():
         dist.all_reduce(t, op=dist.ReduceOp.SUM if t.is_floating_point() else dist.ReduceOp.MAX, group=group)
     return _finish(acc, state)
+
+
+def batchnorm_keys(model: torch.nn.Module) -> set[str]:
+    """state_dict keys of the model's BatchNorm layers (weights, biases, running statistics): what FedBN keeps
+    local."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            keys.update(f"{prefix}.{name}" if prefix else name for name in module.state_dict())
+    return keys
+
+
+def server_update(
+    global_state: State, average: State, momentum: State | None, *, beta: float, lr: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FedAvgM's server step: returns (new global state, new momentum). Inputs are not modified.
+
+    Floating tensors: d = global - average, v = beta * v + d, global' = global - lr * v, in float64 and cast back
+    (momentum is kept in float32). Other tensors (counters) take the average's value. `momentum` None means zero.
+    """
+    check_compatible([global_state, average], ["the global model", "the average"], finite=True)
+    new_global: dict[str, torch.Tensor] = {}
+    new_momentum: dict[str, torch.Tensor] = {}
+    for key, g in global_state.items():
+        a = average[key]
+        if not g.is_floating_point():
+            new_global[key] = a.detach().clone()
+            continue
+        g64 = g.detach().to(torch.float64)
+        v = g64 - a.detach().to(torch.float64)
+        if momentum is not None and key in momentum:
+            v.add_(momentum[key].detach().to(device=v.device, dtype=torch.float64), alpha=beta)
+        new_global[key] = (g64 - lr * v).to(g.dtype)
+        new_momentum[key] = v.to(torch.float32)
+    return new_global, new_momentum
+
+
+def proximal_step(params: Sequence[torch.nn.Parameter], anchor: Sequence[torch.Tensor], mu: float) -> None:
+    """Add FedProx's proximal gradient mu * (w - w_global) to each parameter's gradient, in place."""
+    for p, a in zip(params, anchor, strict=True):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+
+def exclude(state: State, keys: Collection[str]) -> dict[str, torch.Tensor]:
+    """`state` without `keys` (a view: tensors are shared)."""
+    return {k: t for k, t in state.items() if k not in keys}

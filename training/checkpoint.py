@@ -76,6 +76,9 @@ class Checkpoint:
     fingerprint: dict[str, Any]
     weights: dict[str, torch.Tensor]
     ranks: list[RankState]
+    server: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The strategy's state shared by all ranks: FedAvgM's momentum, the best round's model."""
+    server_info: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- one rank's state
@@ -166,10 +169,17 @@ def gather_bytes(data: bytes, world_size: int) -> list[bytes]:
 
 
 def build_checkpoint(
-    round_: int, fingerprint: Mapping[str, Any], weights: Mapping[str, torch.Tensor], ranks: Sequence[RankState]
+    round_: int,
+    fingerprint: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    ranks: Sequence[RankState],
+    server: Mapping[str, torch.Tensor] | None = None,
+    server_info: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The checkpoint file's bytes: averaged weights plus every rank's state, and the JSON header."""
+    """The checkpoint file's bytes: averaged weights plus every rank's state, the strategy's shared state, and
+    the JSON header."""
     tensors = {f"model.{key}": t.detach().to("cpu").contiguous() for key, t in weights.items()}
+    tensors.update({f"server.{key}": t.detach().to("cpu").contiguous() for key, t in (server or {}).items()})
     for rank, state in enumerate(ranks):
         tensors.update({f"rank.{rank:05d}.{key}": t for key, t in state.tensors.items()})
     header = {
@@ -178,6 +188,7 @@ def build_checkpoint(
         "world_size": len(ranks),
         "fingerprint": dict(fingerprint),
         "ranks": [state.info for state in ranks],
+        "server": dict(server_info or {}),
     }
     return bytes(st_save(tensors, metadata={_META_KEY: json.dumps(header, sort_keys=True)}))
 
@@ -192,19 +203,30 @@ def parse_checkpoint(data: bytes, name: str) -> Checkpoint:
         world_size = int(header["world_size"])
         ranks = [RankState(info=info) for info in header["ranks"]]
         round_, fingerprint = int(header["round"]), dict(header["fingerprint"])
+        server_info = dict(header.get("server") or {})
     except Exception as e:  # safetensors, JSON and key errors all mean the same: not a checkpoint of ours
         raise MicrofedError(
             f"{name}: not a readable microfed checkpoint ({e})",
             hint="delete it (and any later round) to resume from the round before, or start in a new folder",
         ) from None
-    weights = {}
+    weights, server = {}, {}
     for key, tensor in tensors.items():
         if key.startswith("model."):
             weights[key.removeprefix("model.")] = tensor
+        elif key.startswith("server."):
+            server[key.removeprefix("server.")] = tensor
         elif key.startswith("rank."):
             _, rank, rest = key.split(".", 2)
             ranks[int(rank)].tensors[rest] = tensor
-    return Checkpoint(round=round_, world_size=world_size, fingerprint=fingerprint, weights=weights, ranks=ranks)
+    return Checkpoint(
+        round=round_,
+        world_size=world_size,
+        fingerprint=fingerprint,
+        weights=weights,
+        ranks=ranks,
+        server=server,
+        server_info=server_info,
+    )
 
 
 def checkpoint_uri(out: str, round_: int) -> str:

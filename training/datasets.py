@@ -1260,8 +1260,8 @@ def _hold_out_test(table: _CsvTable) -> _CsvTable:
         rows = by_class[label]
         if len(rows) >= 2:
             test.update(rng.sample(rows, max(1, round(CSV_TEST_FRACTION * len(rows)))))
-    rows = [dataclasses.replace(r, split="test" if i in test else "train") for i, r in enumerate(table.rows)]
-    return dataclasses.replace(table, rows=rows)
+    marked = [dataclasses.replace(r, split="test" if i in test else "train") for i, r in enumerate(table.rows)]
+    return dataclasses.replace(table, rows=marked)
 
 
 def _csv_class_names(shown: str, table: _CsvTable) -> tuple[str, ...]:

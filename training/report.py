@@ -165,6 +165,11 @@ class _Run:
         return [float(a) for a in self.metrics.get("round_accuracy") or [self.metrics["accuracy"]]]
 
     @property
+    def round_split(self) -> str:
+        """What the per-round accuracies were measured on: "validation" or "test"."""
+        return str(self.metrics.get("round_split") or "test")
+
+    @property
     def micro_test_known(self) -> bool:
         return bool(self.micros) and all(m.test_accuracy is not None for m in self.micros)
 
@@ -181,8 +186,12 @@ def _num_rounds(metrics: Mapping[str, Any], config: Mapping[str, Any], workers: 
 def _global_history(
     metrics: Mapping[str, Any], workers: Sequence[Mapping[str, Any]], rounds: int
 ) -> tuple[list[int], list[float | None]]:
-    """Round numbers and test losses of the global model's evaluations (rounds 1..R-1 in the job, R at the end)."""
+    """Round numbers and losses of the global model's evaluations (on the validation split, or on the test set
+    when none was held out: rounds 1..R-1 in the job, R at the end)."""
     n = len(metrics.get("round_accuracy") or [1])
+    numbers, losses = metrics.get("round_numbers"), metrics.get("round_loss")
+    if numbers and losses and len(numbers) == len(losses) == n:
+        return [int(r) for r in numbers], [None if v is None else float(v) for v in losses]
     evaluated = [r for r in (workers[0]["rounds"][:-1] if workers else []) if "test_accuracy" in r]
     if workers and len(evaluated) + 1 == n:
         return [int(r["round"]) for r in evaluated] + [rounds], [r.get("test_loss") for r in evaluated] + [
@@ -511,11 +520,13 @@ def _rounds_plot(run: _Run) -> str:
         ax_loss.plot(m.x, m.loss, lw=1, alpha=0.8, color=color, label=label)
     if many:  # one legend entry for the bundle of micro-model lines
         ax_loss.plot([], [], color=_MICRO_COLOR, label=f"micro-models 0..{len(run.micros) - 1} (train)")
-    ax_acc.plot(run.global_rounds, run.accuracies, "o-", color=_GLOBAL_COLOR, lw=2.2, label="global model (test)")
+    label = f"global model ({run.round_split})"
+    ax_acc.plot(run.global_rounds, run.accuracies, "o-", color=_GLOBAL_COLOR, lw=2.2, label=label)
     known = [(r, v) for r, v in zip(run.global_rounds, run.global_loss, strict=True) if v is not None]
-    ax_loss.plot(
-        [r for r, _ in known], [v for _, v in known], "o-", color=_GLOBAL_COLOR, lw=2.2, label="global model (test)"
-    )
+    ax_loss.plot([r for r, _ in known], [v for _, v in known], "o-", color=_GLOBAL_COLOR, lw=2.2, label=label)
+    selected = run.metrics.get("selected_round")
+    if selected in run.global_rounds:
+        ax_acc.plot([selected], [run.accuracies[run.global_rounds.index(selected)]], "*", ms=14, color=_GLOBAL_COLOR)
     for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("round (micro-model lines: one point per local epoch)" if run.workers else "round")
         ax.set_ylabel(name)
@@ -554,14 +565,15 @@ def _rounds_table(run: _Run) -> str:
     loss = dict(zip(run.global_rounds, run.global_loss, strict=True))
     header = [
         "round",
-        "global test accuracy",
-        "global test loss",
+        f"global {run.round_split} accuracy",
+        f"global {run.round_split} loss",
         *[f"micro-model {m.rank} train loss" for m in run.micros],
     ]
     rows: list[list[str | _Cell]] = []
     for r in range(1, run.rounds + 1):
         micro = [_num(_loss(m.round_loss[r - 1]) if r <= len(m.round_loss) else _NONE) for m in run.micros]
-        rows.append([str(r), _num(_acc(acc[r]) if r in acc else _NONE), _num(_loss(loss.get(r))), *micro])
+        mark = " (kept)" if r == run.metrics.get("selected_round") else ""
+        rows.append([f"{r}{mark}", _num(_acc(acc[r]) if r in acc else _NONE), _num(_loss(loss.get(r))), *micro])
     return _table(header, rows)
 
 

@@ -59,8 +59,13 @@ class SplitConfig:
     """Dirichlet concentration: small values give very skewed shards (0.1), large ones near-IID (100)."""
     seed: int = 0
     """Seed of the split; the same seed and data give the same shards."""
+    val_fraction: float = 0.0
+    """Share of the training examples held out (stratified, before sharding) as the validation split that
+    selects the best round; 0 = none."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 0.5):
+            raise MicrofedError(f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
         if self.num_shards < 1:
             raise MicrofedError(f"workers must be at least 1, got {self.num_shards}")
         if self.strategy not in SPLIT_STRATEGIES:
@@ -217,20 +222,42 @@ def normalisation_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[f
     return mean.tolist(), std.tolist()
 
 
+def _stratified_pick(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `count` examples drawn per class in proportion to the class sizes."""
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    classes = np.unique(y)
+    counts = _largest_remainder(count, [float((y == c).sum()) for c in classes])
+    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c, n in zip(classes, counts, strict=True)])
+    keep.sort()
+    return torch.from_numpy(keep)
+
+
 def subsample(data: ImageData, limit: int, seed: int) -> ImageData:
     """At most `limit` examples, keeping class proportions (for quick runs and tests); 0 means all."""
     if limit <= 0 or limit >= data.labels.numel():
         return data
-    rng = np.random.default_rng(seed)
-    y = data.labels.numpy()
-    classes = np.unique(y)
-    counts = _largest_remainder(limit, [float((y == c).sum()) for c in classes])
-    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c, n in zip(classes, counts, strict=True)])
-    keep.sort()
-    index = torch.from_numpy(keep)
+    index = _stratified_pick(data.labels, limit, seed)
     # The files left out while decoding stay on record: subsampling does not make them readable.
     return ImageData(
         images=data.images[index], labels=data.labels[index], class_names=data.class_names, skipped=data.skipped
+    )
+
+
+def holdout(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData | None]:
+    """(the rest, the held-out part): `fraction` of the examples, class proportions kept, drawn with a stream
+    of its own from `seed`; (data, None) when the fraction is 0."""
+    if fraction <= 0:
+        return data, None
+    n = data.labels.numel()
+    held = _stratified_pick(data.labels, max(1, round(fraction * n)), seed + 7919)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[held] = False
+    return (
+        ImageData(
+            images=data.images[rest], labels=data.labels[rest], class_names=data.class_names, skipped=data.skipped
+        ),
+        ImageData(images=data.images[held], labels=data.labels[held], class_names=data.class_names, skipped=()),
     )
 
 
@@ -257,7 +284,7 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
     """Write `shard-0000i.{safetensors,json}` for each worker, `test.*`, and `dataset.json`; return the latter."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = dataset.train
+    train, val = holdout(dataset.train, config.val_fraction, config.seed)
     mean, std = normalisation_stats(train.images)
     common = {
         "dataset": dataset.name,
@@ -271,6 +298,7 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
             "alpha": config.alpha,
             "ratios": list(config.ratios) if config.ratios else None,
             "num_shards": config.num_shards,
+            "val_fraction": config.val_fraction,
         },
         "num_skipped_files": len(train.skipped) + len(dataset.test.skipped),
     }
@@ -279,9 +307,13 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
         m = _write_part(out, f"shard-{i:05d}", train.images[idx], train.labels[idx], {**common, "shard": i})
         shards.append({k: m[k] for k in ("file", "num_examples", "class_histogram", "sha256")})
     test = _write_part(out, "test", dataset.test.images, dataset.test.labels, {**common, "shard": None})
+    num_val = 0
+    if val is not None:
+        num_val = _write_part(out, "val", val.images, val.labels, {**common, "shard": None})["num_examples"]
     summary = {
         **common,
         "num_train_examples": int(train.labels.numel()),
+        "num_val_examples": num_val,
         "num_test_examples": test["num_examples"],
         "shards": shards,
         "skipped_files": _skipped(dataset),
@@ -331,3 +363,9 @@ def load_shard(shards_dir: str | Path, index: int) -> Shard:
 
 def load_test_set(shards_dir: str | Path) -> Shard:
     return _load_part(Path(shards_dir) / "test")
+
+
+def load_val_set(shards_dir: str | Path) -> Shard | None:
+    """The validation split, or None when the split step held none out."""
+    stem = Path(shards_dir) / "val"
+    return _load_part(stem) if stem.with_suffix(".json").exists() else None

@@ -14,30 +14,45 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from microfed.training.aggregation import check_same_architecture, weighted_average
+from microfed.training.aggregation import (
+    Strategy,
+    check_compatible,
+    check_same_architecture,
+    server_update,
+    weighted_average,
+)
 from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import read_json, read_safetensors, write_json
 from microfed.training.launch import launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, load_model, save_model
-from microfed.training.models import ModelConfig
+from microfed.training.models import ModelConfig, build_model
 from microfed.training.pytorchjob_launch import JobBackend
 from microfed.training.report import render_report, write_report
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
-from microfed.training.shards import SplitConfig, load_test_set, read_dataset_manifest, subsample, write_shards
+from microfed.training.shards import (
+    SplitConfig,
+    load_test_set,
+    load_val_set,
+    read_dataset_manifest,
+    subsample,
+    write_shards,
+)
 from microfed.training.storage import (
+    exists,
     is_gcs,
     join,
     read_bytes,
@@ -48,7 +63,14 @@ from microfed.training.storage import (
     write_bytes,
 )
 from microfed.training.train import OptimConfig, Preprocess
-from microfed.training.worker import WorkerConfig, config_to_argv
+from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
+from microfed.training.worker import (
+    BEST_ROUND_FILE,
+    ROUNDS_FILE,
+    SERVER_STATE_FILE,
+    WorkerConfig,
+    config_to_argv,
+)
 
 __all__ = [
     "ClusterOptions",
@@ -103,8 +125,9 @@ def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -
 
 @contextlib.contextmanager
 def _staged_source(source: str) -> Iterator[str]:
-    """A dataset name as is; a gs:// zip or folder downloaded first (the name of a zip is kept)."""
-    if not is_gcs(source):
+    """A dataset name as is; a gs:// zip or folder downloaded first (the name of a zip is kept). A CSV (local or
+    gs://) is passed as is: load_dataset reads it and the images it lists from wherever they are."""
+    if not is_gcs(source) or source.strip().lower().endswith(".csv"):
         yield source
     elif source.rstrip("/").lower().endswith(".zip"):
         with staged_file(source) as path:
@@ -140,12 +163,21 @@ class ClusterOptions:
 
 
 def train_step(
-    cfg: WorkerConfig, world_size: int, *, cluster: ClusterOptions | None = None, log_dir: Path | None = None
+    cfg: WorkerConfig,
+    world_size: int,
+    *,
+    cluster: ClusterOptions | None = None,
+    log_dir: Path | None = None,
+    usage_cache: str = "",
 ) -> dict[str, Any]:
     """Run one worker per shard, locally (processes) or as a PyTorchJob; returns the job record.
 
     Worker logs go to `log_dir` (a temporary folder when None) and are uploaded beside the micro-models,
-    also when the job fails.
+    also when the job fails. `usage_cache` is the measured-usage cache (microfed.training.usage): a local path
+    or gs:// URI of a folder (which holds usage-cache.json) or of a .json file; "" turns it off. The cluster
+    plan starts from its entry for this work, and the workers' measurement replaces that entry after the job.
+    The record's `usage` compares each replica's measured peaks with the plan's requests (a local run: with
+    the plan a cluster run on CPU would have got).
     """
     start = time.perf_counter()
     _log(f"train: {world_size} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
@@ -158,7 +190,7 @@ def train_step(
             if cluster is None:
                 launch_local(world_size, config_to_argv(cfg), log_dir=logs)
             else:
-                plan = _plan(cfg, cluster)
+                plan = _plan(cfg, cluster.accelerators, usage_cache)
                 _run_on_cluster(cfg, world_size, cluster, plan, logs)
         finally:
             if any(logs.iterdir()):
@@ -169,6 +201,7 @@ def train_step(
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),  # paths as text
         "workers": workers,
         "plan": plan.to_dict() if plan else None,
+        "usage": _job_usage(cfg, workers, plan, usage_cache),
         "seconds": time.perf_counter() - start,
     }
     write_bytes(join(cfg.out, "job.json"), json.dumps(record, indent=2, sort_keys=True).encode())
@@ -185,6 +218,8 @@ def train_component_step(
     local_epochs: int,
     seed: int,
     optim: OptimConfig,
+    strategy: Strategy | None = None,
+    patience: int = 0,
     worker_image: str,
     namespace: str,
     accelerators: str,
@@ -192,6 +227,8 @@ def train_component_step(
     service_account: str,
     run_id: str,
     task_name: str,
+    usage_cache: str = "",
+    pipeline_root: str = "",
 ) -> dict[str, Any]:
     """The train component's body: `shards` and `out` are the artifacts' (local path, URI) pairs.
 
@@ -210,6 +247,8 @@ def train_component_step(
         local_epochs=local_epochs,
         seed=seed,
         optim=optim,
+        strategy=strategy or Strategy(),
+        patience=patience,
     )
     cluster = None
     if on_cluster:
@@ -225,24 +264,67 @@ def train_component_step(
             attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
             service_account=service_account,
         )
-    return train_step(cfg, world_size, cluster=cluster)
+    # the measured-usage cache: where the caller says ("off": none), else next to the pipeline root, so later
+    # runs of the same model and input shape start their plan from this one's measurement
+    if usage_cache == "off":
+        usage_cache = ""
+    elif not usage_cache and pipeline_root:
+        usage_cache = join(pipeline_root, "usage-cache.json")
+    return train_step(cfg, world_size, cluster=cluster, usage_cache=usage_cache)
 
 
-def _plan(cfg: WorkerConfig, cluster: ClusterOptions) -> ResourcePlan:
-    """The resource plan of one replica, from the model and the largest shard."""
+def _plan(cfg: WorkerConfig, accelerators: Sequence[str], usage_cache: str = "", note: str = "") -> ResourcePlan:
+    """The resource plan of one replica, from the model and the largest shard, and from the measured-usage
+    cache's entry for this work when there is one."""
     summary = json.loads(read_bytes(join(cfg.shards, "dataset.json")))
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
+    key = UsageKey(
+        model=cfg.model,
+        image_shape=(c, h, w),
+        batch_size=cfg.optim.batch_size,
+        precision=cfg.optim.precision,
+        optimizer=cfg.optim.optimizer,
+    )
     plan = plan_resources(
         arch,
         batch_size=cfg.optim.batch_size,
         optimizer=cfg.optim.optimizer,
         shard_examples=max(s["num_examples"] for s in summary["shards"]),
         precision=cfg.optim.precision,
-        accelerators=cluster.accelerators,
+        accelerators=accelerators,
+        measured=read_measured(usage_cache, key),
     )
-    _log(f"resource plan per replica: {format_plan(plan)}")
+    _log(f"resource plan per replica{note}: {format_plan(plan)}")
     return plan
+
+
+def _job_usage(
+    cfg: WorkerConfig, workers: list[dict[str, Any]], plan: ResourcePlan | None, usage_cache: str
+) -> dict[str, Any] | None:
+    """The workers' measured use against the plan's requests, and their measurement into the usage cache.
+
+    A local run has no plan: it is compared with the plan a cluster run on CPU would have got. Measuring
+    never fails the step: what goes wrong here is logged, and the record's `usage` is None.
+    """
+    try:
+        reference = plan or _plan(cfg, ("none",), usage_cache, note=" (local run; what a CPU cluster run would get)")
+        report = job_usage(reference, workers, planned=plan is not None)
+        key = UsageKey.from_plan(reference)
+        measured = measured_from_workers(workers, key.image_shape)
+        if usage_cache and measured is not None:
+            report["cache"] = update_cache(usage_cache, key, *measured)
+    except (MicrofedError, OSError) as e:
+        _log(f"usage: not compared with the plan or cached ({e})")
+        return None
+    low = report["lowest_utilisation"]
+    if low["cpu"] is not None and low["memory"] is not None:
+        _log(
+            f"usage: lowest request utilisation CPU {low['cpu']:.0%} (demand {low['cpu_demand']:.0%}), "
+            f"memory {low['memory']:.0%} "
+            f"(requests from the {report['requests_from']}; goal {report['goal']:.0%})"
+        )
+    return report
 
 
 def _run_on_cluster(
@@ -252,7 +334,10 @@ def _run_on_cluster(
     from microfed.training.pytorchjob_launch import TrainingClientBackend, run_pytorchjob
 
     # In a pod, sched_getaffinity sees the node's cores, not the container's CPU limit: pass the plan's.
-    worker = dataclasses.replace(cfg, threads=max(1, int(plan.cpu_limit)))
+    # Threads: the plan's limit for an estimate; for requests taken from a measurement, the request (rounded up),
+    # or more threads would measure more cores and the next request would climb to the cap.
+    measured = plan.estimate.get("requests_from") == "measurement"
+    worker = dataclasses.replace(cfg, threads=max(1, math.ceil(plan.cpu_request) if measured else int(plan.cpu_limit)))
     job = build_pytorchjob(
         JobConfig(
             name=job_name(cluster.run_id, cluster.task, cluster.attempt),
@@ -287,13 +372,26 @@ def _own_namespace() -> str:
     return path.read_text().strip() if path.exists() else "default"
 
 
-def aggregate_step(micro_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Weighted average (n_k / n) of the micro-models listed in `job.json`; writes the global model."""
+def aggregate_step(
+    micro_dir: str | Path, out_dir: str | Path, shards_dir: str | Path | None = None, batch_size: int = 512
+) -> dict[str, Any]:
+    """Combine the micro-models listed in `job.json` by the job's strategy (the weighted average, n_k / n;
+    fedavgm's last server update; ddp's single model passed through) and write the global model.
+
+    With `shards_dir` holding a validation split, the result is round R's model or the best earlier round's,
+    whichever has the higher validation accuracy (ties: the earlier round).
+    """
     start = time.perf_counter()
     # only what the average reads: not the workers' logs or checkpoints
-    files = ["job.json", MODEL_CONFIG_FILE, *_micro_model_files(micro_dir)]
-    with staged_input(micro_dir, only=files) as micro, staged_output(out_dir) as out:
-        record = _aggregate(micro, out)
+    extra = [f for f in (ROUNDS_FILE, BEST_ROUND_FILE, SERVER_STATE_FILE) if exists(join(micro_dir, f))]
+    files = ["job.json", MODEL_CONFIG_FILE, *_micro_model_files(micro_dir), *extra]
+    with contextlib.ExitStack() as stack:
+        micro = stack.enter_context(staged_input(micro_dir, only=files))
+        shards = None
+        if shards_dir is not None and exists(join(shards_dir, "val.json")):
+            shards = stack.enter_context(staged_input(shards_dir, only=["dataset.json", "val.safetensors", "val.json"]))
+        out = stack.enter_context(staged_output(out_dir))
+        record = _aggregate(micro, out, shards, batch_size)
         record["seconds"] = time.perf_counter() - start
         write_json(out / "aggregate.json", record)
     return record
@@ -304,7 +402,7 @@ def _micro_model_files(micro_dir: str | Path) -> list[str]:
     return [str(w["file"]) for w in job["workers"]]
 
 
-def _aggregate(micro: Path, out: Path) -> dict[str, Any]:
+def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> dict[str, Any]:
     job = read_json(micro / "job.json")
     states, weights, names, metas = [], [], [], []
     for w in job["workers"]:
@@ -320,11 +418,88 @@ def _aggregate(micro: Path, out: Path) -> dict[str, Any]:
         names.append(f"micro-model of worker {w['rank']} ({w['file']})")
     card = ModelCard.from_dict(read_json(micro / MODEL_CONFIG_FILE), str(micro / MODEL_CONFIG_FILE))
     check_same_architecture(metas, names)
-    average = weighted_average(states, weights, names=names)
+    rounds = read_json(micro / ROUNDS_FILE) if (micro / ROUNDS_FILE).exists() else {}
+    strategy = Strategy(**rounds.get("strategy", {}))
     n = int(sum(weights))
-    save_model(out, average, card, metadata={"n": str(n), "micro_models": str(len(states))})
-    _log(f"aggregate: weighted average of {len(states)} micro-models, weights {[round(w / n, 4) for w in weights]}")
-    return {"num_examples": n, "micro_models": len(states), "weights": [w / n for w in weights]}
+    if strategy.name == "ddp":  # the ranks trained one model and settled its BatchNorm statistics in-job
+        check_compatible(states, names)
+        model_state, how = states[0], "ddp: the job's single model, passed through"
+    else:
+        model_state = weighted_average(states, weights, names=names)
+        how = f"weighted average of {len(states)} micro-models, weights {[round(w / n, 4) for w in weights]}"
+        if (micro / SERVER_STATE_FILE).exists():
+            model_state, how = _server_step(micro / SERVER_STATE_FILE, model_state, strategy), f"fedavgm: {how}"
+    record: dict[str, Any] = {
+        "num_examples": n,
+        "micro_models": len(states),
+        "weights": [w / n for w in weights],
+        "strategy": dataclasses.asdict(strategy),
+        "rounds": int(rounds.get("stopped_after_round", job.get("config", {}).get("rounds", 0)) or 0),
+    }
+    record.update(_select(micro, shards, rounds, model_state, card, batch_size))
+    if record.get("selected_round") not in (None, record["rounds"]):
+        model_state, _ = read_safetensors(micro / BEST_ROUND_FILE)
+    save_model(
+        out,
+        model_state,
+        card,
+        metadata={"n": str(n), "micro_models": str(len(states)), "round": str(record.get("selected_round") or "")},
+    )
+    _log(f"aggregate: {how}")
+    return record
+
+
+def _server_step(path: Path, average: dict[str, torch.Tensor], strategy: Strategy) -> dict[str, torch.Tensor]:
+    """fedavgm's server update of round R, from the global model and momentum the job left."""
+    tensors, _ = read_safetensors(path)
+    part = {
+        name: {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{name}.")}
+        for name in ("global", "momentum")
+    }
+    updated, _ = server_update(
+        part["global"],
+        {k: average[k] for k in part["global"]},
+        part["momentum"] or None,
+        beta=strategy.server_momentum,
+        lr=strategy.server_lr,
+    )
+    return {**average, **updated}
+
+
+def _select(
+    micro: Path,
+    shards: Path | None,
+    rounds: dict[str, Any],
+    final: dict[str, torch.Tensor],
+    card: ModelCard,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Validation accuracy of every round (the job's records plus the final model's, measured here) and the
+    round to keep; nothing when no validation split was held out."""
+    if shards is None:
+        return {}
+    val = load_val_set(shards)
+    if val is None:
+        return {}
+    model = build_model(card.architecture)
+    model.load_state_dict(final)
+    pre = Preprocess(list(card.mean), list(card.std), device=torch.device("cpu"))
+    res = evaluate(
+        model, val.images, val.labels, preprocess=pre, num_classes=card.architecture.num_classes, batch_size=batch_size
+    )
+    last = int(rounds.get("stopped_after_round") or rounds.get("rounds") or 0)
+    history = [r for r in rounds.get("val", []) if r["round"] != last]
+    history.append({"round": last, "val_accuracy": res.accuracy, "val_loss": res.loss})
+    best = rounds.get("best_round")
+    selected = last
+    if best is not None and rounds.get("best_file") and float(rounds["best_val_accuracy"]) >= res.accuracy:
+        selected = int(best)
+    chosen = next(r for r in history if r["round"] == selected)
+    _log(
+        f"aggregate: validation accuracy by round {[round(r['val_accuracy'], 4) for r in history]}; "
+        f"keeping round {selected} ({chosen['val_accuracy']:.4f})"
+    )
+    return {"val_history": history, "selected_round": selected, "val_accuracy": chosen["val_accuracy"]}
 
 
 def evaluate_step(
@@ -374,8 +549,18 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
                 model, test.images, test.labels, preprocess=pre, num_classes=classes, batch_size=batch_size
             ).accuracy
         )
-    rank0_rounds = job["workers"][0]["rounds"]
-    round_accuracy = [r["test_accuracy"] for r in rank0_rounds[:-1] if "test_accuracy" in r]
+    # the global model's accuracy per round: on the validation split when one was held out (the aggregate step
+    # recorded it), else only the final model's, on the test set
+    history = aggregate.get("val_history") or []
+    per_round = {
+        "round_accuracy": [h["val_accuracy"] for h in history] or [res.accuracy],
+        "round_loss": [h["val_loss"] for h in history] or [res.loss],
+        "round_numbers": [h["round"] for h in history]
+        or [int(aggregate.get("rounds") or len(job["workers"][0]["rounds"]))],
+        "round_split": "validation" if history else "test",
+        "selected_round": aggregate.get("selected_round"),
+        "strategy": aggregate.get("strategy", {}).get("name", "fedavg"),
+    }
     _log(
         f"evaluate: test accuracy {res.accuracy:.4f} on {res.num_examples} examples "
         f"(micro-models {min(micro_accuracy):.4f} to {max(micro_accuracy):.4f})"
@@ -389,10 +574,11 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
         "num_test_examples": res.num_examples,
         "shard_sizes": [s["num_examples"] for s in dataset["shards"]],
         "shard_class_histograms": [s["class_histogram"] for s in dataset["shards"]],
-        "round_accuracy": [*round_accuracy, res.accuracy],
+        **per_round,
         "micro_model_accuracy": micro_accuracy,
         "train_loss": [[r["epochs"][-1]["loss"] for r in w["rounds"]] for w in job["workers"]],
         "resource_plan": job.get("plan"),
+        "resource_usage": job.get("usage"),  # measured peaks against the plan's requests
         "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"]},
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +171,21 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     amp_dtype: torch.dtype | None = None,
+    steps: int | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> EpochStats:
-    """One pass over a shuffled shard. Raises MicrofedError when the loss stops being finite."""
+    """One pass over a shuffled shard. Raises MicrofedError when the loss stops being finite.
+
+    `steps` fixes the number of batches (DDP: every rank must take the same number of steps), the shuffled
+    order wrapping around when it is larger than one pass. `after_backward` runs between backward and the
+    optimizer step (FedProx adds its proximal gradient there).
+    """
     start = time.perf_counter()
     model.train()
-    n = labels.numel()
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(labels.numel(), generator=generator)
+    if steps is not None:
+        order = order.repeat(-(-steps * batch_size // order.numel()))[: steps * batch_size]
+    n = order.numel()
     loss_sum = torch.zeros((), dtype=torch.float64, device=preprocess.device)
     correct = torch.zeros((), dtype=torch.int64, device=preprocess.device)
     for begin in range(0, n, batch_size):
@@ -187,6 +197,8 @@ def train_epoch(
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * y.numel()

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from microfed.training.aggregation import ARCHITECTURE_KEY, allreduce_average
+from microfed.training.aggregation import (
+    ARCHITECTURE_KEY,
+    Strategy,
+    allreduce_average,
+    batchnorm_keys,
+    exclude,
+    proximal_step,
+    server_update,
+)
 from microfed.training.checkpoint import (
     build_checkpoint,
     capture_rank_state,
@@ -53,8 +61,8 @@ from microfed.training.io import write_json, write_safetensors
 from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
-from microfed.training.shards import Shard, load_shard, load_test_set, read_dataset_manifest
-from microfed.training.storage import staged_input, staged_output
+from microfed.training.shards import Shard, load_shard, load_val_set, read_dataset_manifest
+from microfed.training.storage import exists, join, staged_input, staged_output
 from microfed.training.train import (
     OptimConfig,
     Preprocess,
@@ -63,8 +71,13 @@ from microfed.training.train import (
     make_scheduler,
     train_epoch,
 )
+from microfed.training.usage import UsageMonitor
 
 __all__ = ["DistEnv", "PeerLost", "WorkerConfig", "main", "micro_model_name", "run_worker"]
+
+ROUNDS_FILE = "rounds.json"  # rank 0: the strategy, every round's validation metrics, the best round
+BEST_ROUND_FILE = "best-round.safetensors"  # rank 0: the global model of the best in-job round
+SERVER_STATE_FILE = "server-state.safetensors"  # rank 0, fedavgm: the global model and momentum before round R
 
 
 class PeerLost(RuntimeError):
@@ -98,11 +111,18 @@ class WorkerConfig:
     threads: int = 0
     """CPU threads; 0 = usable cores / workers on this machine (LOCAL_WORLD_SIZE)."""
     eval_every_round: bool = True
-    """Evaluate the averaged model on the test set after each in-job average (rounds 1..R-1)."""
+    """Evaluate the global model on the validation split (when the split step held one out) after each in-job
+    average (rounds 1..R-1; the aggregate step evaluates round R) and keep the best round's model."""
+    strategy: Strategy = field(default_factory=Strategy)
+    """fedavg, fedprox, fedavgm or ddp, and their settings (microfed.training.aggregation)."""
+    patience: int = 0
+    """Stop after this many rounds without a better validation accuracy; 0 runs every round."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
             raise MicrofedError(f"--rounds and --local-epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if self.patience < 0:
+            raise MicrofedError(f"--patience must be >= 0, got {self.patience}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise MicrofedError(f"unknown --device {self.device!r}", hint="use auto, cpu or cuda")
 
@@ -180,17 +200,28 @@ class _Local:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     amp: torch.dtype | None
+    trainer: torch.nn.Module
+    """What the epochs run: the model, or its DistributedDataParallel wrapper (ddp)."""
+    steps: int | None
+    """Batches per epoch when every rank must take the same number (ddp); None: one pass over the shard."""
+    averaged: set[str]
+    """The state_dict keys the in-job averages combine (all but BatchNorm's under fedbn)."""
+    server: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Strategy state every rank holds alike: "momentum" (fedavgm), "best" (rank 0: the best round's model)."""
+    best: dict[str, Any] = field(default_factory=lambda: {"round": 0, "val_accuracy": -1.0})
 
 
 def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up.
 
-    With gs:// URIs, the worker downloads only its own shard and the test set, and uploads what it wrote
+    With gs:// URIs, the worker downloads only its own shard and the validation split, and uploads what it wrote
     when it finishes (nothing when it fails).
     """
     own = [f"shard-{env.rank:05d}.safetensors", f"shard-{env.rank:05d}.json"]
+    if cfg.eval_every_round and cfg.rounds > 1 and exists(join(cfg.shards, "val.json")):
+        own += ["val.safetensors", "val.json"]
     with (
-        staged_input(cfg.shards, only=["dataset.json", *own, "test.safetensors", "test.json"]) as shards,
+        staged_input(cfg.shards, only=["dataset.json", *own]) as shards,
         staged_output(cfg.out) as out,
     ):
         return _run(cfg, env, shards, out)
@@ -205,6 +236,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
             hint="start one worker per shard",
         )
     device = _device(cfg, env)
+    monitor = UsageMonitor(device).start()  # peak memory, CPU and GPU use: the next plan starts from them
     torch.set_num_threads(cfg.threads or max(1, _usable_cores() // max(1, env.local_world_size)))
     shard = load_shard(shards, env.rank)
     c, h, w = summary["image_shape"]
@@ -214,23 +246,36 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
     local = _prepare(cfg, env, arch, summary, shard.images, shard.labels, device)
     fingerprint = _fingerprint(cfg, env, summary)
     resumed, rounds = _resume(cfg, env, local, fingerprint)
-    test = load_test_set(shards) if cfg.eval_every_round and cfg.rounds > 1 else None
+    val = load_val_set(shards) if cfg.eval_every_round and cfg.rounds > 1 else None
+    last = cfg.rounds
     for r in range(resumed + 1, cfg.rounds + 1):
         record = _train_round(cfg, env, local, r)
         _check_finite(local.model.state_dict(), env, r, cfg.rounds)  # a diverged worker never enters the average
         rounds.append(record)
-        if r < cfg.rounds:  # the last average is the aggregate step's
-            record.update(_average(cfg, env, local, shard.num_examples, test, arch.num_classes, r))
-            if "test_accuracy" in record:
-                _log(env, f"round {r}/{cfg.rounds}: global model test accuracy {record['test_accuracy']:.4f}")
-            _checkpoint(cfg, env, local, r, fingerprint, rounds)
+        if r == cfg.rounds:  # the last average is the aggregate step's (ddp: the ranks settle BatchNorm here)
+            if cfg.strategy.name == "ddp" and env.world_size > 1:
+                _average(cfg, env, local, shard.num_examples, None, arch.num_classes, r)
+            break
+        record.update(_average(cfg, env, local, shard.num_examples, val, arch.num_classes, r))
+        if "val_accuracy" in record:
+            _log(env, f"round {r}/{cfg.rounds}: global model validation accuracy {record['val_accuracy']:.4f}")
+            _keep_best(env, local, r, record["val_accuracy"])
+        _checkpoint(cfg, env, local, r, fingerprint, rounds)
+        if cfg.patience and val is not None and r - local.best["round"] >= cfg.patience:
+            _log(env, f"stopping early after round {r}: no better validation accuracy for {cfg.patience} rounds")
+            last = r
+            break
+    strategy = cfg.strategy.to_metadata()
     meta = {
         "n_k": str(shard.num_examples),
         "rank": str(env.rank),
-        "rounds": str(cfg.rounds),
+        "rounds": str(last),
         ARCHITECTURE_KEY: json.dumps(arch.to_dict(), sort_keys=True),
+        **strategy,
     }
     write_safetensors(out / micro_model_name(env.rank), local.model.state_dict(), meta)
+    if env.rank == 0:
+        _write_server_files(cfg, local, out, rounds, last, strategy)
     worker = {
         "rank": env.rank,
         "n_k": shard.num_examples,
@@ -239,10 +284,49 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "resumed_from_round": resumed,
+        "stopped_after_round": last,
         "seconds": time.perf_counter() - started,
+        "usage": monitor.stop(ep["seconds"] for rec in rounds for ep in rec["epochs"]).to_dict(),
     }
     write_json(out / f"worker-{env.rank:05d}.json", worker)
     return worker
+
+
+def _keep_best(env: DistEnv, local: _Local, r: int, accuracy: float) -> None:
+    """Remember round r's global model when its validation accuracy beats every earlier round's (ties: the
+    earlier round, as early stopping counts only improvements).
+    Every rank sees the same all-reduced accuracy; only rank 0 keeps a copy of the weights."""
+    if accuracy > local.best["val_accuracy"]:
+        local.best = {"round": r, "val_accuracy": accuracy}
+        if env.rank == 0:
+            local.server["best"] = {k: t.detach().to("cpu", copy=True) for k, t in local.model.state_dict().items()}
+
+
+def _write_server_files(
+    cfg: WorkerConfig, local: _Local, out: Path, rounds: list[dict[str, Any]], last: int, strategy: dict[str, str]
+) -> None:
+    """What the aggregate step needs besides the micro-models: the validation history and the best in-job
+    round's model (to select the best round), and fedavgm's server state (to apply the last server update)."""
+    info: dict[str, Any] = {
+        "strategy": dataclasses.asdict(cfg.strategy),
+        "rounds": cfg.rounds,
+        "stopped_after_round": last,
+        "val": [
+            {k: r[k] for k in ("round", "val_accuracy", "val_loss") if k in r} for r in rounds if "val_accuracy" in r
+        ],
+        "best_round": local.best["round"] or None,
+        "best_val_accuracy": local.best["val_accuracy"] if local.best["round"] else None,
+    }
+    if "best" in local.server:
+        write_safetensors(out / BEST_ROUND_FILE, local.server["best"], {"round": str(local.best["round"]), **strategy})
+        info["best_file"] = BEST_ROUND_FILE
+    # an early stop ends on an averaged model: the aggregate step must not apply another server update
+    if cfg.strategy.name == "fedavgm" and last == cfg.rounds and "global" in local.server:
+        tensors = {f"global.{k}": t for k, t in local.server["global"].items()}
+        tensors.update({f"momentum.{k}": t for k, t in local.server.get("momentum", {}).items()})
+        write_safetensors(out / SERVER_STATE_FILE, tensors, strategy)
+        info["server_state_file"] = SERVER_STATE_FILE
+    write_json(out / ROUNDS_FILE, info)
 
 
 @contextlib.contextmanager
@@ -266,6 +350,8 @@ def _fingerprint(cfg: WorkerConfig, env: DistEnv, summary: Mapping[str, Any]) ->
         "local_epochs": cfg.local_epochs,
         "optim": dataclasses.asdict(cfg.optim),
         "seed": cfg.seed,
+        "strategy": dataclasses.asdict(cfg.strategy),
+        "patience": cfg.patience,
         "world_size": env.world_size,
         "shards": [s["sha256"] for s in summary["shards"]],
     }
@@ -289,6 +375,12 @@ def _resume(
         return 0, []
     ckpt = read_checkpoint(str(cfg.out), resumed, fingerprint=fingerprint, world_size=env.world_size)
     local.model.load_state_dict(ckpt.weights)
+    for key, t in ckpt.server.items():  # "momentum.<name>", "best.<name>"
+        part, name = key.split(".", 1)
+        local.server.setdefault(part, {})[name] = t.to(next(iter(local.model.state_dict().values())).device)
+    if env.rank != 0:
+        local.server.pop("best", None)
+    local.best = dict(ckpt.server_info.get("best") or local.best)
     records = restore_rank_state(ckpt.ranks[env.rank], local.optimizer, local.scheduler, local.generator)
     _log(env, f"resuming after round {resumed}/{cfg.rounds} from {checkpoint_uri(str(cfg.out), resumed)}")
     return resumed, records
@@ -303,7 +395,15 @@ def _checkpoint(
     with _collective(env, f"gathering round {r}'s checkpoint"):
         states = gather_bytes(mine, env.world_size)
     if env.rank == 0:
-        data = build_checkpoint(r, fingerprint, local.model.state_dict(), [decode_rank_state(b) for b in states])
+        server = {f"{part}.{k}": t for part, ts in local.server.items() if part != "global" for k, t in ts.items()}
+        data = build_checkpoint(
+            r,
+            fingerprint,
+            local.model.state_dict(),
+            [decode_rank_state(b) for b in states],
+            server=server,
+            server_info={"best": local.best},
+        )
         uri = write_checkpoint(str(cfg.out), r, data)
         _log(env, f"round {r}/{cfg.rounds}: checkpoint {uri} ({len(data) / 1e6:.1f} MB)")
     if env.world_size > 1:
@@ -344,8 +444,24 @@ def _prepare(
                 dist.broadcast(t, src=0)
     if device.type == "cuda":
         images, labels = images.to(device), labels.to(device)
-    steps_per_epoch = -(-labels.numel() // cfg.optim.batch_size)
+    steps = None
+    trainer: torch.nn.Module = model
+    if cfg.strategy.name == "ddp":
+        # DDP all-reduces gradients every step, so every rank takes as many steps as the largest shard needs
+        # (smaller shards wrap around, as DistributedSampler pads) and the schedules stay in step.
+        steps = -(-max(s["num_examples"] for s in summary["shards"]) // cfg.optim.batch_size)
+        if env.world_size > 1:
+            trainer = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.index is not None else None
+            )
+    steps_per_epoch = steps or -(-labels.numel() // cfg.optim.batch_size)
     opt = make_optimizer(model, cfg.optim)
+    keys = set(model.state_dict())
+    if cfg.strategy.fedbn:
+        bn = batchnorm_keys(model)
+        if not bn:
+            _log(env, f"fedbn: {cfg.model} has no BatchNorm layers, so every layer is averaged")
+        keys -= bn
     return _Local(
         model=model,
         images=images,
@@ -356,15 +472,32 @@ def _prepare(
         scheduler=make_scheduler(opt, cfg.optim, cfg.rounds * cfg.local_epochs * steps_per_epoch),
         generator=torch.Generator().manual_seed(cfg.seed + 1000 * (env.rank + 1)),
         amp=autocast_dtype(cfg.optim.precision, device),
+        trainer=trainer,
+        steps=steps,
+        averaged=keys,
     )
 
 
 def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict[str, Any]:
+    strategy = cfg.strategy
+    if strategy.name == "fedavgm":  # the global model this round starts from: the server update's reference
+        local.server["global"] = {
+            k: t.detach().clone() for k, t in local.model.state_dict().items() if k in local.averaged
+        }
+    after_backward = None
+    if strategy.name == "fedprox":
+        params = [p for p in local.model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params]  # w_global, the model the round started from
+        mu = strategy.mu
+
+        def after_backward() -> None:
+            proximal_step(params, anchor, mu)
+
     epochs = []
     for e in range(1, cfg.local_epochs + 1):
         try:
             stats = train_epoch(
-                local.model,
+                local.trainer,
                 local.images,
                 local.labels,
                 preprocess=local.preprocess,
@@ -373,6 +506,8 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict
                 batch_size=cfg.optim.batch_size,
                 generator=local.generator,
                 amp_dtype=local.amp,
+                steps=local.steps,
+                after_backward=after_backward,
             )
         except MicrofedError as err:  # a diverged loss: say which worker and when, for every rank's log
             raise MicrofedError(
@@ -390,26 +525,39 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict
 
 
 def _average(
-    cfg: WorkerConfig, env: DistEnv, local: _Local, n_k: int, test: Shard | None, num_classes: int, r: int
+    cfg: WorkerConfig, env: DistEnv, local: _Local, n_k: int, val: Shard | None, num_classes: int, r: int
 ) -> dict[str, Any]:
-    """In-job FedAvg of all ranks' weights (weights n_k / n), then the averaged model's test metrics."""
+    """In-job combination of all ranks' models by the strategy (the weighted average, weights n_k / n; fedavgm's
+    server update; fedbn's BatchNorm layers left out), then the global model's validation metrics."""
     out: dict[str, Any] = {}
+    fedavgm = cfg.strategy.name == "fedavgm"
     with _collective(env, f"averaging round {r}"):
-        if env.world_size > 1:
+        if env.world_size > 1 or fedavgm:
             start = time.perf_counter()
-            local.model.load_state_dict(allreduce_average(local.model.state_dict(), float(n_k)))
+            state = local.model.state_dict()
+            mine = {k: t for k, t in state.items() if k in local.averaged}
+            average = allreduce_average(mine, float(n_k)) if env.world_size > 1 else mine
+            if fedavgm:
+                average, local.server["momentum"] = server_update(
+                    local.server["global"],
+                    average,
+                    local.server.get("momentum"),
+                    beta=cfg.strategy.server_momentum,
+                    lr=cfg.strategy.server_lr,
+                )
+            local.model.load_state_dict({**exclude(state, average), **average})
             out["average_seconds"] = time.perf_counter() - start
-        if test is not None:
-            lo, hi = _slice(test.num_examples, env)
+        if val is not None:
+            lo, hi = _slice(val.num_examples, env)
             res = evaluate(
                 local.model,
-                test.images[lo:hi],
-                test.labels[lo:hi],
+                val.images[lo:hi],
+                val.labels[lo:hi],
                 preprocess=local.preprocess,
                 num_classes=num_classes,
                 all_reduce=env.world_size > 1,
             )
-            out["test_accuracy"], out["test_loss"] = res.accuracy, res.loss
+            out["val_accuracy"], out["val_loss"] = res.accuracy, res.loss
     return out
 
 
@@ -443,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--no-eval-every-round", dest="eval_every_round", action="store_false")
+    st = Strategy()
+    p.add_argument("--strategy", default=st.name, help="fedavg, fedprox, fedavgm or ddp")
+    p.add_argument("--mu", type=float, default=st.mu, help="fedprox: proximal term weight")
+    p.add_argument("--server-momentum", type=float, default=st.server_momentum, help="fedavgm: server momentum")
+    p.add_argument("--server-lr", type=float, default=st.server_lr, help="fedavgm: server learning rate")
+    p.add_argument("--fedbn", action="store_true", help="keep BatchNorm layers out of the in-job averages")
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping: rounds without a better val acc")
     return p
 
 
@@ -469,6 +624,10 @@ def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
         device=a.device,
         threads=a.threads,
         eval_every_round=a.eval_every_round,
+        strategy=Strategy(
+            name=a.strategy, mu=a.mu, server_momentum=a.server_momentum, server_lr=a.server_lr, fedbn=a.fedbn
+        ),
+        patience=a.patience,
     )
 
 
@@ -508,7 +667,19 @@ def config_to_argv(cfg: WorkerConfig) -> list[str]:
         cfg.device,
         "--threads",
         str(cfg.threads),
+        "--strategy",
+        cfg.strategy.name,
+        "--mu",
+        repr(cfg.strategy.mu),
+        "--server-momentum",
+        repr(cfg.strategy.server_momentum),
+        "--server-lr",
+        repr(cfg.strategy.server_lr),
+        "--patience",
+        str(cfg.patience),
     ]
+    if cfg.strategy.fedbn:
+        argv.append("--fedbn")
     return argv if cfg.eval_every_round else [*argv, "--no-eval-every-round"]
 
 
