@@ -74,7 +74,10 @@ class LocalOperator:
             return None
         codes = [p.poll() for p in self.procs[name].values()]
         conditions = [KubeflowOrgV1JobCondition(type="Created", status="True")]
-        if any(c not in (None, 0) for c in codes):
+        # restartPolicy ExitCode: 1-127 fail the job at once; a replica killed or told to restart (128-255) does not
+        # by itself (the operator would restart it; this fake fails the job once every replica has exited)
+        finished = all(c is not None for c in codes)
+        if any(c is not None and 0 < c < 128 for c in codes) or (finished and any(c != 0 for c in codes)):
             conditions.append(KubeflowOrgV1JobCondition(type="Failed", status="True", message="a replica failed"))
         elif all(c == 0 for c in codes):
             conditions.append(KubeflowOrgV1JobCondition(type="Succeeded", status="True"))
