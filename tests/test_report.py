@@ -335,4 +335,9 @@ def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_
     assert [f"{a:.4f}" for a in metrics["round_accuracy"]] == [rows[j + 1] for j in starts]
     assert rows[starts[metrics["selected_round"] - 1]].endswith("(kept)")
     assert "global validation accuracy" in rows
+    # the workers' measured peaks against the plan a cluster run would get
+    usage = cells(s["resource-plan"])
+    assert [c for c in usage if c.startswith("worker ")] == ["worker 0", "worker 1"]
+    peaks = metrics["resource_usage"]["replicas"]
+    assert all(p["memory_peak_bytes"] > 50 * 2**20 for p in peaks)  # a Python process with torch loaded
     assert len(Page(page).images) == 4

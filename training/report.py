@@ -765,14 +765,46 @@ def _plan_value(key: str, v: Any) -> str:
 
 def _plan_section(run: _Run) -> str:
     title = "Resource plan (one replica)"
+    usage = _usage_part(run.metrics.get("resource_usage"))
     if not run.plan:
         return _section(
             "resource-plan",
             title,
-            _p("Local run: no plan. The workers ran as processes on this machine, without requests or limits.", "note"),
+            _p("Local run: no plan. The workers ran as processes on this machine, without requests or limits.", "note")
+            + usage,
         )
     rows: list[list[str | _Cell]] = [[k, _plan_value(k, v)] for k, v in _flatten(run.plan)]
-    return _section("resource-plan", title, _table(["field", "value"], rows))
+    return _section("resource-plan", title, _table(["field", "value"], rows) + usage)
+
+
+def _usage_part(usage: Any) -> str:
+    """Measured peaks per replica against the plan's requests (the train step's `usage` record)."""
+    if not isinstance(usage, Mapping) or not usage.get("replicas"):
+        return ""
+    req = usage["requested"]
+    rows: list[list[str | _Cell]] = []
+    for r in usage["replicas"]:
+        u = r.get("utilisation") or {}
+        demand = r.get("cpu_cores_demand")
+        rows.append(
+            [
+                f"worker {r['rank']}",
+                _num(_bytes(int(r["memory_peak_bytes"])) if r.get("memory_peak_bytes") else _NONE),
+                _num(f"{100 * u['memory']:.0f} %" if u.get("memory") is not None else _NONE),
+                _num(f"{demand:.2f}" if demand is not None else _NONE),
+                _num(f"{100 * u['cpu_demand']:.0f} %" if u.get("cpu_demand") is not None else _NONE),
+            ]
+        )
+    goal = float(usage.get("goal") or 0.75)
+    verdict = "meets" if usage.get("meets_goal") else "misses"
+    note = (
+        f"Measured against {usage['plan']} (requests from the {usage.get('requests_from', 'estimate')}): "
+        f"{req['cpu_request']} cores and {_bytes(int(req['memory_request']))} requested per replica; the run {verdict} "
+        f"the goal of using at least {goal:.0%} of each request. The next run of this model and input shape plans "
+        "from these measurements."
+    )
+    header = ["replica", "peak memory", "of request", "CPU cores wanted", "of request"]
+    return _p(note, "note") + _table(header, rows)
 
 
 _STEP_ORDER = ("split", "train", "aggregate", "evaluate", "orchestration")
