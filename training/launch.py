@@ -150,6 +150,14 @@ def launch_local(
             signal.signal(signal.SIGTERM, previous)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _start(world_size: int, worker_args: Sequence[str], module: str, logs: list[Path], attempt: int) -> list[_Proc]:
     """Start the group; a fresh port per attempt, since the last one may linger in TIME_WAIT."""
     port = free_port()
@@ -165,6 +173,8 @@ def _start(world_size: int, worker_args: Sequence[str], module: str, logs: list[
                 "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(world_size),
                 "PYTHONUNBUFFERED": "1",
+                # as torchrun does: each worker's OpenMP pool sized to its share of the cores, not all of them
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cores() // world_size)),
             }
             with open(log_path, "ab" if attempt else "wb") as log:
                 if attempt:

@@ -58,7 +58,7 @@ from microfed.training.checkpoint import (
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import write_json, write_safetensors
-from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR
+from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR, usable_cores
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import Shard, load_shard, load_val_set, read_dataset_manifest
@@ -166,13 +166,6 @@ class DistEnv:
         )
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _device(cfg: WorkerConfig, env: DistEnv) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -237,7 +230,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         )
     device = _device(cfg, env)
     monitor = UsageMonitor(device).start()  # peak memory, CPU and GPU use: the next plan starts from them
-    torch.set_num_threads(cfg.threads or max(1, _usable_cores() // max(1, env.local_world_size)))
+    torch.set_num_threads(cfg.threads or max(1, usable_cores() // max(1, env.local_world_size)))
     shard = load_shard(shards, env.rank)
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
