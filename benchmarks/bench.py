@@ -10,6 +10,8 @@ back to back, and reports the ratio; absolute numbers only describe this machine
   aggregation   GB/s of weighted_average vs a tensor copy of the same bytes
   orchestration `microfed run` (kfp.local) wall time vs the same steps called in one process; fixed cost per step
   parallel      2 local workers (cores/2 threads each) vs one process on all cores, same data and epochs
+  peers         the same federated setup run by Flower's FedAvg (simulation) and by torchrun DDP
+                (benchmarks/peers.py; Flower in its own .venv-flower)
   cluster       a projection of wall time for 1-64 workers on a cluster from this run's numbers (a table, with
                 its assumptions; no side-by-side timing)
 
@@ -46,6 +48,7 @@ from microfed.training.worker import WorkerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BATCH, FMNIST, MEASURED, row, timed
+from peers import peers
 
 # --------------------------------------------------------------------------------------------- data path
 
@@ -488,6 +491,7 @@ ROWS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "aggregation": aggregation,
     "orchestration": orchestration,
     "parallel": parallel,
+    "peers": peers,
     "cluster": cluster,
 }
 
