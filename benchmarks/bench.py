@@ -12,6 +12,9 @@ back to back, and reports the ratio; absolute numbers only describe this machine
   parallel      2 local workers (cores/2 threads each) vs one process on all cores, same data and epochs
   peers         the same federated setup run by Flower's FedAvg (simulation) and by torchrun DDP
                 (benchmarks/peers.py; Flower in its own .venv-flower)
+  accuracy      FedAvg test accuracy (3/8 workers; stratified, Dirichlet 0.5/0.1; one-shot, multi-round) vs
+                centralized training with the same epochs; epochs and seconds to 91.4% (benchmarks/accuracy.py)
+  strategies    fedprox, FedAvgM and ddp vs fedavg on Dirichlet 0.5 and 0.1 shards
   cluster       a projection of wall time for 1-64 workers on a cluster from this run's numbers (a table, with
                 its assumptions; no side-by-side timing)
 
@@ -47,6 +50,8 @@ from microfed.training.train import OptimConfig, Preprocess, autocast_dtype, mak
 from microfed.training.worker import WorkerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import accuracy, strategies
+from accuracy import markdown as accuracy_markdown
 from common import BATCH, FMNIST, MEASURED, row, timed
 from peers import peers
 
@@ -492,6 +497,8 @@ ROWS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "orchestration": orchestration,
     "parallel": parallel,
     "peers": peers,
+    "accuracy": accuracy,
+    "strategies": strategies,
     "cluster": cluster,
 }
 
@@ -556,14 +563,17 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], quick: bool) -
     )
     lines = ["| row | ours | alternative | ratio | goal | met | note |", "|---|---|---|---|---|---|---|"]
     projections = [r for r in results if r.get("kind") == "projection"]
+    # accuracy and strategy rows compare points, not ratios: their own tables below
+    points = [r for r in results if r.get("kind") == "time-to-accuracy" or "gap_points" in r or "gain_points" in r]
     for r in results:
-        if r.get("kind") == "projection":
+        if r.get("kind") == "projection" or any(r is q for q in points):
             continue
         lines.append(
             f"| {r['row']} | {r['ours']:.1f} {r['unit']} | {r['alternative']:.1f} {r['unit']} | "
             f"{r['ratio']:.2f}x | >= {r['goal']}x | {'yes' if r['met'] else '**missed**'} | {r['note']} |"
         )
-    return head + "\n".join(lines) + "\n" + "".join(_projection_markdown(p) for p in projections)
+    extra = "\n" + accuracy_markdown(points) if points else ""
+    return head + "\n".join(lines) + "\n" + extra + "".join(_projection_markdown(p) for p in projections)
 
 
 def main(argv: list[str] | None = None) -> int:
