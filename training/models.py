@@ -32,7 +32,6 @@ from types import ModuleType
 from typing import Any, Self
 
 from torch import nn
-from torchvision import models as tvm
 
 # Relative, so import sorting does not depend on whether ruff knows `microfed` as first-party.
 from .errors import MicrofedError
@@ -289,24 +288,24 @@ def _cnn_fmnist(config: ModelConfig) -> nn.Module:
 
 
 def _resnet18(config: ModelConfig) -> nn.Module:
-    return _adapt(tvm.resnet18(weights=None, num_classes=config.num_classes), config)
+    return _adapt(_torchvision().resnet18(weights=None, num_classes=config.num_classes), config)
 
 
 def _squeezenet(config: ModelConfig) -> nn.Module:
-    return _adapt(tvm.squeezenet1_1(weights=None, num_classes=config.num_classes), config)
+    return _adapt(_torchvision().squeezenet1_1(weights=None, num_classes=config.num_classes), config)
 
 
 def _efficientnet_v2_s(config: ModelConfig) -> nn.Module:
-    return _adapt(tvm.efficientnet_v2_s(weights=None, num_classes=config.num_classes), config)
+    return _adapt(_torchvision().efficientnet_v2_s(weights=None, num_classes=config.num_classes), config)
 
 
 def _mobilenet_v3_small(config: ModelConfig) -> nn.Module:
-    return _adapt(tvm.mobilenet_v3_small(weights=None, num_classes=config.num_classes), config)
+    return _adapt(_torchvision().mobilenet_v3_small(weights=None, num_classes=config.num_classes), config)
 
 
 def _vgg16(config: ModelConfig) -> nn.Module:
     if min(_backbone_size(config.image_size)) >= _VGG_STOCK_HEAD_SIDE:
-        return _adapt(tvm.vgg16(weights=None, num_classes=config.num_classes), config)
+        return _adapt(_torchvision().vgg16(weights=None, num_classes=config.num_classes), config)
     # Built directly rather than by trimming tvm.vgg16: initialising the stock 25,088x4,096 layer only to
     # discard it costs seconds and half a gigabyte per worker.
     compact = nn.Sequential(
@@ -350,6 +349,14 @@ def _init_like_torchvision_vgg(model: nn.Module) -> None:
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, 0.01)
             nn.init.zeros_(module.bias)
+
+
+def _torchvision() -> Any:
+    """torchvision.models, imported on first use: it pulls in torch._dynamo (about a second per process), which
+    the steps and workers of the small CNNs never need."""
+    from torchvision import models
+
+    return models
 
 
 def _adapt(net: nn.Module, config: ModelConfig) -> nn.Module:
