@@ -31,6 +31,8 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
     assert "test accuracy" in outputs and "after 2 rounds" in outputs
     assert "pipeline-for-kubeflow.yaml" in outputs
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    # beside the run folders: the workers' measured usage, which the next run's resource plan starts from
+    assert (tmp_path / "runs" / "usage-cache.json").exists()
     assert (run_dir / "pipeline-for-kubeflow.yaml").exists() and (run_dir / "metrics.json").exists()
     assert "set KFP_HOST to submit" in outputs  # the submit cell ran its no-host branch
