@@ -215,3 +215,39 @@ def test_patience_stops_when_validation_accuracy_stops_improving(shards: Path, t
     assert all(len(w["rounds"]) == 2 and w["stopped_after_round"] == 2 for w in job["workers"])
     assert read_safetensors(tmp_path / "micro" / micro_model_name(0))[1]["rounds"] == "2"
     assert read_json(tmp_path / "micro" / "rounds.json")["stopped_after_round"] == 2
+
+
+BN_FACTORY = """
+from torch import nn
+
+
+def make(num_classes, in_channels, image_size):
+    h, w = image_size
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * h * w, num_classes),
+    )
+"""
+
+
+def test_fedbn_keeps_batchnorm_out_of_the_in_job_average(shards: Path, tmp_path: Path) -> None:
+    from microfed.training.checkpoint import checkpoint_uri, parse_checkpoint
+    from microfed.training.storage import read_bytes
+
+    factory = tmp_path / "bn_net.py"
+    factory.write_text(BN_FACTORY)
+    model = f"{factory}:make"
+    train(shards, tmp_path / "fedavg", 2, model=model)
+    train(shards, tmp_path / "fedbn", 2, model=model, strategy=Strategy(fedbn=True))
+
+    def round_1(run: str) -> dict[str, torch.Tensor]:  # the global model after round 1's in-job average (rank 0)
+        uri = checkpoint_uri(str(tmp_path / run / "micro"), 1)
+        return parse_checkpoint(read_bytes(uri), uri).weights
+
+    plain, bn = round_1("fedavg"), round_1("fedbn")
+    # round 1 trained the same way in both runs: the averaged layers agree, the BatchNorm layers do not (fedbn
+    # kept rank 0's own, fedavg averaged both ranks')
+    for key in ("0.weight", "0.bias", "4.weight", "4.bias"):
+        assert torch.equal(plain[key], bn[key]), key
+    for key in ("1.weight", "1.running_mean", "1.running_var"):
+        assert not torch.equal(plain[key], bn[key]), key
