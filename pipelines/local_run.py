@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from microfed.pipelines.progress import Display, make_display
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, write_json
@@ -90,7 +92,8 @@ def run_local(
     # No venv per step: the steps run in this Python environment, which has microfed installed.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
     start = time.perf_counter()
-    display = make_display(sys.stdout, verbose=verbose, quiet=quiet)
+    tasks = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
+    display = make_display(sys.stdout, verbose=verbose, quiet=quiet, steps=len(tasks))
     with _capture(run_dir / "kfp.log", display) as tee, warnings.catch_warnings():
         # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")

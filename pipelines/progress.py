@@ -29,7 +29,7 @@ _TASK = re.compile(r"Executing task '([\w-]+)'")
 _DONE = re.compile(r"Task '([\w-]+)' finished with status SUCCESS")
 _TRAIN = re.compile(r"\[microfed\] train: (\d+) workers, (\d+) rounds x (\d+) local epochs")
 _EPOCH = re.compile(r"\[microfed worker\] round (\d+)/(\d+) epoch (\d+)/(\d+): loss ([\d.]+) train acc ([\d.]+)")
-_STEPS = 4
+_STEPS = 5  # split, train, aggregate, evaluate, export: what microfed_pipeline runs
 
 
 class Display(Protocol):
@@ -64,9 +64,9 @@ class LinesDisplay:
 
 
 class RichDisplay:
-    """A bar over the four steps and one over the training epochs; the marker lines printed above them."""
+    """A bar over the pipeline's steps and one over the training epochs; the marker lines printed above them."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, steps: int = _STEPS) -> None:
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -76,7 +76,7 @@ class RichDisplay:
             console=Console(file=out),
             transient=False,
         )
-        self.steps = self.progress.add_task("starting", total=_STEPS)
+        self.steps = self.progress.add_task("starting", total=steps)
         self.training: TaskID | None = None
         self.progress.start()
 
@@ -101,9 +101,9 @@ class RichDisplay:
         self.progress.stop()
 
 
-def make_display(out: TextIO, *, verbose: bool, quiet: bool) -> Display:
+def make_display(out: TextIO, *, verbose: bool, quiet: bool, steps: int = _STEPS) -> Display:
     if quiet:
         return QuietDisplay()
     if verbose or not out.isatty():
         return LinesDisplay(out, verbose)
-    return RichDisplay(out)
+    return RichDisplay(out, steps)

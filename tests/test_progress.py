@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
-from microfed.pipelines.progress import LinesDisplay, RichDisplay
+from microfed.pipelines.progress import LinesDisplay, RichDisplay, make_display
 
 # As kfp.local and our steps print them (ANSI colours included), abridged from a real run's kfp.log.
 STREAM = [
@@ -31,7 +32,7 @@ STREAM = [
 
 def test_progress_bars_follow_the_steps_and_the_epochs() -> None:
     out = io.StringIO()
-    display = RichDisplay(out)
+    display = RichDisplay(out, steps=4)  # the stream below runs four steps
     for line in STREAM[:9]:
         display.line(line)
     steps, training = display.progress.tasks
@@ -60,3 +61,21 @@ def test_plain_lines_show_the_marker_lines_only_unless_verbose() -> None:
     for line in STREAM:
         verbose.line(line)
     assert len(everything.getvalue().splitlines()) == len(STREAM)
+
+
+def test_the_step_bar_counts_every_step_of_the_pipeline(tmp_path: Path) -> None:
+    import yaml
+
+    from microfed.pipelines import progress
+    from microfed.pipelines.pipeline import compile_pipeline
+
+    tasks = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())["root"]["dag"]["tasks"]
+    assert len(tasks) == progress._STEPS == 5  # split, train, aggregate, evaluate, export
+    display = make_display(_Tty(), verbose=False, quiet=False, steps=len(tasks))
+    assert isinstance(display, RichDisplay) and display.progress.tasks[0].total == len(tasks)
+    display.close()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
