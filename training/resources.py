@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import MicrofedError
 from .models import ModelConfig, build_model, count_parameters
@@ -345,6 +344,8 @@ def _measure_forward(model: nn.Module, arch: ModelConfig, batch: int, amp: torch
     saved: dict[int, int] = {}
     hooks = torch.autograd.graph.saved_tensors_hooks(_recorder(saved, weights), _identity)
     autocast = torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None)
+    from torch.utils.flop_counter import FlopCounterMode  # pulls in triton: only when a plan is made
+
     with FlopCounterMode(display=False) as counter:
         with hooks, autocast:
             out = model(x)

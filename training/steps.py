@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,8 +40,6 @@ from microfed.training.io import read_json, read_safetensors, write_json
 from microfed.training.launch import launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, load_model, save_model
 from microfed.training.models import ModelConfig, build_model
-from microfed.training.pytorchjob_launch import JobBackend
-from microfed.training.report import render_report, write_report
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
 from microfed.training.shards import (
     SplitConfig,
@@ -64,6 +62,9 @@ from microfed.training.storage import (
 )
 from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
+
+if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only by the steps that create jobs
+    from microfed.training.pytorchjob_launch import JobBackend
 from microfed.training.worker import (
     BEST_ROUND_FILE,
     ROUNDS_FILE,
@@ -522,6 +523,8 @@ def evaluate_step(
         metrics["timings"]["evaluate"] = time.perf_counter() - start
         write_json(out / "metrics.json", metrics)
         job, dataset = read_json(micro / "job.json"), read_json(shards / "dataset.json")
+        from microfed.training.report import render_report, write_report  # matplotlib: only this step draws
+
         html = render_report(metrics, config=job.get("config", {}), dataset=dataset, workers=job["workers"])
         write_report(out / "report.html", html)
         # what the report was made from, so a caller can render it again with more (the run's own totals)
