@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import row
+from common import fashion_mnist, row
 
 from microfed.training.checkpoint import checkpoint_uri, parse_checkpoint
-from microfed.training.datasets import LoadedDataset, load_dataset
+from microfed.training.datasets import LoadedDataset
 from microfed.training.evaluation import evaluate
 from microfed.training.model_files import load_model
-from microfed.training.shards import SplitConfig, load_test_set, subsample, write_shards
+from microfed.training.shards import SplitConfig, load_test_set, write_shards
 from microfed.training.steps import aggregate_step, train_step
 from microfed.training.storage import read_bytes
 from microfed.training.train import OptimConfig, Preprocess
@@ -284,10 +284,7 @@ def _progress(label: str, run: dict[str, Any], started: float) -> None:
 
 def accuracy(quick: bool) -> list[dict[str, Any]]:
     epochs, n_train, n_test = (QUICK_EPOCHS, 6000, 2000) if quick else (FULL_EPOCHS, 0, 0)
-    data = load_dataset("fashion-mnist")
-    dataset = LoadedDataset(
-        name=data.name, train=subsample(data.train, n_train, seed=0), test=subsample(data.test, n_test, seed=0)
-    )
+    dataset = fashion_mnist(n_train, n_test)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -331,10 +328,7 @@ def strategies(quick: bool) -> list[dict[str, Any]]:
     from microfed.training.aggregation import Strategy
 
     epochs, n_train, n_test = (QUICK_EPOCHS, 6000, 2000) if quick else (FULL_EPOCHS - 1, 0, 0)
-    data = load_dataset("fashion-mnist")
-    dataset = LoadedDataset(
-        name=data.name, train=subsample(data.train, n_train, seed=0), test=subsample(data.test, n_test, seed=0)
-    )
+    dataset = fashion_mnist(n_train, n_test)
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_dir:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from microfed.training.aggregation import weighted_average
-from microfed.training.datasets import LoadedDataset, load_dataset
+from microfed.training.datasets import load_dataset
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.resources import estimate_memory
 from microfed.training.shards import SplitConfig, load_shard, subsample, write_shards
@@ -52,7 +52,7 @@ from microfed.training.worker import WorkerConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import accuracy, strategies
 from accuracy import markdown as accuracy_markdown
-from common import BATCH, FMNIST, MEASURED, row, timed
+from common import BATCH, FMNIST, MEASURED, fashion_mnist, row, timed
 from peers import peers
 
 # --------------------------------------------------------------------------------------------- data path
@@ -388,10 +388,7 @@ def _train_throughput(shards: Path, out: Path, world_size: int, examples: int, e
 
 def parallel(quick: bool) -> list[dict[str, Any]]:
     n, epochs = (8000, 2) if quick else (30000, 2)
-    data = load_dataset("fashion-mnist")
-    dataset = LoadedDataset(
-        name=data.name, train=subsample(data.train, n, seed=0), test=subsample(data.test, 500, seed=0)
-    )
+    dataset = fashion_mnist(n, 500)
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 2):
             write_shards(dataset, Path(tmp) / f"shards{k}", SplitConfig(num_shards=k, seed=0))

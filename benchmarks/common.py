@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.models import ModelConfig
+from microfed.training.shards import subsample
 
 FMNIST = ModelConfig(name="cnn-fmnist", num_classes=10, in_channels=1, image_size=(28, 28))
 BATCH = 128
@@ -47,3 +49,11 @@ def row(
         "note": note,
         **extra,
     }
+
+
+def fashion_mnist(n_train: int = 0, n_test: int = 0) -> LoadedDataset:
+    """Fashion-MNIST, or a class-balanced subset of n_train / n_test examples (0 = all), the same every time."""
+    data = load_dataset("fashion-mnist")
+    return LoadedDataset(
+        name=data.name, train=subsample(data.train, n_train, seed=0), test=subsample(data.test, n_test, seed=0)
+    )

@@ -30,17 +30,16 @@ from typing import Any
 
 import torch
 
-from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.evaluation import evaluate
 from microfed.training.io import read_safetensors
 from microfed.training.model_files import load_model
 from microfed.training.models import ModelConfig, build_model
-from microfed.training.shards import SplitConfig, load_test_set, read_dataset_manifest, subsample, write_shards
+from microfed.training.shards import SplitConfig, load_test_set, read_dataset_manifest, write_shards
 from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.worker import WorkerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import row
+from common import fashion_mnist, row
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -159,10 +158,7 @@ def _arch(shards: Path) -> ModelConfig:
 def peers(quick: bool) -> list[dict[str, Any]]:
     n_train, n_test, rounds, epochs = (6000, 2000, 2, 1) if quick else (0, 0, 2, 2)
     flower_python()  # before any timing: the first run installs
-    data = load_dataset("fashion-mnist")
-    dataset = LoadedDataset(
-        name=data.name, train=subsample(data.train, n_train, seed=0), test=subsample(data.test, n_test, seed=0)
-    )
+    dataset = fashion_mnist(n_train, n_test)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shards = tmp / "shards"

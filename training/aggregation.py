@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,6 @@ __all__ = [
     "batchnorm_keys",
     "check_compatible",
     "check_same_architecture",
-    "exclude",
     "proximal_step",
     "server_update",
     "weighted_average",
@@ -265,8 +264,3 @@ def proximal_step(params: Sequence[torch.nn.Parameter], anchor: Sequence[torch.T
     for p, a in zip(params, anchor, strict=True):
         if p.grad is not None:
             p.grad.add_(p.detach() - a, alpha=mu)
-
-
-def exclude(state: State, keys: Collection[str]) -> dict[str, torch.Tensor]:
-    """`state` without `keys` (a view: tensors are shared)."""
-    return {k: t for k, t in state.items() if k not in keys}

@@ -437,7 +437,7 @@ def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> 
         "strategy": dataclasses.asdict(strategy),
         "rounds": int(rounds.get("stopped_after_round", job.get("config", {}).get("rounds", 0)) or 0),
     }
-    record.update(_select(micro, shards, rounds, model_state, card, batch_size))
+    record.update(_select(shards, rounds, record["rounds"], model_state, card, batch_size))
     if record.get("selected_round") not in (None, record["rounds"]):
         model_state, _ = read_safetensors(micro / BEST_ROUND_FILE)
     save_model(
@@ -468,9 +468,9 @@ def _server_step(path: Path, average: dict[str, torch.Tensor], strategy: Strateg
 
 
 def _select(
-    micro: Path,
     shards: Path | None,
     rounds: dict[str, Any],
+    last: int,
     final: dict[str, torch.Tensor],
     card: ModelCard,
     batch_size: int,
@@ -488,7 +488,6 @@ def _select(
     res = evaluate(
         model, val.images, val.labels, preprocess=pre, num_classes=card.architecture.num_classes, batch_size=batch_size
     )
-    last = int(rounds.get("stopped_after_round") or rounds.get("rounds") or 0)
     history = [r for r in rounds.get("val", []) if r["round"] != last]
     history.append({"round": last, "val_accuracy": res.accuracy, "val_loss": res.loss})
     best = rounds.get("best_round")

@@ -39,7 +39,6 @@ from microfed.training.aggregation import (
     Strategy,
     allreduce_average,
     batchnorm_keys,
-    exclude,
     proximal_step,
     server_update,
 )
@@ -538,7 +537,7 @@ def _average(
                     beta=cfg.strategy.server_momentum,
                     lr=cfg.strategy.server_lr,
                 )
-            local.model.load_state_dict({**exclude(state, average), **average})
+            local.model.load_state_dict({**state, **average})  # fedbn: BatchNorm keys stay this rank's
             out["average_seconds"] = time.perf_counter() - start
         if val is not None:
             lo, hi = _slice(val.num_examples, env)
