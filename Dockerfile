@@ -8,6 +8,9 @@ FROM python:3.11-slim
 # runtime; the GKE node supplies the driver.
 ARG TORCH_VARIANT=cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The image states its variant: the train step (microfed.training.image) keeps a resource plan off GPUs that a
+# CPU build of torch cannot drive, instead of starting replicas that fail on nccl.
+ENV MICROFED_TORCH_VARIANT=${TORCH_VARIANT}
 
 WORKDIR /opt/microfed
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
