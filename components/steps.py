@@ -100,10 +100,10 @@ def train(
     accelerators: str = "none,nvidia-tesla-t4",
     timeout_minutes: int = 720,
     service_account: str = "pipeline-runner",
+    pool_max_nodes: int = 0,
     run_id: str = "",
     task_name: str = "train",
     usage_cache: str = "",
-    pipeline_root: str = "",
 ) -> None:
     """Train one micro-model per shard: one worker per shard under the PyTorchJob contract, `rounds` rounds of
     `local_epochs` epochs with in-job weighted averaging between rounds. launcher: `local` (WORLD_SIZE
@@ -115,8 +115,11 @@ def train(
     learning rate `server_lr`) | ddp (DistributedDataParallel across the shards: one model). fedbn: keep
     BatchNorm layers out of the in-job averages. patience: stop after that many rounds without a better
     validation accuracy (0 = run every round). usage_cache: the measured-usage cache (a folder or .json, local
-    or gs://; default `<pipeline root>/usage-cache.json`, "off" for none): the workers' measured peaks go there and
-    later plans for the same model and input shape start from them.
+    or gs://; default `<pipeline root>/usage-cache.json`, the root read from micro_models' URI, "off" for none):
+    the workers' measured peaks go there and later plans for the same model and input shape start from them.
+    launcher `pytorchjob` needs a gs:// pipeline root and fails before creating the job on another.
+    pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
+    cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.
     """
     from microfed.training.aggregation import Strategy
     from microfed.training.steps import train_component_step
@@ -146,10 +149,10 @@ def train(
         accelerators=accelerators,
         timeout_minutes=timeout_minutes,
         service_account=service_account,
+        pool_max_nodes=pool_max_nodes,
         run_id=run_id,
         task_name=task_name,
         usage_cache=usage_cache,
-        pipeline_root=pipeline_root,
     )
     micro_models.metadata.update({"workers": record["world_size"], "n_k": [w["n_k"] for w in record["workers"]]})
 

@@ -18,6 +18,24 @@ __all__ = ["PIPELINE_NAME", "compile_pipeline", "microfed_pipeline"]
 PIPELINE_NAME = "microfed"
 
 
+def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    """Name a task, let it be retried, and turn KFP's cache off for it (both reasons below)."""
+    # Every step is idempotent (deterministic outputs, each file replaced whole; the train step resumes from its
+    # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.
+    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
+    # No cache: every output lives under the pipeline root, whose objects the bucket deletes after
+    # `artifact_retention_days` (infra/storage.tf), while a KFP v2 cache entry never expires. KFP 2.14.3 reuses
+    # the newest earlier task with the same fingerprint whatever its age (kubeflow/pipelines 2.14.3,
+    # backend/src/v2/driver/cache.go, `getFingerPrintsAndID`; backend/src/v2/cacheutils/cache.go,
+    # `GetExecutionCache`: a filter on fingerprint, pipeline name and namespace, newest first, no time bound),
+    # and hands on its artifact URIs without checking they exist (driver/cache.go, `reuseCachedOutputs`). The
+    # `max_cache_staleness` annotation belongs to the v1 cache webhook, which skips v2 pods
+    # (backend/src/cache/server/mutation.go, `MutatePodIfCached`: "KFP v2 handles caching by its driver").
+    # A cached split would hand later runs shard URIs that no longer exist.
+    task.set_caching_options(False)
+    return task.set_display_name(name)
+
+
 class Outputs(NamedTuple):
     global_model: dsl.Model
     report: dsl.Artifact
@@ -63,70 +81,76 @@ def microfed_pipeline(
     accelerators: str = "none,nvidia-tesla-t4",
     timeout_minutes: int = 720,
     service_account: str = "pipeline-runner",
+    pool_max_nodes: int = 0,
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, combined by `strategy` (fedavg: averaged with weights n_k / n), keep the round with the best
     accuracy on a validation split held out from train, and evaluate that model once on the test set."""
-    split_task = split_dataset(
-        dataset=dataset,
-        workers=workers,
-        strategy=split,
-        split_ratios=split_ratios,
-        alpha=alpha,
-        seed=seed,
-        image_size=image_size,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        bad_images=bad_images,
-        val_fraction=val_fraction,
-    ).set_display_name("split dataset")
-    # Every step is idempotent (deterministic outputs, each file replaced whole; the train step resumes from its
-    # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.
-    split_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    train_task = train(
-        shards=split_task.outputs["shards"],
-        model=model,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        augment=augment,
-        precision=precision,
-        seed=seed,
-        strategy=strategy,
-        mu=mu,
-        server_momentum=server_momentum,
-        server_lr=server_lr,
-        fedbn=fedbn,
-        patience=patience,
-        launcher=launcher,
-        worker_image=worker_image,
-        namespace=namespace,
-        accelerators=accelerators,
-        timeout_minutes=timeout_minutes,
-        service_account=service_account,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-        usage_cache=usage_cache,
-        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-    ).set_display_name("train micro-models")
-    train_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    agg_task = aggregate(
-        micro_models=train_task.outputs["micro_models"], shards=split_task.outputs["shards"]
-    ).set_display_name("aggregate")
-    agg_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    eval_task = evaluate(
-        global_model=agg_task.outputs["global_model"],
-        shards=split_task.outputs["shards"],
-        micro_models=train_task.outputs["micro_models"],
-    ).set_display_name("evaluate")
-    eval_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    export_task = export(
-        global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"]
-    ).set_display_name("export (ONNX)")
+    split_task = _step(
+        split_dataset(
+            dataset=dataset,
+            workers=workers,
+            strategy=split,
+            split_ratios=split_ratios,
+            alpha=alpha,
+            seed=seed,
+            image_size=image_size,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            bad_images=bad_images,
+            val_fraction=val_fraction,
+        ),
+        "split dataset",
+    )
+    # run_id and task_name are placeholders the KFP 2.14 driver resolves (pipelines/backend_placeholders.json);
+    # the pipeline root is not one: the train step reads it from its micro_models URI (training/pipeline_root.py)
+    train_task = _step(
+        train(
+            shards=split_task.outputs["shards"],
+            model=model,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            augment=augment,
+            precision=precision,
+            seed=seed,
+            strategy=strategy,
+            mu=mu,
+            server_momentum=server_momentum,
+            server_lr=server_lr,
+            fedbn=fedbn,
+            patience=patience,
+            launcher=launcher,
+            worker_image=worker_image,
+            namespace=namespace,
+            accelerators=accelerators,
+            timeout_minutes=timeout_minutes,
+            service_account=service_account,
+            pool_max_nodes=pool_max_nodes,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            usage_cache=usage_cache,
+        ),
+        "train micro-models",
+    )
+    agg_task = _step(
+        aggregate(micro_models=train_task.outputs["micro_models"], shards=split_task.outputs["shards"]), "aggregate"
+    )
+    eval_task = _step(
+        evaluate(
+            global_model=agg_task.outputs["global_model"],
+            shards=split_task.outputs["shards"],
+            micro_models=train_task.outputs["micro_models"],
+        ),
+        "evaluate",
+    )
+    export_task = _step(
+        export(global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"]), "export (ONNX)"
+    )
     return Outputs(
         global_model=agg_task.outputs["global_model"],
         report=eval_task.outputs["report"],

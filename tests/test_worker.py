@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from microfed.training import worker
 from microfed.training.aggregation import weighted_average
+from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors
-from microfed.training.launch import WorkerFailed, launch_local
+from microfed.training.launch import EXIT_PEER_LOST, WorkerFailed, free_port, launch_local
 from microfed.training.shards import SplitConfig, write_shards
 from microfed.training.steps import aggregate_step, evaluate_step, train_step
 from microfed.training.train import OptimConfig
-from microfed.training.worker import DistEnv, WorkerConfig, micro_model_name
+from microfed.training.worker import (
+    DEFAULT_COLLECTIVE_TIMEOUT_MINUTES,
+    DistEnv,
+    WorkerConfig,
+    collective_timeout,
+    config_to_argv,
+    micro_model_name,
+    parse_config,
+)
 from tests.conftest import synthetic_dataset
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
@@ -198,3 +211,92 @@ def test_stopping_the_launcher_stops_its_workers(tmp_path: Path, monkeypatch: py
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_collective_timeout_is_a_flag_that_round_trips() -> None:
+    cfg = WorkerConfig(shards="s", out="o", collective_timeout_minutes=7.5)
+    assert parse_config(config_to_argv(cfg)) == cfg
+    assert collective_timeout(cfg) == datetime.timedelta(minutes=7.5)
+    default = parse_config(["--shards", "s", "--out", "o"])
+    assert default.collective_timeout_minutes == 0
+    assert DEFAULT_COLLECTIVE_TIMEOUT_MINUTES == 30  # torch's own default for gloo
+    assert collective_timeout(default) == datetime.timedelta(minutes=30)
+    with pytest.raises(MicrofedError, match="collective-timeout-minutes"):
+        WorkerConfig(shards="s", out="o", collective_timeout_minutes=-1)
+
+
+def fake_group(monkeypatch: pytest.MonkeyPatch, calls: list[Any], barrier_error: Exception | None = None) -> None:
+    """Replace the process group and the training by recorders (world size 2, rank 0)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def init_process_group(backend: str, **kwargs: Any) -> None:
+        calls.append(("init", kwargs["timeout"]))
+
+    def barrier() -> None:
+        calls.append(("barrier",))
+        if barrier_error is not None:
+            raise barrier_error
+
+    monkeypatch.setattr(worker.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(worker.dist, "barrier", barrier)
+    monkeypatch.setattr(worker.dist, "is_initialized", lambda: False)
+
+    def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
+        calls.append(("run_worker",))
+        return {}
+
+    monkeypatch.setattr(worker, "run_worker", run_worker)
+
+
+@pytest.mark.parametrize(("flag", "minutes"), [([], 30.0), (["--collective-timeout-minutes", "90"], 90.0)])
+def test_the_collective_timeout_reaches_the_process_group(
+    monkeypatch: pytest.MonkeyPatch, flag: list[str], minutes: float
+) -> None:
+    calls: list[Any] = []
+    fake_group(monkeypatch, calls)
+    assert worker.main(["--shards", "s", "--out", "o", *flag]) == 0
+    assert calls[0] == ("init", datetime.timedelta(minutes=minutes))
+
+
+def test_every_rank_waits_for_all_outputs_before_exiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # run_worker returns once this rank's outputs are uploaded; the barrier then holds rank 0 (the Master, whose
+    # exit ends the PyTorchJob) until every rank's are
+    calls: list[Any] = []
+    fake_group(monkeypatch, calls)
+    assert worker.main(["--shards", "s", "--out", "o"]) == 0
+    assert [c[0] for c in calls] == ["init", "run_worker", "barrier"]
+    # a peer lost in that barrier is PeerLost: the restartable exit code
+    calls.clear()
+    fake_group(monkeypatch, calls, barrier_error=RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+    assert worker.main(["--shards", "s", "--out", "o"]) == EXIT_PEER_LOST
+
+
+def test_a_peer_that_never_joins_times_out_as_peer_lost(tmp_path: Path) -> None:
+    # rank 0 of 2, alone: the rendezvous waits for the flag's 3 s (not 30 min) and exits restartable (200)
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "microfed.training.worker", "--shards", str(tmp_path), "--out", str(tmp_path)]
+    start = time.monotonic()
+    proc = subprocess.run(
+        [*cmd, "--collective-timeout-minutes", "0.05"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == EXIT_PEER_LOST, proc.stderr
+    assert "joining the group" in proc.stderr and "within 0.05 min" in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_a_recreated_rank_does_not_join_the_previous_groups_rendezvous(tmp_path: Path) -> None:
+    # the previous group's rank 0 still serves its store (it notices a lost peer only at its next collective);
+    # a recreated rank 1 must wait for it to go, not read that group's addresses
+    port = free_port()
+    old = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    old.add("microfed/members", 2)  # both ranks of the previous group joined it
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cmd = [sys.executable, "-m", "microfed.training.worker", "--shards", str(tmp_path), "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--collective-timeout-minutes", "0.05"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == EXIT_PEER_LOST, proc.stderr
+    assert "is still the previous one; waiting for it to end" in proc.stderr
+    assert re.search(r"was still the previous one \(\d+ members for WORLD_SIZE=2\) after 0.05 min", proc.stderr)
+    del old

@@ -62,7 +62,6 @@ CLEAN_POD_POLICIES = ("None", "Running", "All")
 RESTART_POLICY = "ExitCode"
 # Set by the builder or injected by the operator: a caller's value would silently break the rendezvous.
 RESERVED_ENV = frozenset({"MICROFED_BACKEND", "PYTHONUNBUFFERED", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"})
-_MAX_ATTEMPT = 10_000
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -80,28 +79,26 @@ def _sanitise(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def job_name(run_id: str, task: str, attempt: int) -> str:
-    """A deterministic DNS-1035 name (≤ MAX_JOB_NAME chars) for the job of one step attempt.
+def job_name(run_id: str, task: str) -> str:
+    """A deterministic DNS-1035 name (≤ MAX_JOB_NAME chars) for the job of one task of one run.
 
-    The same (run_id, task, attempt) always gives the same name, so a retried step with the same attempt
-    finds and adopts its job instead of clashing; a new attempt gets a new name. Inputs that are already
-    valid and short are used as they are (`train-<run id>-0`); anything else keeps a readable prefix and
-    adds a hash of the exact inputs, so two inputs that sanitise alike (`Run_1`, `run-1`) cannot collide.
+    It depends on the run and the task only: a KFP (Argo) retry runs the step in a new pod, and must find the
+    job of the attempt before it by name, to adopt it or replace it (never two jobs writing the same outputs).
+    Inputs that are already valid and short are used as they are (`train-<run id>`); anything else keeps a
+    readable prefix and adds a hash of the exact inputs, so two inputs that sanitise alike (`Run_1`, `run-1`)
+    cannot collide.
     """
     if not run_id or not task:
         raise MicrofedError(f"job_name needs a run id and a task name, got run_id={run_id!r} task={task!r}")
-    if not 0 <= attempt < _MAX_ATTEMPT:
-        raise MicrofedError(f"job_name: attempt must be in 0..{_MAX_ATTEMPT - 1}, got {attempt}")
     raw = f"{task}-{run_id}"
     readable = _sanitise(raw)
     if not readable[:1].isalpha():  # DNS-1035 must start with a letter; run ids often start with a digit
         readable = f"mf-{readable}".rstrip("-")
-    suffix = f"-{attempt}"
-    if readable == raw and len(readable) + len(suffix) <= MAX_JOB_NAME:
-        return readable + suffix
-    digest = hashlib.sha256(json.dumps([run_id, task, attempt]).encode()).hexdigest()[:8]
-    head = readable[: MAX_JOB_NAME - len(suffix) - len(digest) - 1].rstrip("-")
-    return f"{head}-{digest}{suffix}"
+    if readable == raw and len(readable) <= MAX_JOB_NAME:
+        return readable
+    digest = hashlib.sha256(json.dumps([run_id, task]).encode()).hexdigest()[:8]
+    head = readable[: MAX_JOB_NAME - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}"
 
 
 # --- configuration -----------------------------------------------------------------------------------------
@@ -128,7 +125,9 @@ class JobConfig:
     active_deadline_seconds: int = 6 * 3600
     """Wall-clock limit the operator enforces on the whole job, seconds (> 0)."""
     backoff_limit: int = 3
-    """Pod restarts (exit codes 128-255: killed, preempted) the operator allows before the job fails (>= 0)."""
+    """Written for completeness, but the v1.9 operator never enforces it with restartPolicy ExitCode (it counts
+    RestartCount of running pods, which stays 0: pkg/core/job.go PastBackoffLimit); the launcher's
+    WatchPolicy.max_restarts is the limit that holds (>= 0)."""
     ttl_seconds_after_finished: int = 3600
     """Seconds after the job finishes before the operator deletes it, a backstop for a launcher that died."""
     clean_pod_policy: str = "None"

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
-import os
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ from microfed.training.worker import (
     SERVER_STATE_FILE,
     WorkerConfig,
     config_to_argv,
+    micro_model_name,
 )
 
 __all__ = [
@@ -151,9 +151,10 @@ class ClusterOptions:
     timeout_seconds: float
     """Overall wait for the job, capacity waits included."""
     run_id: str
-    """KFP run id; with `task` and `attempt` it names the job, so a restarted step adopts its job."""
+    """KFP run id; with `task` it names the job, so a retried step (a new pod) finds the job of the attempt before
+    it and adopts it (running) or replaces it (finished)."""
     task: str
-    attempt: int
+    """KFP task name."""
     service_account: str = "pipeline-runner"
     """Kubernetes service account of the replicas: the one Workload Identity maps to a Google service account
     with access to the bucket (KFP's `pipeline-runner`; `default-editor` in a multi-user profile namespace)."""
@@ -161,6 +162,15 @@ class ClusterOptions:
     """The cluster to talk to; None means the Training Operator through TrainingClient (in-cluster config)."""
     poll_seconds: float = 10.0
     """How often the job's state is read."""
+    max_restarts: int = 3
+    """Recreations of one replica (exit 128-255) before the step fails; the operator alone never stops."""
+    start_grace_seconds: float = 180.0
+    """How long pods may fail to start (image pull, config error, rejected creation) before the step fails."""
+    capacity_wait_seconds: float = 1800.0
+    """How long a temporary "no scale-up" of the cluster autoscaler is waited for."""
+    pool_max_nodes: int = 0
+    """Maximum node count of the training pool the plan picks (infra/'s cpu_max_nodes or gpu_max_nodes); 0 = the
+    infra defaults in training/cluster.json. A job that needs more nodes fails before it is created."""
 
 
 def train_step(
@@ -191,7 +201,12 @@ def train_step(
             if cluster is None:
                 launch_local(world_size, config_to_argv(cfg), log_dir=logs)
             else:
-                plan = _plan(cfg, cluster.accelerators, usage_cache)
+                from microfed.training.image import image_torch_variant, usable_accelerators
+
+                # the replicas run this step's image: a CPU build of torch cannot use a GPU plan
+                plan = _plan(
+                    cfg, usable_accelerators(cluster.accelerators, image_torch_variant(), log=_log), usage_cache
+                )
                 _run_on_cluster(cfg, world_size, cluster, plan, logs)
         finally:
             if any(logs.iterdir()):
@@ -228,17 +243,22 @@ def train_component_step(
     service_account: str,
     run_id: str,
     task_name: str,
+    pool_max_nodes: int = 0,
     usage_cache: str = "",
-    pipeline_root: str = "",
 ) -> dict[str, Any]:
     """The train component's body: `shards` and `out` are the artifacts' (local path, URI) pairs.
 
     With `launcher="pytorchjob"` the replicas run in other pods, which cannot see this pod's files, so they
-    get the URIs (gs://); locally the paths.
+    get the URIs, which must be gs:// (checked before any job exists); locally the paths. `out`'s URI also
+    locates the pipeline root, beside which the measured-usage cache lives by default.
     """
+    from microfed.training.pipeline_root import check_replica_uris, usage_cache_uri
+
     if launcher not in ("local", "pytorchjob"):
         raise MicrofedError(f"unknown launcher {launcher!r}", hint="use local or pytorchjob")
     on_cluster = launcher == "pytorchjob"
+    if on_cluster:
+        check_replica_uris({"shards": shards[1], "micro_models": out[1]})
     world_size = len(read_dataset_manifest(shards[0])["shards"])
     cfg = WorkerConfig(
         shards=shards[on_cluster],
@@ -260,17 +280,16 @@ def train_component_step(
             timeout_seconds=60.0 * timeout_minutes,
             run_id=run_id,
             task=task_name,
-            # A retried step runs in a new pod (a new HOSTNAME) and gets a new job; a restarted container
-            # in the same pod adopts the job it had started.
-            attempt=zlib.crc32(os.environ.get("HOSTNAME", "").encode()) % 10000,
             service_account=service_account,
+            pool_max_nodes=pool_max_nodes,
         )
     # the measured-usage cache: where the caller says ("off": none), else next to the pipeline root, so later
-    # runs of the same model and input shape start their plan from this one's measurement
+    # runs of the same model and input shape start their plan from this one's measurement. The root is read
+    # from the micro_models URI: KFP 2.14's backend leaves `{{$.pipeline_root}}` unresolved (pipeline_root.py).
     if usage_cache == "off":
         usage_cache = ""
-    elif not usage_cache and pipeline_root:
-        usage_cache = join(pipeline_root, "usage-cache.json")
+    elif not usage_cache:
+        usage_cache = usage_cache_uri(out[1], artifact="micro_models", task_name=task_name, run_id=run_id)
     return train_step(cfg, world_size, cluster=cluster, usage_cache=usage_cache)
 
 
@@ -331,40 +350,70 @@ def _job_usage(
 def _run_on_cluster(
     cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path
 ) -> None:
+    from microfed.training.capacity import check_pool_capacity, collective_timeout_minutes, pool_limits
     from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
-    from microfed.training.pytorchjob_launch import TrainingClientBackend, run_pytorchjob
+    from microfed.training.pytorchjob_launch import TrainingClientBackend, WatchPolicy, run_pytorchjob
 
+    # "max node group size reached" is permanent when the job needs more nodes than the pool may ever have
+    limits = pool_limits(plan.accelerator, max_nodes=cluster.pool_max_nodes or None)
+    nodes = check_pool_capacity(plan, world_size, limits, log=_log)
+    if nodes is not None:
+        _log(f"capacity: {world_size} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool}")
     # In a pod, sched_getaffinity sees the node's cores, not the container's CPU limit: pass the plan's.
     # Threads: the plan's limit for an estimate; for requests taken from a measurement, the request (rounded up),
     # or more threads would measure more cores and the next request would climb to the cap.
     measured = plan.estimate.get("requests_from") == "measurement"
-    worker = dataclasses.replace(cfg, threads=max(1, math.ceil(plan.cpu_request) if measured else int(plan.cpu_limit)))
+    threads = max(1, math.ceil(plan.cpu_request) if measured else int(plan.cpu_limit))
+    # the end-of-round all-reduce waits for the slowest rank's local epochs: bound it by the plan, not a fixed 30 min
+    timeout = cfg.collective_timeout_minutes or collective_timeout_minutes(
+        plan, local_epochs=cfg.local_epochs, largest_shard=plan.estimate.get("shard_examples", 1)
+    )
+    worker = dataclasses.replace(cfg, threads=threads, collective_timeout_minutes=float(timeout))
     job = build_pytorchjob(
         JobConfig(
-            name=job_name(cluster.run_id, cluster.task, cluster.attempt),
+            name=job_name(cluster.run_id, cluster.task),
             namespace=cluster.namespace or _own_namespace(),
             image=cluster.image,
             workers=world_size,
             worker_args=config_to_argv(worker),
             plan=plan,
             service_account=cluster.service_account or None,
-            active_deadline_seconds=int(cluster.timeout_seconds),
+            # the operator's deadline deletes every pod, logs included: let the launcher's timeout (which saves
+            # the logs, then deletes the job) come first
+            active_deadline_seconds=int(cluster.timeout_seconds) + _DEADLINE_MARGIN_SECONDS,
             labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
         )
     )
     backend = cluster.backend or TrainingClientBackend(namespace=str(job.metadata.namespace))
-    outcome = run_pytorchjob(
-        job,
-        backend,
+    policy = WatchPolicy(
         timeout_seconds=cluster.timeout_seconds,
-        log_dir=logs,
         poll_seconds=cluster.poll_seconds,
-        log=_log,
+        max_restarts=cluster.max_restarts,
+        start_grace_seconds=cluster.start_grace_seconds,
+        capacity_wait_seconds=cluster.capacity_wait_seconds,
+        memory_note=_memory_note(plan),
     )
+    missing = functools.partial(_missing_records, cfg.out, world_size)
+    outcome = run_pytorchjob(job, backend, policy=policy, log_dir=logs, outputs_missing=missing, log=_log)
+    restarts = f", replicas restarted: {outcome.restarts}" if outcome.restarts else ""
     _log(
         f"PyTorchJob {outcome.name} succeeded in {outcome.seconds:.0f} s "
-        f"({outcome.waiting_for_capacity_seconds:.0f} s waiting for capacity)"
+        f"({outcome.waiting_for_capacity_seconds:.0f} s waiting for capacity{restarts})"
     )
+
+
+_DEADLINE_MARGIN_SECONDS = 600
+
+
+def _missing_records(out: str, world_size: int) -> list[int]:
+    """Ranks whose record or micro-model is not in `out` yet (a worker uploads its files in parallel)."""
+    names = [lambda r: f"worker-{r:05d}.json", micro_model_name]
+    return [r for r in range(world_size) if not all(exists(join(out, name(r))) for name in names)]
+
+
+def _memory_note(plan: ResourcePlan) -> str:
+    source = "measured in an earlier run" if plan.estimate.get("requests_from") == "measurement" else "estimated"
+    return f"the plan requested {plan.memory_request / 2**30:.2f} GiB per replica ({source})"
 
 
 def _own_namespace() -> str:

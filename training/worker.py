@@ -13,7 +13,17 @@ rank 0 into OUT_DIR/checkpoints/ before any rank starts the next round. A worker
 same OUT_DIR (the PyTorchJob restarting its pods, the local launcher restarting its processes) resumes after
 the last checkpointed round: rank 0 picks the round and broadcasts it, so all ranks agree. Exit codes tell a
 launcher what happened: 0 done, 2 bad input or a diverged worker (MicrofedError: restarting cannot help),
-200 a peer was lost in a collective (restart the group), and a crash or a signal anything else.
+200 a peer was lost in a collective or never joined the rendezvous (restart the group), and a crash or a
+signal anything else.
+
+Finishing. The last round ends without an average (the aggregate step does it), so nothing else would hold
+the ranks together at the end: rank 0, the Master replica, could exit while the other ranks were still
+training or uploading, and the Training Operator marks a PyTorchJob Succeeded as soon as its Master
+succeeds, whatever the Workers are doing. So every rank waits in a final barrier after its outputs are
+uploaded, and rank 0 exits only once all of them are durable.
+
+Timeouts. Every collective, the rendezvous and that final barrier are bounded by `--collective-timeout-minutes`
+(30 when 0): the wait of the fastest rank for the slowest in a round must fit in it.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -72,11 +83,23 @@ from microfed.training.train import (
 )
 from microfed.training.usage import UsageMonitor
 
-__all__ = ["DistEnv", "PeerLost", "WorkerConfig", "main", "micro_model_name", "run_worker"]
+__all__ = [
+    "DEFAULT_COLLECTIVE_TIMEOUT_MINUTES",
+    "DistEnv",
+    "PeerLost",
+    "WorkerConfig",
+    "collective_timeout",
+    "main",
+    "micro_model_name",
+    "run_worker",
+]
 
 ROUNDS_FILE = "rounds.json"  # rank 0: the strategy, every round's validation metrics, the best round
 BEST_ROUND_FILE = "best-round.safetensors"  # rank 0: the global model of the best in-job round
 SERVER_STATE_FILE = "server-state.safetensors"  # rank 0, fedavgm: the global model and momentum before round R
+DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo; what `collective_timeout_minutes=0` means
+_MEMBERS_KEY = "microfed/members"  # in rank 0's TCPStore: how many processes have joined this store
+_STALE_GROUP_RETRY_SECONDS = 2.0
 
 
 class PeerLost(RuntimeError):
@@ -116,6 +139,10 @@ class WorkerConfig:
     """fedavg, fedprox, fedavgm or ddp, and their settings (microfed.training.aggregation)."""
     patience: int = 0
     """Stop after this many rounds without a better validation accuracy; 0 runs every round."""
+    collective_timeout_minutes: float = 0.0
+    """Bound on every collective (the end-of-round average waits for the slowest rank's local epochs), on the
+    rendezvous and on the final barrier, minutes; 0 = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES. A rank that waits
+    longer exits as if its peer were lost (exit 200, restartable)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -124,6 +151,16 @@ class WorkerConfig:
             raise MicrofedError(f"--patience must be >= 0, got {self.patience}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise MicrofedError(f"unknown --device {self.device!r}", hint="use auto, cpu or cuda")
+        if not (math.isfinite(self.collective_timeout_minutes) and self.collective_timeout_minutes >= 0):
+            raise MicrofedError(
+                f"--collective-timeout-minutes must be a number >= 0 (0: the default of "
+                f"{DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}), got {self.collective_timeout_minutes}"
+            )
+
+
+def collective_timeout(cfg: WorkerConfig) -> datetime.timedelta:
+    """The timeout the process group is created with (it bounds every collective and the rendezvous)."""
+    return datetime.timedelta(minutes=cfg.collective_timeout_minutes or DEFAULT_COLLECTIVE_TIMEOUT_MINUTES)
 
 
 @dataclass(frozen=True)
@@ -590,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-lr", type=float, default=st.server_lr, help="fedavgm: server learning rate")
     p.add_argument("--fedbn", action="store_true", help="keep BatchNorm layers out of the in-job averages")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping: rounds without a better val acc")
+    p.add_argument(
+        "--collective-timeout-minutes",
+        type=float,
+        default=d.collective_timeout_minutes,
+        help=f"bound on every collective and the rendezvous; 0 = {DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}",
+    )
     return p
 
 
@@ -620,6 +663,7 @@ def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
             name=a.strategy, mu=a.mu, server_momentum=a.server_momentum, server_lr=a.server_lr, fedbn=a.fedbn
         ),
         patience=a.patience,
+        collective_timeout_minutes=a.collective_timeout_minutes,
     )
 
 
@@ -669,10 +713,89 @@ def config_to_argv(cfg: WorkerConfig) -> list[str]:
         repr(cfg.strategy.server_lr),
         "--patience",
         str(cfg.patience),
+        "--collective-timeout-minutes",
+        repr(cfg.collective_timeout_minutes),
     ]
     if cfg.strategy.fedbn:
         argv.append("--fedbn")
     return argv if cfg.eval_every_round else [*argv, "--no-eval-every-round"]
+
+
+def _join(cfg: WorkerConfig, env: DistEnv) -> None:
+    """Create the process group, within the collective timeout.
+
+    The rendezvous is rank 0's TCPStore. A replica the operator has just recreated (its pod exited 128-255) can
+    find the store of the group it belonged to still up: rank 0 of that group notices the loss only at its next
+    collective, up to a round later. Joining it would read that group's addresses (gloo then fails, or hangs past
+    the timeout), so each process counts itself in the store first, and one that counts more than WORLD_SIZE
+    members waits for that store to go away and tries again.
+
+    A rendezvous that fails (a peer that never came, a Master not reachable) is PeerLost like a failed collective:
+    the group should be restarted, not the job failed. A backend this process cannot use is the caller's error.
+    """
+    # The PyTorchJob builder sets MICROFED_BACKEND from the resource plan; by hand, CUDA decides.
+    default = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+    backend = os.environ.get("MICROFED_BACKEND") or default
+    if backend not in ("gloo", "nccl") or not dist.is_backend_available(backend):
+        raise MicrofedError(
+            f"MICROFED_BACKEND={backend!r} is not a process-group backend this torch has", hint="use gloo or nccl"
+        )
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise MicrofedError(
+            f"the nccl backend needs a CUDA device, and this process sees none (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'})",
+            hint="run the GPU plan on a GPU node with a CUDA build of torch, or plan for CPU (gloo)",
+        )
+    timeout = collective_timeout(cfg)
+    deadline = time.monotonic() + timeout.total_seconds()
+    where = f"{env.master_addr}:{env.master_port}"
+    # under torchrun the elastic agent serves the store (a new one for each restart of the group), as torch's
+    # own tcp:// rendezvous assumes
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        while True:
+            left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
+            store = dist.TCPStore(
+                env.master_addr,
+                env.master_port,
+                env.world_size,
+                is_master=env.rank == 0 and not agent_store,
+                timeout=left,
+                wait_for_workers=False,
+            )
+            members = store.add(_MEMBERS_KEY, 1)
+            if members <= env.world_size:
+                break
+            del store  # the previous group's store: wait until its rank 0 exits
+            if time.monotonic() >= deadline:
+                raise PeerLost(
+                    f"worker {env.rank}: the group at {where} was still the previous one ({members} members for "
+                    f"WORLD_SIZE={env.world_size}) after {timeout.total_seconds() / 60:g} min"
+                )
+            print(
+                f"[microfed worker] worker {env.rank}: the group at {where} is still the previous one; "
+                f"waiting for it to end",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(_STALE_GROUP_RETRY_SECONDS)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    except RuntimeError as e:  # DistStoreError / DistNetworkError (timeouts, refused), a failed gloo/NCCL connect
+        if isinstance(e, PeerLost):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(
+            f"worker {env.rank}: joining the group at {where} failed within {timeout.total_seconds() / 60:g} min "
+            f"({first})"
+        ) from e
+
+
+def _finish(env: DistEnv) -> None:
+    """Wait until every rank's outputs are durable (run_worker returns after its uploads) before any rank, and
+    so the Master, exits: the Training Operator ends the job when the Master succeeds."""
+    if env.world_size > 1:
+        with _collective(env, "waiting for every rank's outputs to be uploaded"):
+            dist.barrier()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -680,18 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(argv)
         env = DistEnv.from_environ()
         if env.world_size > 1:
-            # The PyTorchJob builder sets MICROFED_BACKEND from the resource plan; by hand, CUDA decides.
-            default = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-            backend = os.environ.get("MICROFED_BACKEND") or default
-            dist.init_process_group(
-                backend,
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                rank=env.rank,
-                world_size=env.world_size,
-                timeout=datetime.timedelta(minutes=30),
-            )
+            _join(cfg, env)
         try:
             run_worker(cfg, env)
+            _finish(env)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
