@@ -101,6 +101,7 @@ def train(
     timeout_minutes: int = 720,
     service_account: str = "pipeline-runner",
     pool_max_nodes: int = 0,
+    collective_timeout_minutes: int = 0,
     run_id: str = "",
     task_name: str = "train",
     usage_cache: str = "",
@@ -120,6 +121,8 @@ def train(
     launcher `pytorchjob` needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.
+    collective_timeout_minutes: how long a worker waits in one collective (a fast rank at the end of a round waits
+    for the slowest) before it counts its peer as lost; 0 = from the plan's round time (x 4, at least 30).
     """
     from microfed.training.aggregation import Strategy
     from microfed.training.steps import train_component_step
@@ -150,6 +153,7 @@ def train(
         timeout_minutes=timeout_minutes,
         service_account=service_account,
         pool_max_nodes=pool_max_nodes,
+        collective_timeout_minutes=collective_timeout_minutes,
         run_id=run_id,
         task_name=task_name,
         usage_cache=usage_cache,

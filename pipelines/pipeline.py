@@ -82,6 +82,7 @@ def microfed_pipeline(
     timeout_minutes: int = 720,
     service_account: str = "pipeline-runner",
     pool_max_nodes: int = 0,
+    collective_timeout_minutes: int = 0,
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, combined by `strategy` (fedavg: averaged with weights n_k / n), keep the round with the best
@@ -131,6 +132,7 @@ def microfed_pipeline(
             timeout_minutes=timeout_minutes,
             service_account=service_account,
             pool_max_nodes=pool_max_nodes,
+            collective_timeout_minutes=collective_timeout_minutes,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
             usage_cache=usage_cache,

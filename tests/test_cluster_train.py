@@ -107,6 +107,11 @@ def test_train_step_runs_the_built_pytorchjob_and_cleans_up(
     (job,) = operator.created
     assert job.metadata.namespace == "team-a"
     assert job.spec.pytorch_replica_specs["Worker"].template.spec.service_account_name == "pipeline-runner"
+    # the collectives' timeout comes from the plan (never under torch's 30 min), and the operator's deadline lies
+    # beyond the step's own timeout, so the step (which keeps the logs) gives up first
+    command = job.spec.pytorch_replica_specs["Master"].template.spec.containers[0].command
+    assert float(command[command.index("--collective-timeout-minutes") + 1]) >= 30
+    assert job.spec.run_policy.active_deadline_seconds > options(operator).timeout_seconds
     # one job, deleted after it succeeded; its replicas' logs kept beside the micro-models
     assert len(operator.deleted) == 1 and operator.jobs == {}
     files = set(storage.list_files(micro))

@@ -554,3 +554,17 @@ def test_a_replica_deleted_between_polls_is_still_counted_and_its_exit_read_from
     assert "restarted 3 times (limit 2" in text
     assert "exit code 137 (SIGKILL: the OOM killer at its memory limit of 4Gi, or a preemption" in text
     assert f'resource.labels.pod_name="{WORKER}"' in text and text.rstrip().endswith("resumed from round 2")
+
+
+def test_the_restart_limit_blames_the_killed_replica_not_the_peers_it_took_down(tmp_path: Path) -> None:
+    # rank 1 is OOM-killed; rank 0 then loses its peer in the all-reduce and exits 200: both are recreated
+    states = []
+    for i in range(4):
+        states.append(
+            (job_state(CREATED, RUNNING), [pod(MASTER, "Running", uid=f"m{i}"), restarted(f"w{i}", exit_code=None)], {})
+        )
+        master_lost = pod(MASTER, "Failed", exit_code=200, reason="Error", uid=f"m{i}")
+        states.append((job_state(CREATED, ("Restarting", "True")), [master_lost, restarted(f"w{i}")], {}))
+    cluster = FakeCluster(states, logs={MASTER: "peer lost\n", WORKER: "epoch 3\n"})
+    with pytest.raises(JobFailed, match=rf"replica {WORKER} was restarted 2 times \(limit 1.*OOMKilled"):
+        launch(cluster, tmp_path, max_restarts=1)

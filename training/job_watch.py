@@ -29,6 +29,7 @@ from microfed.training.job_status import (
     termination,
     unschedulable,
 )
+from microfed.training.launch import EXIT_PEER_LOST
 from microfed.training.pytorchjob_backend import JobBackend
 
 __all__ = ["Api", "JobFailed", "JobTerminated", "JobTimeout", "JobUnschedulable", "Watch", "WatchPolicy"]
@@ -192,25 +193,37 @@ class Watch:
         return self.logs
 
     def _check_restarts(self, job_uid: str | None) -> None:
-        for name, rep in sorted(self.replicas.items()):
-            if rep.restarts <= self.policy.max_restarts:
-                continue
-            last = list(rep.retryable_exits.values())[-1] if rep.retryable_exits else None
-            last = last or self._exit_from_events(name, job_uid) or rep.last
-            self._save_log(name)  # the running incarnation's log: it has resumed where the killed one stopped
-            why = _describe_exit(last, rep.memory_limit, self.policy.memory_note)
-            todo = (
-                "raise the memory plan or lower batch_size"
-                if last is not None and last.exit_code == 137
-                else "read the replica's log; exit 200 means a peer was lost"
-            )
-            raise JobFailed(
-                f"PyTorchJob {self.name}: replica {name} was restarted {rep.restarts} times (limit "
-                f"{self.policy.max_restarts}; the operator would go on until activeDeadlineSeconds); last exit: "
-                f"{why}; {todo}. The operator deletes a killed pod at once, so its own log is only in the "
-                f'cluster\'s log store (GKE: Cloud Logging, resource.labels.pod_name="{name}"); the last lines '
-                f"the step could read:\n{self._tail(name)}"
-            )
+        over = [n for n, r in self.replicas.items() if r.restarts > self.policy.max_restarts]
+        if not over:
+            return
+        exits = {n: self._last_exit(n, job_uid) for n in over}
+
+        def blame(pod: str) -> tuple[bool, str]:
+            # a replica OOM-killed or crashed takes its peers down with it (they exit 200, peer lost): the cause first
+            last = exits[pod]
+            return (last is None or last.exit_code == EXIT_PEER_LOST, pod)
+
+        name = min(over, key=blame)
+        rep, last = self.replicas[name], exits[name]
+        self._save_log(name)  # the running incarnation's log: it has resumed where the killed one stopped
+        why = _describe_exit(last, rep.memory_limit, self.policy.memory_note)
+        todo = (
+            "raise the memory plan or lower batch_size"
+            if last is not None and last.exit_code == 137
+            else "read the replica's log; exit 200 means a peer was lost"
+        )
+        raise JobFailed(
+            f"PyTorchJob {self.name}: replica {name} was restarted {rep.restarts} times (limit "
+            f"{self.policy.max_restarts}; the operator would go on until activeDeadlineSeconds); last exit: "
+            f"{why}; {todo}. The operator deletes a killed pod at once, so its own log is only in the "
+            f'cluster\'s log store (GKE: Cloud Logging, resource.labels.pod_name="{name}"); the last lines '
+            f"the step could read:\n{self._tail(name)}"
+        )
+
+    def _last_exit(self, pod: str, job_uid: str | None) -> Termination | None:
+        rep = self.replicas[pod]
+        last = list(rep.retryable_exits.values())[-1] if rep.retryable_exits else None
+        return last or self._exit_from_events(pod, job_uid) or rep.last
 
     def _exit_from_events(self, pod: str, job_uid: str | None) -> Termination | None:
         """The exit code in the operator's latest `ExitedWithCode` event for `pod` ("Pod: <ns>.<pod> exited with

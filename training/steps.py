@@ -244,6 +244,7 @@ def train_component_step(
     run_id: str,
     task_name: str,
     pool_max_nodes: int = 0,
+    collective_timeout_minutes: int = 0,
     usage_cache: str = "",
 ) -> dict[str, Any]:
     """The train component's body: `shards` and `out` are the artifacts' (local path, URI) pairs.
@@ -270,6 +271,7 @@ def train_component_step(
         optim=optim,
         strategy=strategy or Strategy(),
         patience=patience,
+        collective_timeout_minutes=float(collective_timeout_minutes),
     )
     cluster = None
     if on_cluster:
