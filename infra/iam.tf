@@ -15,6 +15,9 @@ resource "google_project_iam_member" "nodes" {
   project = var.project_id
   role    = "roles/container.defaultNodeServiceAccount"
   member  = "serviceAccount:${google_service_account.nodes.email}"
+
+  # setIamPolicy on the project is a Cloud Resource Manager call: that API must be on first
+  depends_on = [google_project_service.apis]
 }
 
 # The kubelet pulls images with the node's identity, not the pod's.

@@ -54,6 +54,8 @@ locals {
 
   apis = toset([
     "artifactregistry.googleapis.com",
+    # project IAM members (google_project_iam_member) go through the Resource Manager API
+    "cloudresourcemanager.googleapis.com",
     "compute.googleapis.com",
     "container.googleapis.com",
     "iam.googleapis.com",

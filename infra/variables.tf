@@ -58,7 +58,7 @@ variable "labels" {
 }
 
 variable "enable_apis" {
-  description = "Enable the Google Cloud APIs this configuration uses (compute, container, artifactregistry, storage, iam). Turn off when the project's APIs are managed elsewhere."
+  description = "Enable the Google Cloud APIs this configuration uses (artifactregistry, cloudresourcemanager, compute, container, iam, storage). Turn off when the project's APIs are managed elsewhere."
   type        = bool
   default     = true
 }
