@@ -58,8 +58,8 @@ typecheck: install
 	@for d in training components pipelines; do ln -sfn ../../$$d .typecheck/microfed/$$d; done
 	$(VENV)/bin/mypy
 
-# Static checks of infra/ (the Google provider cannot be downloaded here, so no terraform validate): formatting, and
-# checkov with a gate that fails on parse errors (which checkov reports as fewer checks, not as a failure), failed
+# Static checks of infra/ (the providers cannot be downloaded here, so no terraform validate): formatting, every block
+# against the pinned providers' schemas (infra/schema_check.py, schemas in infra/schemas/), and checkov with a gate that fails on parse errors (which checkov reports as fewer checks, not as a failure), failed
 # checks, and skips without a reason or missing from infra/README.md.
 $(CHECKOV_STAMP):
 	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
@@ -68,10 +68,11 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install -qq checkov==$(CHECKOV_VERSION)
 	@touch $@
 
-infra-check: $(CHECKOV_STAMP)
+infra-check: install $(CHECKOV_STAMP)
 	@command -v terraform >/dev/null 2>&1 || { \
 	  echo "infra-check needs terraform >= 1.9 on PATH: https://developer.hashicorp.com/terraform/install"; exit 2; }
 	terraform fmt -check -recursive -diff infra/
+	$(PY) infra/schema_check.py infra
 	$(CHECKOV_VENV)/bin/python infra/checkov_gate.py --checkov $(CHECKOV_VENV)/bin/checkov infra
 
 test: install data lint typecheck infra-check

@@ -1,27 +1,30 @@
-# Kubeflow Pipelines (standalone) and the Training Operator, from their pinned upstream kustomizations:
-#   1. the kustomization data sources render them at plan time (kustomize build; remote bases need git on PATH),
-#      with our patches: KFP's default pipeline root is the bucket, pipeline-runner is bound to the pipelines
-#      Google service account;
+# Kubeflow Pipelines (standalone) and the Training Operator, from manifests vendored under manifests/:
+#   1. manifests/render.py rendered the pinned upstream kustomizations once (kubeflow/pipelines, kubeflow/trainer
+#      and the argo-workflows bases KFP names by URL; tags and commits in manifests/SOURCES.json), so a plan reads
+#      only files of this module and never fetches from GitHub; the kustomization data sources build those
+#      rendered files with our patches: KFP's default pipeline root is the bucket, pipeline-runner and
+#      ml-pipeline-ui are bound to their Google service accounts (iam.tf, ui_identity.tf);
 #   2. kubectl_manifest applies every object server-side, in kustomize's priority order: CRDs first, then the
 #      rest, then admission webhooks;
 #   3. the launcher's RBAC (rbac.yaml) goes into the KFP namespace.
 # Both upstreams also declare the kubeflow Namespace; it is created once, here, and filtered out of both.
+# Moving a version: change it in manifests/render.py, re-render, review the diff (see infra/README.md).
 
 locals {
-  kfp_base               = "github.com/kubeflow/pipelines/manifests/kustomize"
-  training_operator_base = "github.com/kubeflow/trainer/manifests/overlays/standalone"
+  # What was vendored (upstream repositories, tags, commits, digests of the rendered files).
+  vendored_sources = jsondecode(file("${path.module}/manifests/SOURCES.json"))
 }
 
 data "kustomization_overlay" "kfp_cluster_scoped" {
-  resources = ["${local.kfp_base}/cluster-scoped-resources?ref=${var.kfp_version}"]
+  resources = ["${path.module}/manifests/kfp-cluster-scoped"]
 }
 
 data "kustomization_overlay" "kfp" {
-  resources = ["${local.kfp_base}/env/platform-agnostic?ref=${var.kfp_version}"]
+  resources = ["${path.module}/manifests/kfp"]
 
   # The launcher of every step reads its default pipeline root from this ConfigMap.
   patches {
-    target = {
+    target {
       kind = "ConfigMap"
       name = "kfp-launcher"
     }
@@ -33,9 +36,26 @@ data "kustomization_overlay" "kfp" {
     })
   }
 
+  # Workload Identity: the Kubeflow UI's server runs as ml-pipeline-ui and reads gs:// artifacts (the run report
+  # among them) with the UI Google service account's credentials, read-only (ui_identity.tf).
+  patches {
+    target {
+      kind = "ServiceAccount"
+      name = local.ui_ksa
+    }
+    patch = yamlencode({
+      apiVersion = "v1"
+      kind       = "ServiceAccount"
+      metadata = {
+        name        = local.ui_ksa
+        annotations = { "iam.gke.io/gcp-service-account" = local.ui_gsa_email }
+      }
+    })
+  }
+
   # Workload Identity: pods running as pipeline-runner get the pipelines Google service account's credentials.
   patches {
-    target = {
+    target {
       kind = "ServiceAccount"
       name = local.pipeline_runner_ksa
     }
@@ -51,7 +71,7 @@ data "kustomization_overlay" "kfp" {
 }
 
 data "kustomization_overlay" "training_operator" {
-  resources = ["${local.training_operator_base}?ref=${var.training_operator_version}"]
+  resources = ["${path.module}/manifests/training-operator"]
 }
 
 locals {
@@ -73,6 +93,26 @@ locals {
       }
     ]...)
   ]
+
+  # Deployments applied without waiting for their rollout. alekc/kubectl waits for every Deployment it applies to
+  # roll out (wait_for_rollout defaults to true; kubernetes/resource_kubectl_manifest.go at v2.4.1,
+  # resourceKubectlManifestApply -> waitForDeploymentRollout, bounded by the 10-minute create/update timeout), and
+  # a wait that times out fails the apply and taints the object. These two can wait on something no manifest
+  # declares (kubeflow/pipelines 2.14.3):
+  #   cache-server mounts the Secret webhook-server-tls (manifests/kustomize/base/cache/cache-deployment.yaml),
+  #     which cache-deployer creates at run time from a CertificateSigningRequest for the
+  #     kubernetes.io/kubelet-serving signer (backend/src/cache/deployer/webhook-create-signed-cert.sh); until it
+  #     exists, or forever where that CSR is not signed, the pod stays ContainerCreating (kubeflow/pipelines#3815,
+  #     #5924);
+  #   cache-deployer runs that script, which exits 1 when no certificate appears, so its pod can crash-loop.
+  # Neither is needed by microfed: the cache webhook skips KFP v2 pods (backend/src/cache/server/mutation.go,
+  # MutatePodIfCached: "KFP v2 handles caching by its driver") and fails open (failurePolicy: Ignore in
+  # backend/src/cache/deployer/cache-webhook-config.v1.yaml.template). Every other Deployment is waited for, so the
+  # admission webhooks are applied once the servers behind them are up.
+  unwaited_rollouts = toset([
+    "kfp:apps/Deployment/kubeflow/cache-server",
+    "kfp:apps/Deployment/kubeflow/cache-deployer-deployment",
+  ])
 
   # rbac.yaml names the KFP namespace literally; pin it to the one installed here.
   rbac_documents = [
@@ -109,8 +149,13 @@ resource "kubectl_manifest" "resources" {
   yaml_body         = each.value
   server_side_apply = true
   force_conflicts   = true
+  wait_for_rollout  = !contains(local.unwaited_rollouts, each.key)
 
-  depends_on = [kubectl_manifest.crds, google_service_account_iam_member.pipeline_runner_workload_identity]
+  depends_on = [
+    kubectl_manifest.crds,
+    google_service_account_iam_member.pipeline_runner_workload_identity,
+    google_service_account_iam_member.ui_workload_identity,
+  ]
 }
 
 resource "kubectl_manifest" "webhooks" {

@@ -55,3 +55,13 @@ output "training_node_pools" {
     { for type, pool in google_container_node_pool.training_gpu : type => pool.name },
   )
 }
+
+output "ui_service_account" {
+  description = "Google service account the Kubeflow UI (ml-pipeline-ui Kubernetes service account) acts as through Workload Identity: it reads the pipeline bucket's objects."
+  value       = google_service_account.ui.email
+}
+
+output "kubeflow_versions" {
+  description = "The Kubeflow releases installed, as vendored under manifests/ (repository => tag; manifests/SOURCES.json also records the commits)."
+  value       = { for upstream in local.vendored_sources.upstreams : upstream.repo => upstream.tag }
+}

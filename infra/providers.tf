@@ -17,5 +17,22 @@ provider "kubectl" {
   apply_retry_count = 5
 }
 
-# Only renders kustomizations (data sources); with no kubeconfig it never contacts a cluster.
-provider "kustomization" {}
+# Only renders kustomizations (the kustomization_overlay data sources), which never contact a cluster, yet the
+# provider refuses a configuration without exactly one of kubeconfig_path, kubeconfig_raw, kubeconfig_incluster
+# (ExactlyOneOf in kbst/terraform-provider-kustomization v0.9.8, kustomize/provider.go). A fresh machine has no
+# ~/.kube/config, and the cluster does not exist at the first plan, so it gets a fixed kubeconfig of its own. The
+# provider builds a client from it (client-go's clientcmd: the context must exist and its cluster have a server;
+# building dials nothing), but the data sources use only the provider's mutex
+# (kustomize/data_source_kustomization_overlay.go), so the server is never contacted; `.invalid` (RFC 2606) could
+# not resolve if it were. `context` is set so that a KUBECONFIG_CONTEXT in the environment cannot pick another.
+provider "kustomization" {
+  context = "render-only"
+  kubeconfig_raw = yamlencode({
+    apiVersion        = "v1"
+    kind              = "Config"
+    clusters          = [{ name = "render-only", cluster = { server = "https://render-only.invalid" } }]
+    users             = [{ name = "render-only", user = {} }]
+    contexts          = [{ name = "render-only", context = { cluster = "render-only", user = "render-only" } }]
+    "current-context" = "render-only"
+  })
+}

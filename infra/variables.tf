@@ -336,29 +336,3 @@ variable "repository_id" {
     error_message = "repository_id must be lowercase letters, digits and hyphens, starting with a letter."
   }
 }
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kubeflow
-# ---------------------------------------------------------------------------------------------------------------
-
-variable "kfp_version" {
-  description = "Kubeflow Pipelines release installed (standalone, platform-agnostic manifests), a 2.x git tag of kubeflow/pipelines."
-  type        = string
-  default     = "2.14.3"
-
-  validation {
-    condition     = can(regex("^2\\.[0-9]+\\.[0-9]+$", var.kfp_version))
-    error_message = "kfp_version must be a Kubeflow Pipelines 2.x release such as 2.14.3."
-  }
-}
-
-variable "training_operator_version" {
-  description = "Kubeflow Training Operator release installed, a v1.9.x git tag of kubeflow/trainer (the release line of the kubeflow-training 1.9 SDK and the PyTorchJob CRD the builder is tested against)."
-  type        = string
-  default     = "v1.9.4"
-
-  validation {
-    condition     = can(regex("^v1\\.9\\.[0-9]+$", var.training_operator_version))
-    error_message = "training_operator_version must be a v1.9.x release such as v1.9.4."
-  }
-}

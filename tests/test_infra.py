@@ -443,16 +443,17 @@ def test_workload_identity_binds_pipeline_runner() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_kubeflow_versions_are_pinned() -> None:
+def test_kubeflow_manifests_are_vendored() -> None:
+    # Plans read the manifests rendered under infra/manifests/ (pinned by tag and commit in SOURCES.json, checked by
+    # tests/test_vendored_manifests.py), never a remote kustomization: no version variable, no ?ref=.
     cfg = infra()
-    assert re.fullmatch(r"2\.\d+\.\d+", cfg.variables["kfp_version"]["default"])
-    assert re.fullmatch(r"v1\.9\.\d+", cfg.variables["training_operator_version"]["default"])
+    assert not {"kfp_version", "training_operator_version"} & set(cfg.variables)
     sources = {name: body["resources"] for (kind, name), body in cfg.data.items() if kind == "kustomization_overlay"}
-    assert set(sources) == {"kfp_cluster_scoped", "kfp", "training_operator"}
-    for name, resources in sources.items():
-        for url in resources:
-            assert url.endswith(("?ref=${var.kfp_version}", "?ref=${var.training_operator_version}")), (name, url)
-    assert sources["training_operator"] == ["${local.training_operator_base}?ref=${var.training_operator_version}"]
+    assert sources == {
+        "kfp_cluster_scoped": ["${path.module}/manifests/kfp-cluster-scoped"],
+        "kfp": ["${path.module}/manifests/kfp"],
+        "training_operator": ["${path.module}/manifests/training-operator"],
+    }
 
 
 def test_manifests_are_applied_server_side() -> None:
@@ -464,12 +465,14 @@ def test_manifests_are_applied_server_side() -> None:
 
 def test_launcher_default_pipeline_root_is_the_bucket() -> None:
     kfp = infra().data["kustomization_overlay", "kfp"]
-    patches = {p["target"]["kind"]: p for p in kfp["patches"]}
-    launcher = patches["ConfigMap"]
-    assert launcher["target"]["name"] == "kfp-launcher"
+    # A patch's `target` is a nested block in kbst/kustomization (data_source_kustomization_overlay.go): python-hcl2
+    # reads `target { ... }` as a list of one dict, `target = { ... }` (which Terraform rejects) as a bare dict.
+    for patch in kfp["patches"]:
+        assert isinstance(patch["target"], list), "write the patch target as a block: target { ... }"
+    patches = {(t["kind"], resolve(t["name"])): p for p in kfp["patches"] for t in [block(p, "target")]}
+    launcher = patches["ConfigMap", "kfp-launcher"]
     assert "defaultPipelineRoot = local.pipeline_root" in launcher["patch"]
-    sa = patches["ServiceAccount"]
-    assert resolve(sa["target"]["name"]) == "pipeline-runner"
+    sa = patches["ServiceAccount", "pipeline-runner"]
     assert '"iam.gke.io/gcp-service-account" = local.pipeline_gsa_email' in sa["patch"]
 
 
@@ -508,7 +511,7 @@ def test_every_variable_and_output_is_described(directory: Path) -> None:
 
 def test_fixed_value_variables_are_validated() -> None:
     cfg = infra()
-    for name in ("region", "zone", "release_channel", "gpu_types", "gpu_driver_version", "kfp_version"):
+    for name in ("region", "zone", "release_channel", "gpu_types", "gpu_driver_version"):
         assert cfg.variables[name].get("validation"), f"variable {name} needs a validation block"
 
 
@@ -528,15 +531,18 @@ def test_outputs_tell_how_to_use_the_cluster() -> None:
     assert outputs["pipeline_root"]["value"] == "${local.pipeline_root}"
 
 
-def test_providers_are_pinned_to_a_major_range() -> None:
+def test_providers_are_pinned_to_the_versions_of_their_schemas() -> None:
+    # One exact version per provider, the one whose schema infra/schemas/ holds and infra/schema_check.py checks
+    # every block against (tests/test_infra_schema.py); a range would let `terraform init` pick another schema.
     terraform = infra().terraform
     assert len(terraform) == 1
     assert terraform[0]["required_version"] == ">= 1.9"
     providers = block(terraform[0], "required_providers")
-    assert providers["google"] == {"source": "hashicorp/google", "version": "~> 7.0"}
+    assert providers["google"] == {"source": "hashicorp/google", "version": "= 7.46.1"}
+    assert set(providers) == {"google", "kubectl", "kustomization"}
     for name, spec in providers.items():
-        constraint = spec["version"]
-        assert constraint.startswith("~>") or "<" in constraint, f"{name} is not pinned to a major range"
+        schema = json.loads((INFRA / "schemas" / f"{name}.json").read_text())
+        assert spec == {"source": schema["provider"], "version": f"= {schema['version']}"}, name
 
 
 def test_references_resolve() -> None:
