@@ -9,8 +9,8 @@ output "cluster_location" {
 }
 
 output "get_credentials_command" {
-  description = "Writes kubectl credentials for the cluster into ~/.kube/config (needs gcloud and gke-gcloud-auth-plugin; run it from a network in master_authorized_networks)."
-  value       = "gcloud container clusters get-credentials ${google_container_cluster.this.name} --location ${google_container_cluster.this.location} --project ${var.project_id}"
+  description = "Writes kubectl credentials for the cluster's DNS-based endpoint into ~/.kube/config (needs gcloud and gke-gcloud-auth-plugin; works from any network, authorised by IAM)."
+  value       = "gcloud container clusters get-credentials ${google_container_cluster.this.name} --location ${google_container_cluster.this.location} --project ${var.project_id} --dns-endpoint"
 }
 
 output "bucket_url" {

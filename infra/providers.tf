@@ -6,11 +6,13 @@ provider "google" {
 # The caller's own credentials (gcloud auth application-default login) also authenticate to the cluster.
 data "google_client_config" "current" {}
 
+# Through the DNS-based endpoint (cluster.tf): authorised by IAM, not by master_authorized_networks. Its front end
+# presents a publicly trusted certificate (a kubeconfig from `gcloud container clusters get-credentials
+# --dns-endpoint` carries no certificate-authority-data), so the cluster's own CA is not given here.
 provider "kubectl" {
-  host                   = "https://${google_container_cluster.this.endpoint}"
-  token                  = data.google_client_config.current.access_token
-  cluster_ca_certificate = base64decode(google_container_cluster.this.master_auth[0].cluster_ca_certificate)
-  load_config_file       = false
+  host             = "https://${google_container_cluster.this.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint}"
+  token            = data.google_client_config.current.access_token
+  load_config_file = false
   # The cluster is created by this same apply: build the client when it is first used, not at plan time.
   lazy_load = true
   # CRDs become usable a few seconds after they are created; custom resources applied right after them retry.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.test_infra import infra
+from tests.test_infra import INFRA, _parse, infra
 
 README = Path(__file__).resolve().parents[1] / "infra" / "README.md"
 
@@ -33,3 +33,15 @@ def test_the_readme_lists_every_api_apply_enables_and_the_roles_it_needs() -> No
     for role in ("roles/iam.serviceAccountUser", "roles/container.admin", "roles/resourcemanager.projectIamAdmin"):
         assert f"`{role}`" in text, role
     assert re.search(r"serviceAccountUser.*actAs", text)
+
+
+def test_terraform_reaches_the_cluster_through_the_dns_endpoint_not_the_authorized_networks() -> None:
+    # After a change of master_authorized_networks (or from another network) a plan must still refresh the Kubeflow
+    # objects: the kubectl provider talks to the DNS-based endpoint, which IAM guards instead of source addresses.
+    (cluster,) = infra().of_type("google_container_cluster").values()
+    (endpoints,) = cluster["control_plane_endpoints_config"]
+    assert endpoints["dns_endpoint_config"][0]["allow_external_traffic"] is True
+    providers = [p for block in _parse(INFRA / "providers.tf").get("provider", []) for p in [block]]
+    (kubectl,) = [p["kubectl"] for p in providers if "kubectl" in p]
+    assert kubectl["host"].endswith(".dns_endpoint_config[0].endpoint}")
+    assert "cluster_ca_certificate" not in kubectl  # the front end's certificate is publicly trusted

@@ -140,7 +140,8 @@ def test_each_vendored_kustomization_lists_only_its_rendered_file(folder: str) -
 # URLs a .tf file may hold: none of them is fetched by Terraform or kustomize.
 _ALLOWED_URLS = (
     "https://www.googleapis.com/auth/",  # OAuth scopes of the node pools
-    "https://${google_container_cluster.this.endpoint}",  # the cluster's API server (kubectl provider)
+    "https://${google_container_cluster.this.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint}",
+    # the cluster's API server through its DNS-based endpoint (kubectl provider)
     "http://localhost",  # the port-forward an output describes
 )
 
