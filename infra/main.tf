@@ -1,72 +1,49 @@
-# microfed on GKE: a VPC-native cluster whose training pools scale to zero, Kubeflow Pipelines and the Training
-# Operator, a bucket for the pipeline root and an Artifact Registry repository for the image. One file per concern:
-# network.tf, cluster.tf, node_pools.tf, storage.tf, iam.tf, kubeflow.tf.
+# The configuration users apply (`cd infra && terraform init && terraform apply`): it configures the providers
+# (providers.tf) and calls the module that holds everything else, modules/microfed/, with every variable of this
+# directory. The module has no provider blocks of its own, so it can also be called from another configuration
+# (examples/basic/ shows how), with count, for_each or depends_on. moved.tf carries a state created before the
+# split (when these resources were declared here) into the module instead of destroying it.
 
 locals {
-  # Node labels and taints shared with the PyTorchJob builder (training/pytorchjob.py reads the same file), so the
-  # pools and the pods' tolerations / node selectors cannot drift apart.
+  # The variables' validations (variables.tf, the same as the module's) check the GPU types against the node
+  # contract shared with the PyTorchJob builder.
   contract = jsondecode(file("${path.module}/../training/cluster.json"))
-
-  # cluster.json spells taint effects the Kubernetes way; the GKE API wants its enum.
-  taint_effects = {
-    NoSchedule       = "NO_SCHEDULE"
-    PreferNoSchedule = "PREFER_NO_SCHEDULE"
-    NoExecute        = "NO_EXECUTE"
-  }
-  training_taint = {
-    key    = local.contract.training_taint.key
-    value  = local.contract.training_taint.value
-    effect = local.taint_effects[local.contract.training_taint.effect]
-  }
-  # GKE puts this taint on GPU nodes itself only while the cluster also has non-GPU pools; declaring it makes it
-  # certain (and tells the autoscaler about it when a pool is at zero nodes).
-  gpu_taint = {
-    key    = local.contract.gpu_taint.key
-    value  = local.contract.gpu_taint.value
-    effect = local.taint_effects[local.contract.gpu_taint.effect]
-  }
-
-  # One GPU per node: a PyTorchJob replica asks for at most one, and a one-GPU machine is the cheapest that fits.
-  gpus_per_node = 1
-  default_gpu_machine_types = {
-    "nvidia-tesla-t4"   = "n1-standard-8"
-    "nvidia-l4"         = "g2-standard-8"
-    "nvidia-tesla-a100" = "a2-highgpu-1g"
-  }
-  gpu_machine_types = merge(local.default_gpu_machine_types, var.gpu_machine_types)
-
-  cluster_location = var.regional_cluster ? var.region : var.zone
-  labels           = merge({ app = "microfed" }, var.labels)
-
-  bucket_name = coalesce(var.bucket_name, "${var.project_id}-${var.name}-pipelines")
-  # KFP writes every run under the pipeline root; the lifecycle rule for old run artifacts targets this prefix.
-  pipeline_root_prefix = "pipeline-root"
-  pipeline_root        = "gs://${local.bucket_name}/${local.pipeline_root_prefix}"
-  image_repository     = "${var.region}-docker.pkg.dev/${var.project_id}/${var.repository_id}"
-
-  # The standalone KFP manifests install into this namespace; the pipeline's pods (and the PyTorchJobs the train
-  # step creates) run there as the pipeline-runner service account.
-  kfp_namespace       = "kubeflow"
-  pipeline_runner_ksa = "pipeline-runner"
-  # Known before apply (the kustomize overlay that annotates pipeline-runner is rendered at plan time).
-  pipeline_gsa_id    = "${var.name}-pipelines"
-  pipeline_gsa_email = "${local.pipeline_gsa_id}@${var.project_id}.iam.gserviceaccount.com"
-
-  apis = toset([
-    "artifactregistry.googleapis.com",
-    # project IAM members (google_project_iam_member) go through the Resource Manager API
-    "cloudresourcemanager.googleapis.com",
-    "compute.googleapis.com",
-    "container.googleapis.com",
-    "iam.googleapis.com",
-    "storage.googleapis.com",
-  ])
 }
 
-resource "google_project_service" "apis" {
-  for_each = var.enable_apis ? local.apis : toset([])
+module "microfed" {
+  source = "./modules/microfed"
 
-  project            = var.project_id
-  service            = each.value
-  disable_on_destroy = false
+  project_id                 = var.project_id
+  region                     = var.region
+  zone                       = var.zone
+  regional_cluster           = var.regional_cluster
+  name                       = var.name
+  labels                     = var.labels
+  enable_apis                = var.enable_apis
+  subnet_cidr                = var.subnet_cidr
+  pods_cidr                  = var.pods_cidr
+  services_cidr              = var.services_cidr
+  release_channel            = var.release_channel
+  deletion_protection        = var.deletion_protection
+  enable_private_nodes       = var.enable_private_nodes
+  master_ipv4_cidr_block     = var.master_ipv4_cidr_block
+  master_authorized_networks = var.master_authorized_networks
+  allow_google_cloud_ips     = var.allow_google_cloud_ips
+  system_machine_type        = var.system_machine_type
+  system_min_nodes           = var.system_min_nodes
+  system_max_nodes           = var.system_max_nodes
+  cpu_machine_type           = var.cpu_machine_type
+  cpu_max_nodes              = var.cpu_max_nodes
+  gpu_types                  = var.gpu_types
+  gpu_machine_types          = var.gpu_machine_types
+  gpu_max_nodes              = var.gpu_max_nodes
+  gpu_node_locations         = var.gpu_node_locations
+  gpu_driver_version         = var.gpu_driver_version
+  training_spot              = var.training_spot
+  training_disk_size_gb      = var.training_disk_size_gb
+  bucket_name                = var.bucket_name
+  bucket_force_destroy       = var.bucket_force_destroy
+  artifact_retention_days    = var.artifact_retention_days
+  noncurrent_retention_days  = var.noncurrent_retention_days
+  repository_id              = var.repository_id
 }

@@ -11,7 +11,14 @@ each .tf file under the directories given:
 - a missing required argument, too few or too many blocks (min_items / max_items);
 - an `exactly_one_of` / `at_least_one_of` / `conflicts_with` / `required_with` rule of the provider broken;
 - a value outside the schema's allowed values (literals, and variables' defaults and locals that are literals);
-- a provider whose pin in versions.tf is not the version of its schema file, or that has no schema.
+- a provider whose pin in versions.tf is not the version of its schema file, or that has no schema;
+- a provider block in a module that another directory calls (a "legacy module": Terraform refuses count, for_each
+  and depends_on on its calls, and a removed call leaves its resources without a provider to destroy them).
+
+A directory that another directory under the same root calls with a local `source` ("./..." or "../...") is a
+child module; every other directory is a root configuration. A root configuration must configure every provider
+that it or the modules it calls use (Terraform gives an unconfigured one an empty configuration, which is checked
+like any other), and the value a child module's variable gets from each call is checked as well as its default.
 
 Usage (make infra-check runs it):
 
@@ -112,6 +119,10 @@ class Module:
         self.providers: dict[str, tuple[str, str | None, str]] = {}  # local -> (source, version, file)
         self.variables: dict[str, Any] = {}
         self.locals: dict[str, Any] = {}
+        self.calls: dict[str, tuple[Path, dict[str, Any], Path]] = {}  # name -> (directory, arguments, file)
+        self.callers: list[tuple[Module, dict[str, Any]]] = []  # (calling module, the arguments of its call)
+        self.configured: set[str] = set()  # sources of its provider blocks (without alias), once checked
+        self.used: dict[str, Path] = {}  # source -> first file whose resource or data source uses it, once checked
         for path, doc in self.docs.items():
             for terraform in doc.get("terraform", []):
                 for required in terraform.get("required_providers", []):
@@ -130,6 +141,11 @@ class Module:
                         self.variables[name] = body
             for block in doc.get("locals", []):
                 self.locals.update({k: v for k, v in block.items() if k != _MARK})
+            for block in doc.get("module", []):
+                for name, body in block.items():
+                    source = body.get("source") if isinstance(body, dict) else None
+                    if name != _MARK and isinstance(source, str) and source.startswith(("./", "../")):
+                        self.calls[name] = ((directory / source).resolve(), body, path)
 
     def name(self, path: Path) -> str:
         try:
@@ -152,6 +168,22 @@ class Module:
             return value if isinstance(value, str) and "${" not in value else None
         return None if "${" in value else value
 
+    def literals(self, value: Any, seen: frozenset[Path] = frozenset()) -> list[Any]:
+        """Every literal `value` can take: literal() for a value of this directory, and for `var.x` of a called
+        module, what each call passes (followed into the caller's variables and locals), or the default where a
+        call passes nothing."""
+        reference = _REFERENCE.match(value) if isinstance(value, str) else None
+        if not reference or reference.group(1) != "var" or not self.callers or self.directory in seen:
+            return [self.literal(value)]
+        name = reference.group(2)
+        out: list[Any] = []
+        for caller, arguments in self.callers:
+            if name in arguments:
+                out += caller.literals(arguments[name], seen | {self.directory})
+            else:
+                out.append(self.literal(value))
+        return out
+
 
 class Checker:
     def __init__(self, schemas: dict[str, dict[str, Any]]) -> None:
@@ -165,9 +197,9 @@ class Checker:
     # -- per module -------------------------------------------------------------------------------------------
 
     def module(self, module: Module, is_root: bool) -> None:
+        """Check one directory's blocks; record in module.used the providers its resources and data sources use."""
         self.violations += module.errors
-        if is_root:
-            self.pins(module)
+        self.pins(module)
         configured: set[str] = set()
         used: dict[str, Path] = {}
         for path, doc in module.docs.items():
@@ -176,6 +208,15 @@ class Checker:
                     if local != _MARK:
                         self.provider_block(module, path, local, body)
                         configured |= set() if "alias" in body else {local}
+                        if not is_root:
+                            self.report(
+                                module,
+                                path,
+                                f"provider.{local}",
+                                "a module that another configuration calls must not configure providers (Terraform's"
+                                ' "Providers Within Modules": such a legacy module cannot be called with count,'
+                                " for_each or depends_on): configure it in the calling root configuration",
+                            )
             for kind, key in (("resource", "resources"), ("data", "data_sources")):
                 for block in doc.get(kind, []):
                     for rtype, named in block.items():
@@ -185,13 +226,28 @@ class Checker:
                             if name != _MARK:
                                 local = self.resource_block(module, path, kind, key, rtype, name, body)
                                 used.setdefault(local, path)
-        if is_root:
-            # A provider used without a provider block is configured with an empty one, which must be valid too.
-            for local, path in sorted(used.items()):
-                schema = self.schemas.get(module.source_of(local))
-                if local not in configured and schema is not None:
-                    address = f"provider.{local} (no provider block: an empty configuration)"
-                    self.body(module, path, address, {}, schema["provider_config"])
+        module.configured = {module.source_of(local) for local in configured}
+        module.used = {module.source_of(local): path for local, path in sorted(used.items())}
+
+    def unconfigured(self, root: Module, modules: dict[Path, Module]) -> None:
+        """A provider that the root configuration, or a module it calls, uses without a provider block of the root
+        is configured with an empty body, which must be valid too."""
+        used: dict[str, tuple[Module, Path]] = {}
+        pending, seen = [root], set()
+        while pending:
+            module = pending.pop(0)
+            if module.directory in seen:
+                continue
+            seen.add(module.directory)
+            for source, path in module.used.items():
+                used.setdefault(source, (module, path))
+            pending += [modules[d] for d, _, _ in module.calls.values() if d in modules]
+        for source, (module, path) in sorted(used.items()):
+            schema = self.schemas.get(source)
+            if source not in root.configured and schema is not None:
+                local = source.split("/")[-1]
+                address = f"provider.{local} (no provider block: an empty configuration)"
+                self.body(module, path, address, {}, schema["provider_config"])
 
     def pins(self, module: Module) -> None:
         """Each provider with a schema is pinned to exactly the schema's version."""
@@ -362,14 +418,12 @@ class Checker:
         values = attr.get("allowed_values")
         if not values:
             return
-        literal = module.literal(value)
-        if not isinstance(literal, str):
-            return
         fold = attr.get("allowed_values_ignore_case")
-        if (literal.lower() in {v.lower() for v in values}) if fold else (literal in values):
-            return
-        shown = repr(literal) if literal == value else f"{value[2:-1]} = {literal!r}"
-        self.report(module, path, address, f"{shown} is not one of the allowed values {values}")
+        for literal in dict.fromkeys(v for v in module.literals(value) if isinstance(v, str)):
+            if (literal.lower() in {v.lower() for v in values}) if fold else (literal in values):
+                continue
+            shown = repr(literal) if literal == value else f"{value[2:-1]} = {literal!r}"
+            self.report(module, path, address, f"{shown} is not one of the allowed values {values}")
 
 
 def _unknown(what: str, key: str, known: dict[str, Any]) -> str:
@@ -388,8 +442,16 @@ def check(root: Path, schemas: dict[str, dict[str, Any]] | None = None) -> tuple
     """(violations, number of blocks checked) for every module directory under root."""
     checker = Checker(schemas if schemas is not None else load_schemas())
     root = root.resolve()
-    for directory in modules(root):
-        checker.module(Module(directory, root), is_root=directory == root)
+    found = {directory: Module(directory, root) for directory in modules(root)}
+    for module in found.values():
+        for target, arguments, _ in module.calls.values():
+            if target in found:
+                found[target].callers.append((module, arguments))
+    for module in found.values():
+        checker.module(module, is_root=not module.callers)
+    for module in found.values():
+        if not module.callers:
+            checker.unconfigured(module, found)
     return checker.violations, checker.checked
 
 

@@ -139,7 +139,7 @@ variable "master_ipv4_cidr_block" {
 }
 
 variable "master_authorized_networks" {
-  description = "Networks allowed to reach the Kubernetes API (kubectl, and Terraform itself, which installs Kubeflow through it). Include the address of the machine that runs terraform apply, for example your laptop's public IP as a /32."
+  description = "Networks allowed on the cluster's IP endpoint (kubectl without --dns-endpoint), for example your laptop's public IP as a /32. Terraform itself installs Kubeflow through the DNS-based endpoint, authorised by IAM, so its address need not be listed."
   type = list(object({
     cidr_block   = string
     display_name = string

@@ -5,8 +5,8 @@ terraform {
 
   required_providers {
     # Each provider is pinned to the one version whose schema infra/schemas/ holds: `make test` checks every block
-    # here against it (infra/schema_check.py). Moving a version: change it here, run
-    # `python infra/schemas/regenerate.py`, fix what the check then reports.
+    # of infra/ against it (infra/schema_check.py). Moving a version: change it here, in modules/microfed/versions.tf
+    # and in examples/basic/versions.tf, run `python infra/schemas/regenerate.py`, fix what the check then reports.
     google = {
       source  = "hashicorp/google"
       version = "= 7.46.1"

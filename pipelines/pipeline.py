@@ -24,7 +24,7 @@ def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     # round checkpoints), so a pod lost to a preempted spot node or a transient error is simply run again.
     task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     # No cache: every output lives under the pipeline root, whose objects the bucket deletes after
-    # `artifact_retention_days` (infra/storage.tf), while a KFP v2 cache entry never expires. KFP 2.14.3 reuses
+    # `artifact_retention_days` (infra/modules/microfed/), while a KFP v2 cache entry never expires. KFP 2.14.3 reuses
     # the newest earlier task with the same fingerprint whatever its age (kubeflow/pipelines 2.14.3,
     # backend/src/v2/driver/cache.go, `getFingerPrintsAndID`; backend/src/v2/cacheutils/cache.go,
     # `GetExecutionCache`: a filter on fingerprint, pipeline name and namespace, newest first, no time bound),

@@ -59,8 +59,8 @@ def _hcl_blocks(path: Path, kind: str) -> dict[str, Any]:
 
 
 def test_cluster_json_pool_defaults_equal_the_terraform_defaults() -> None:
-    variables = _hcl_blocks(ROOT / "infra" / "variables.tf", "variable")
-    locals_ = _hcl_blocks(ROOT / "infra" / "main.tf", "locals")
+    variables = _hcl_blocks(ROOT / "infra" / "modules" / "microfed" / "variables.tf", "variable")
+    locals_ = _hcl_blocks(ROOT / "infra" / "modules" / "microfed" / "main.tf", "locals")
     d = pool_defaults()
     assert d.cpu_machine_type == variables["cpu_machine_type"]["default"]
     assert d.cpu_max_nodes == variables["cpu_max_nodes"]["default"]
@@ -71,7 +71,7 @@ def test_cluster_json_pool_defaults_equal_the_terraform_defaults() -> None:
 
 
 def test_machine_table_knows_every_machine_type_infra_defaults_to() -> None:
-    variables = _hcl_blocks(ROOT / "infra" / "variables.tf", "variable")
+    variables = _hcl_blocks(ROOT / "infra" / "modules" / "microfed" / "variables.tf", "variable")
     d = pool_defaults()
     needed = {variables["system_machine_type"]["default"], d.cpu_machine_type, *d.gpu_machine_types.values()}
     assert needed <= set(MACHINE_TYPES)

@@ -21,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+MODULE = INFRA / "modules" / "microfed"  # what infra/ calls: every resource, and the vendored manifests
 
 
 def _load_model() -> ModuleType:
@@ -126,6 +127,18 @@ def test_overrides_and_tfvars_equal_an_edited_default(tmp_path: Path) -> None:
         model.read_cluster(INFRA, {"no_such_variable": 1}, prices=PRICES)
 
 
+def test_the_model_reads_the_module_through_the_root_call(tmp_path: Path) -> None:
+    # infra/ declares no resource: it calls modules/microfed/ with its variables, and the model follows that call.
+    cfg = model.load_terraform(INFRA)
+    assert cfg.directory == MODULE
+    assert ("google_container_cluster", "this") in cfg.resources
+    # A root default reaches the module; the module's own default is what a call that passes nothing gets.
+    copy = _infra_copy(tmp_path)
+    _set_default(copy, "system_machine_type", '"e2-standard-2"')
+    system = next(p for p in model.read_cluster(copy, prices=PRICES).pools if p.idle_nodes)
+    assert system.machine_type == "e2-standard-2"
+
+
 def test_regional_cluster_pays_three_system_nodes_and_the_fee() -> None:
     zonal = model.read_cluster(INFRA, prices=PRICES)
     regional = model.read_cluster(INFRA, {"regional_cluster": True}, prices=PRICES)
@@ -193,17 +206,17 @@ def test_prices_name_their_source_and_date() -> None:
 
 def test_kfp_volumes_recorded_match_the_vendored_manifests() -> None:
     recorded = PRICES["kfp_volumes"]
-    sources = INFRA / "manifests" / "SOURCES.json"
+    sources = MODULE / "manifests" / "SOURCES.json"
     if sources.exists():  # the vendored render pins KFP
         upstreams = json.loads(sources.read_text())["upstreams"]
         kfp_version = next(u["tag"] for u in upstreams if u["repo"] == "kubeflow/pipelines")
     else:
         kfp_version = model.load_terraform(INFRA).variables["kfp_version"]
     assert recorded["kfp_version"] == kfp_version, "prices.json records the volumes of another KFP release"
-    manifests = sorted((INFRA / "manifests").rglob("*.yaml"))
+    manifests = sorted((MODULE / "manifests").rglob("*.yaml"))
     vendored = [claim for path in manifests for claim in model.pvc_claims(path.read_text())]
     if not vendored:
-        pytest.skip("no vendored manifests under infra/manifests/")
+        pytest.skip("no vendored manifests under infra/modules/microfed/manifests/")
     assert sorted((name, size) for name, size, _ in vendored) == sorted(
         (c["name"], float(c["size_gib"])) for c in recorded["claims"]
     )

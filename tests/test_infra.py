@@ -1,8 +1,11 @@
 """Static checks of infra/ (Terraform for GKE), none of which needs the Google provider.
 
-python-hcl2 reads the .tf files; a small resolver follows `local.*` / `var.*` references (with training/cluster.json
-bound to `local.contract`, after checking Terraform reads exactly that file) so the tests compare the values the
-pools will get, not just the presence of attributes. `make infra-check` runs terraform fmt and checkov as well.
+infra/ is the root configuration users apply: its providers, variables and outputs, and one call of the module
+infra/modules/microfed/, which declares every resource and configures no provider; infra/examples/basic/ calls the
+same module with providers of its own. python-hcl2 reads the .tf files; a small resolver follows `local.*` /
+`var.*` references (with training/cluster.json bound to `local.contract`, after checking Terraform reads exactly that
+file) so the tests compare the values the pools will get, not just the presence of attributes. `make infra-check`
+runs terraform fmt and checkov as well.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from hcl2.utils import SerializationOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+MODULE = INFRA / "modules" / "microfed"
+EXAMPLE = INFRA / "examples" / "basic"
 CONTRACT: dict[str, Any] = json.loads((ROOT / "training" / "cluster.json").read_text())
 TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
 _OPTIONS = SerializationOptions(
@@ -47,6 +52,9 @@ class Config:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.locals: dict[str, Any] = {}
         self.terraform: list[dict[str, Any]] = []
+        self.providers: list[dict[str, Any]] = []  # {local name: body} of every provider block
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.moved: list[dict[str, Any]] = []
         for path in self.files:
             doc = _parse(path)
             for block in doc.get("resource", []):
@@ -64,6 +72,10 @@ class Config:
             for block in doc.get("locals", []):
                 self.locals.update(block)
             self.terraform += doc.get("terraform", [])
+            self.providers += doc.get("provider", [])
+            for block in doc.get("module", []):
+                self.modules.update(block)
+            self.moved += doc.get("moved", [])
 
     def of_type(self, rtype: str) -> dict[str, dict[str, Any]]:
         return {name: body for (t, name), body in self.resources.items() if t == rtype}
@@ -71,7 +83,19 @@ class Config:
 
 @cache
 def infra() -> Config:
+    """The module that declares every resource (infra/modules/microfed/)."""
+    return Config(MODULE)
+
+
+@cache
+def root() -> Config:
+    """The root configuration users apply (infra/): providers, variables, outputs, the module call."""
     return Config(INFRA)
+
+
+@cache
+def example() -> Config:
+    return Config(EXAMPLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,7 +225,10 @@ def all_tf_files() -> list[Path]:
 
 
 def test_terraform_reads_the_cluster_contract() -> None:
-    assert infra().locals["contract"] == '${jsondecode(file("${path.module}/../training/cluster.json"))}'
+    assert infra().locals["contract"] == '${jsondecode(file("${path.module}/../../../training/cluster.json"))}'
+    assert (MODULE / ".." / ".." / ".." / "training" / "cluster.json").resolve() == ROOT / "training" / "cluster.json"
+    # The root's copy of the variables validates gpu_types against the same file.
+    assert root().locals["contract"] == '${jsondecode(file("${path.module}/../training/cluster.json"))}'
     assert (INFRA / ".." / "training" / "cluster.json").resolve() == ROOT / "training" / "cluster.json"
     assert resolve("${local.taint_effects}") == TAINT_EFFECTS
 
@@ -483,7 +510,7 @@ def test_launcher_rbac_is_applied_in_the_kfp_namespace() -> None:
     assert 'file("${path.module}/rbac.yaml")' in cfg.locals["rbac_documents"]
     # Mirror the replace() Terraform applies, then check what lands in the cluster.
     namespace = resolve("${local.kfp_namespace}")
-    text = (INFRA / "rbac.yaml").read_text().replace("namespace: kubeflow", f"namespace: {namespace}")
+    text = (MODULE / "rbac.yaml").read_text().replace("namespace: kubeflow", f"namespace: {namespace}")
     docs = {d["kind"]: d for d in yaml.safe_load_all(text) if d}
     assert set(docs) == {"Role", "RoleBinding"}
     assert docs["Role"]["metadata"]["namespace"] == namespace
@@ -498,7 +525,7 @@ def test_launcher_rbac_is_applied_in_the_kfp_namespace() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("directory", [INFRA, INFRA / "examples" / "basic"], ids=["infra", "examples/basic"])
+@pytest.mark.parametrize("directory", [INFRA, MODULE, EXAMPLE], ids=["infra", "modules/microfed", "examples/basic"])
 def test_every_variable_and_output_is_described(directory: Path) -> None:
     cfg = Config(directory)
     assert cfg.variables or cfg.outputs
@@ -509,8 +536,9 @@ def test_every_variable_and_output_is_described(directory: Path) -> None:
         assert len(out.get("description", "")) >= 15, f"output {name} needs a description"
 
 
-def test_fixed_value_variables_are_validated() -> None:
-    cfg = infra()
+@pytest.mark.parametrize("directory", [INFRA, MODULE], ids=["infra", "modules/microfed"])
+def test_fixed_value_variables_are_validated(directory: Path) -> None:
+    cfg = Config(directory)
     for name in ("region", "zone", "release_channel", "gpu_types", "gpu_driver_version"):
         assert cfg.variables[name].get("validation"), f"variable {name} needs a validation block"
 
@@ -531,10 +559,11 @@ def test_outputs_tell_how_to_use_the_cluster() -> None:
     assert outputs["pipeline_root"]["value"] == "${local.pipeline_root}"
 
 
-def test_providers_are_pinned_to_the_versions_of_their_schemas() -> None:
+@pytest.mark.parametrize("directory", [INFRA, MODULE, EXAMPLE], ids=["infra", "modules/microfed", "examples/basic"])
+def test_providers_are_pinned_to_the_versions_of_their_schemas(directory: Path) -> None:
     # One exact version per provider, the one whose schema infra/schemas/ holds and infra/schema_check.py checks
     # every block against (tests/test_infra_schema.py); a range would let `terraform init` pick another schema.
-    terraform = infra().terraform
+    terraform = Config(directory).terraform
     assert len(terraform) == 1
     assert terraform[0]["required_version"] == ">= 1.9"
     providers = block(terraform[0], "required_providers")
@@ -560,15 +589,155 @@ def test_references_resolve() -> None:
 
 
 def test_example_calls_the_module_with_its_variables() -> None:
-    doc = _parse(INFRA / "examples" / "basic" / "main.tf")
+    doc = _parse(EXAMPLE / "main.tf")
     (call,) = [body for m in doc["module"] for body in m.values()]
-    assert call["source"] == "../.."
+    assert call["source"] == "../../modules/microfed"
+    assert (EXAMPLE / call["source"]).resolve() == MODULE
     arguments = set(call) - {"source"}
     variables = infra().variables
     assert arguments <= set(variables), f"unknown module arguments: {arguments - set(variables)}"
     required = {name for name, var in variables.items() if "default" not in var}
     assert required <= arguments, f"the example misses required variables {required - arguments}"
-    assert (INFRA / "examples" / "basic" / "terraform.tfvars.example").is_file()
+    assert (EXAMPLE / "terraform.tfvars.example").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layout: a module without providers, a root (and an example) that configure them
+# ---------------------------------------------------------------------------------------------------------------
+
+# Every resource infra/ declared at its top level before the split into modules/microfed/ (commit 17614ec): a state
+# created then holds these addresses, and moved.tf must carry each to the module.
+PRE_SPLIT_ADDRESSES = {
+    "google_project_service.apis",
+    "google_compute_network.this",
+    "google_compute_subnetwork.this",
+    "google_compute_router.this",
+    "google_compute_router_nat.this",
+    "google_container_cluster.this",
+    "google_container_node_pool.system",
+    "google_container_node_pool.training_cpu",
+    "google_container_node_pool.training_gpu",
+    "google_storage_bucket.pipelines",
+    "google_artifact_registry_repository.images",
+    "google_service_account.nodes",
+    "google_project_iam_member.nodes",
+    "google_artifact_registry_repository_iam_member.nodes_reader",
+    "google_service_account.pipelines",
+    "google_storage_bucket_iam_member.pipelines_objects",
+    "google_storage_bucket_iam_member.pipelines_bucket_reader",
+    "google_artifact_registry_repository_iam_member.pipelines_reader",
+    "google_service_account_iam_member.pipeline_runner_workload_identity",
+    "google_service_account.ui",
+    "google_storage_bucket_iam_member.ui_objects",
+    "google_service_account_iam_member.ui_workload_identity",
+    "kubectl_manifest.namespace",
+    "kubectl_manifest.crds",
+    "kubectl_manifest.resources",
+    "kubectl_manifest.webhooks",
+    "kubectl_manifest.launcher_rbac",
+}
+PROVIDERS = {"google", "kubectl", "kustomization"}
+
+
+def _configured(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{local name: body} of the provider blocks without alias."""
+    out: dict[str, dict[str, Any]] = {}
+    for block in cfg.providers:
+        for local, body in block.items():
+            if "alias" not in body:
+                assert local not in out, f"two default configurations of provider {local}"
+                out[local] = body
+    return out
+
+
+def test_the_module_configures_no_provider() -> None:
+    # Terraform, "Providers Within Modules": a module intended to be called by other modules must not contain provider
+    # blocks; one that does is a legacy module, whose calls may not use count, for_each or depends_on, and whose
+    # resources cannot be destroyed once its call is removed (the configuration that would destroy them went with it).
+    cfg = infra()
+    assert cfg.resources, "the module declares the resources"
+    assert cfg.providers == []
+    for path in sorted(MODULE.rglob("*.tf")):
+        assert not re.search(r'^\s*provider\s+"', path.read_text(), re.M), (
+            f"{path.relative_to(INFRA)} configures a provider"
+        )
+    # It needs no aliased configurations either: every provider is inherited as the default one.
+    for spec in block(cfg.terraform[0], "required_providers").values():
+        assert "configuration_aliases" not in spec
+
+
+def test_the_root_declares_no_resource_of_its_own() -> None:
+    cfg = root()
+    assert cfg.resources == {}, "a resource of the root cannot be used by a caller of the module: declare it there"
+    assert set(cfg.data) == {("google_client_config", "current")}  # the access token of the kubectl provider
+
+
+@pytest.mark.parametrize("directory", [INFRA, EXAMPLE], ids=["infra", "examples/basic"])
+def test_root_and_example_configure_every_provider_the_module_uses(directory: Path) -> None:
+    cfg = Config(directory)
+    module_providers = block(infra().terraform[0], "required_providers")
+    assert set(module_providers) == PROVIDERS
+    # Same local names and sources as the module's, or the module would get an unconfigured provider.
+    assert block(cfg.terraform[0], "required_providers") == module_providers
+    configured = _configured(cfg)
+    assert set(configured) == PROVIDERS
+    assert configured["google"]["project"] == "${var.project_id}"
+    kubectl = configured["kubectl"]
+    assert kubectl["host"] == "https://${module.microfed.cluster_dns_endpoint}"
+    assert kubectl["token"] == "${data.google_client_config.current.access_token}"
+    assert kubectl["load_config_file"] is False and kubectl["lazy_load"] is True
+    kustomization = configured["kustomization"]
+    assert {"kubeconfig_raw", "context"} <= set(kustomization)
+    assert "render-only.invalid" in kustomization["kubeconfig_raw"]
+    (call,) = cfg.modules.values()
+    assert (directory / call["source"]).resolve() == MODULE
+    assert "providers" not in call  # inherited: the default configurations above
+
+
+def test_the_module_exposes_the_dns_endpoint_its_caller_needs() -> None:
+    value = infra().outputs["cluster_dns_endpoint"]["value"]
+    assert value == "${google_container_cluster.this.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint}"
+
+
+def test_the_root_passes_every_variable_to_the_module() -> None:
+    # The same variables, descriptions, types, defaults and validations as the module's, so a terraform.tfvars
+    # written for either works for both, each handed to the module unchanged.
+    assert root().variables == infra().variables
+    call = root().modules["microfed"]
+    assert call["source"] == "./modules/microfed"
+    assert {k: v for k, v in call.items() if k != "source"} == {name: f"${{var.{name}}}" for name in root().variables}
+
+
+def test_the_root_exports_every_output_of_the_module() -> None:
+    outputs = infra().outputs
+    assert set(root().outputs) == set(outputs)
+    for name, output in root().outputs.items():
+        assert output["value"] == f"${{module.microfed.{name}}}", name
+        assert output["description"] == outputs[name]["description"], name
+
+
+def test_every_resource_declared_before_the_split_has_a_moved_block() -> None:
+    # An existing state is migrated into the module, not destroyed and recreated: Terraform moves each object whose
+    # address a moved block names. A block covers a whole resource, every for_each instance included.
+    moved = [(m["from"], m["to"]) for m in root().moved]
+    assert len({source for source, _ in moved}) == len(moved), "two moved blocks from the same address"
+    assert {source for source, _ in moved} == {f"${{{address}}}" for address in PRE_SPLIT_ADDRESSES}
+    for source, target in moved:
+        address = source[2:-1]
+        assert target == f"${{module.microfed.{address}}}", source
+        rtype, name = address.split(".")
+        assert (rtype, name) in infra().resources, f"{target} is not a resource of the module"
+
+
+def test_root_references_resolve() -> None:
+    cfg = root()
+    text = "\n".join(path.read_text() for path in cfg.files)
+    for name in set(re.findall(r"\bvar\.(\w+)", text)):
+        assert name in cfg.variables, f"var.{name} is not declared"
+    for name in set(re.findall(r"\blocal\.(\w+)", text)):
+        assert name in cfg.locals, f"local.{name} is not defined"
+    for name in set(re.findall(r"\bmodule\.microfed\.(\w+)", text)):
+        assert name in infra().outputs or (any(t == name for t, _ in infra().resources)), name
 
 
 def test_terraform_fmt() -> None:

@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "infra" / "README.md"
 
 
 def apis() -> list[str]:
-    """The services in main.tf's `apis` local (written `toset([...])`, which the parser keeps as text)."""
+    """The services in the module's main.tf `apis` local (written `toset([...])`, which the parser keeps as text)."""
     found = re.findall(r'"([a-z]+\.googleapis\.com)"', infra().locals["apis"])
     assert found, "no APIs found in locals.apis: did main.tf change shape?"
     return found
@@ -41,7 +41,12 @@ def test_terraform_reaches_the_cluster_through_the_dns_endpoint_not_the_authoriz
     (cluster,) = infra().of_type("google_container_cluster").values()
     (endpoints,) = cluster["control_plane_endpoints_config"]
     assert endpoints["dns_endpoint_config"][0]["allow_external_traffic"] is True
-    providers = [p for block in _parse(INFRA / "providers.tf").get("provider", []) for p in [block]]
-    (kubectl,) = [p["kubectl"] for p in providers if "kubectl" in p]
-    assert kubectl["host"].endswith(".dns_endpoint_config[0].endpoint}")
-    assert "cluster_ca_certificate" not in kubectl  # the front end's certificate is publicly trusted
+    # The module configures no provider: its output carries the endpoint to the root's (and the example's) kubectl
+    # provider.
+    output = infra().outputs["cluster_dns_endpoint"]["value"]
+    assert output.endswith(".dns_endpoint_config[0].endpoint}")
+    for path in (INFRA / "providers.tf", INFRA / "examples" / "basic" / "main.tf"):
+        providers = [p for block in _parse(path).get("provider", []) for p in [block]]
+        (kubectl,) = [p["kubectl"] for p in providers if "kubectl" in p]
+        assert kubectl["host"] == "https://${module.microfed.cluster_dns_endpoint}", path.name
+        assert "cluster_ca_certificate" not in kubectl  # the front end's certificate is publicly trusted

@@ -23,6 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+MOD = Path("modules") / "microfed"  # the module that declares every resource, relative to infra/
+M = "infra/modules/microfed/"  # how a violation names its files
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -156,11 +158,11 @@ def test_schema_facts_from_the_providers_sources() -> None:
 
 def test_patch_target_written_as_an_argument_is_caught(tmp_path: Path) -> None:
     # Defect 1: `target = { ... }` where kbst/kustomization has a nested block.
-    root = infra_copy(tmp_path, lambda c: replace(c / "kubeflow.tf", "    target {", "    target = {"))
+    root = infra_copy(tmp_path, lambda c: replace(c / MOD / "kubeflow.tf", "    target {", "    target = {"))
     problems = check(root)
     assert len(problems) == 1, problems
     (problem,) = problems
-    assert problem.startswith("infra/kubeflow.tf: data.kustomization_overlay.kfp.patches[0].target: ")
+    assert problem.startswith(f"{M}kubeflow.tf: data.kustomization_overlay.kfp.patches[0].target: ")
     assert "`target` is a nested block, not an argument: write `target { ... }`" in problem
 
 
@@ -186,7 +188,7 @@ def test_kustomization_provider_block_removed_is_caught(tmp_path: Path) -> None:
         (copy / "providers.tf").write_text(re.sub(r'provider "kustomization" \{.*?\n\}\n', "", text, flags=re.S))
 
     (problem,) = check(infra_copy(tmp_path, edit))
-    assert problem.startswith("infra/kubeflow.tf: provider.kustomization (no provider block: an empty configuration): ")
+    assert problem.startswith(f"{M}kubeflow.tf: provider.kustomization (no provider block: an empty configuration): ")
     assert problem.endswith(
         "needs exactly one of `kubeconfig_incluster`, `kubeconfig_path`, `kubeconfig_raw`; none is set"
     )
@@ -214,36 +216,36 @@ SUBNETWORK = 'resource "google_compute_subnetwork" "extra" {{\n  name = "x"\n  n
 
 def test_unknown_argument_is_caught(tmp_path: Path) -> None:
     extra = 'resource "kubectl_manifest" "extra" {\n  yaml_body = "x"\n  server_side_aply = true\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "kubeflow.tf", extra)))
-    assert problem.startswith("infra/kubeflow.tf: kubectl_manifest.extra.server_side_aply: ")
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "kubeflow.tf", extra)))
+    assert problem.startswith(f"{M}kubeflow.tf: kubectl_manifest.extra.server_side_aply: ")
     assert "unknown argument `server_side_aply`" in problem and "did you mean `server_side_apply`" in problem
 
 
 def test_unknown_nested_block_is_caught(tmp_path: Path) -> None:
     extra = 'resource "google_compute_network" "extra" {\n  name = "x"\n  no_such_block {\n    a = 1\n  }\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", extra)))
-    assert problem.startswith("infra/network.tf: google_compute_network.extra.no_such_block: unknown argument")
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", extra)))
+    assert problem.startswith(f"{M}network.tf: google_compute_network.extra.no_such_block: unknown argument")
 
 
 def test_missing_required_argument_is_caught(tmp_path: Path) -> None:
     extra = 'resource "kubectl_manifest" "extra" {\n  server_side_apply = true\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "kubeflow.tf", extra)))
-    assert problem == "infra/kubeflow.tf: kubectl_manifest.extra: missing required argument `yaml_body`"
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "kubeflow.tf", extra)))
+    assert problem == f"{M}kubeflow.tf: kubectl_manifest.extra: missing required argument `yaml_body`"
 
 
 def test_missing_required_argument_of_a_nested_block_is_caught(tmp_path: Path) -> None:
     extra = SUBNETWORK.format(body='  secondary_ip_range {\n    ip_cidr_range = "10.1.0.0/16"\n  }\n')
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", extra)))
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", extra)))
     assert problem == (
-        "infra/network.tf: google_compute_subnetwork.extra.secondary_ip_range: missing required argument `range_name`"
+        f"{M}network.tf: google_compute_subnetwork.extra.secondary_ip_range: missing required argument `range_name`"
     )
 
 
 def test_disallowed_value_is_caught(tmp_path: Path) -> None:
     extra = 'resource "google_compute_network" "extra" {\n  name = "x"\n  routing_mode = "LOCAL"\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", extra)))
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", extra)))
     assert problem == (
-        "infra/network.tf: google_compute_network.extra.routing_mode: 'LOCAL' is not one of the allowed values "
+        f"{M}network.tf: google_compute_network.extra.routing_mode: 'LOCAL' is not one of the allowed values "
         "['REGIONAL', 'GLOBAL']"
     )
 
@@ -259,28 +261,26 @@ def test_disallowed_variable_default_is_caught(tmp_path: Path) -> None:
         variables.write_text(text[: default.start()] + 'default = "WEEKLY"' + text[default.end() :])
 
     (problem,) = check(infra_copy(tmp_path, edit))
-    assert problem.startswith("infra/cluster.tf: google_container_cluster.this.release_channel.channel: ")
+    assert problem.startswith(f"{M}cluster.tf: google_container_cluster.this.release_channel.channel: ")
     assert "var.release_channel = 'WEEKLY' is not one of the allowed values" in problem
 
 
 def test_argument_written_as_a_block_is_caught(tmp_path: Path) -> None:
     extra = 'resource "kubectl_manifest" "extra" {\n  yaml_body = "x"\n  ignore_fields {\n  }\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "kubeflow.tf", extra)))
-    assert problem.startswith("infra/kubeflow.tf: kubectl_manifest.extra.ignore_fields: `ignore_fields` is an argument")
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "kubeflow.tf", extra)))
+    assert problem.startswith(f"{M}kubeflow.tf: kubectl_manifest.extra.ignore_fields: `ignore_fields` is an argument")
 
 
 def test_computed_attribute_set_is_caught(tmp_path: Path) -> None:
     extra = 'resource "kubectl_manifest" "extra" {\n  yaml_body = "x"\n  uid = "y"\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "kubeflow.tf", extra)))
-    assert (
-        problem == "infra/kubeflow.tf: kubectl_manifest.extra.uid: `uid` is computed by the provider and cannot be set"
-    )
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "kubeflow.tf", extra)))
+    assert problem == f"{M}kubeflow.tf: kubectl_manifest.extra.uid: `uid` is computed by the provider and cannot be set"
 
 
 def test_too_many_blocks_are_caught(tmp_path: Path) -> None:
     extra = 'resource "kubectl_manifest" "extra" {\n  yaml_body = "x"\n  wait_for {\n  }\n  wait_for {\n  }\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "kubeflow.tf", extra)))
-    assert problem == "infra/kubeflow.tf: kubectl_manifest.extra: allows at most 1 `wait_for` block(s), has 2"
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "kubeflow.tf", extra)))
+    assert problem == f"{M}kubeflow.tf: kubectl_manifest.extra: allows at most 1 `wait_for` block(s), has 2"
 
 
 def test_dynamic_blocks_are_checked_against_the_nested_schema(tmp_path: Path) -> None:
@@ -288,19 +288,16 @@ def test_dynamic_blocks_are_checked_against_the_nested_schema(tmp_path: Path) ->
         body='  dynamic "secondary_ip_range" {\n    for_each = {}\n    content {\n'
         "      range_nme = secondary_ip_range.key\n    }\n  }\n"
     )
-    problems = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", extra)))
-    assert (
-        "infra/network.tf: google_compute_subnetwork.extra.dynamic.secondary_ip_range.range_nme: unknown argument"
-        in (" ".join(problems))
+    problems = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", extra)))
+    assert f"{M}network.tf: google_compute_subnetwork.extra.dynamic.secondary_ip_range.range_nme: unknown argument" in (
+        " ".join(problems)
     )
 
 
 def test_unknown_resource_type_is_caught(tmp_path: Path) -> None:
     extra = 'resource "google_compute_no_such_thing" "x" {\n  name = "x"\n}\n'
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", extra)))
-    assert problem.startswith(
-        "infra/network.tf: google_compute_no_such_thing.x: hashicorp/google 7.46.1 has no resource"
-    )
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", extra)))
+    assert problem.startswith(f"{M}network.tf: google_compute_no_such_thing.x: hashicorp/google 7.46.1 has no resource")
 
 
 def test_examples_are_checked(tmp_path: Path) -> None:
@@ -310,24 +307,68 @@ def test_examples_are_checked(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pin", ['"~> 7.0"', '"= 7.45.0"'])
-def test_pin_other_than_the_schema_version_is_caught(tmp_path: Path, pin: str) -> None:
-    root = infra_copy(tmp_path, lambda c: replace(c / "versions.tf", '"= 7.46.1"', pin))
+@pytest.mark.parametrize("versions", ["versions.tf", f"{MOD}/versions.tf", "examples/basic/versions.tf"])
+def test_pin_other_than_the_schema_version_is_caught(tmp_path: Path, pin: str, versions: str) -> None:
+    # The root, the module and the example each pin their providers; each pin must be the schemas' version.
+    root = infra_copy(tmp_path, lambda c: replace(c / versions, '"= 7.46.1"', pin))
     (problem,) = check(root)
-    assert problem.startswith("infra/versions.tf: terraform.required_providers.google: version")
+    assert problem.startswith(f"infra/{versions}: terraform.required_providers.google: version")
     assert 'pin "= 7.46.1"' in problem
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Providers belong to root configurations, never to a called module
+# ---------------------------------------------------------------------------------------------------------------
+
+LEGACY = "a module that another configuration calls must not configure providers"
+
+
+def test_a_provider_block_in_the_module_is_caught(tmp_path: Path) -> None:
+    extra = 'provider "google" {\n  project = var.project_id\n}\n'
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "main.tf", extra)))
+    assert problem.startswith(f"{M}main.tf: provider.google: {LEGACY}")
+    assert "Providers Within Modules" in problem and "count, for_each or depends_on" in problem
+
+
+def test_the_old_layout_is_caught(tmp_path: Path) -> None:
+    # Issue 13's defect put back: the example calls infra/ itself, which configures its own providers.
+    def edit(copy: Path) -> None:
+        replace(copy / "examples" / "basic" / "main.tf", 'source = "../../modules/microfed"', 'source = "../.."')
+
+    problems = check(infra_copy(tmp_path, edit))
+    assert [p.split(": ")[:2] for p in problems] == [
+        ["infra/providers.tf", f"provider.{local}"] for local in ("google", "kubectl", "kustomization")
+    ], problems
+    assert all(p.split(": ", 2)[2].startswith(LEGACY) for p in problems)
+
+
+def test_a_provider_the_module_uses_but_the_root_leaves_unconfigured_is_caught(tmp_path: Path) -> None:
+    # The example without its required_providers: its `kubectl` and `kustomization` would be hashicorp/ providers
+    # (which do not exist), and the module's alekc/kubectl and kbst/kustomization would get empty configurations.
+    problems = check(infra_copy(tmp_path, lambda c: (c / "examples" / "basic" / "versions.tf").unlink()))
+    example = "infra/examples/basic/main.tf"
+    assert f"{example}: provider.kubectl: no schema for provider hashicorp/kubectl" in " ".join(problems)
+    assert any(
+        p.startswith(f"{example}: provider.kustomization: no schema for provider hashicorp/kustomization")
+        for p in problems
+    )
+    assert any(
+        p.startswith(f"{M}kubeflow.tf: provider.kustomization (no provider block: an empty configuration): ")
+        for p in problems
+    ), problems
+
+
 def test_parse_error_is_a_violation(tmp_path: Path) -> None:
-    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / "network.tf", 'resource "x" {\n')))
-    assert problem.startswith("infra/network.tf: -: does not parse")
+    (problem,) = check(infra_copy(tmp_path, lambda c: add(c / MOD / "network.tf", 'resource "x" {\n')))
+    assert problem.startswith(f"{M}network.tf: -: does not parse")
 
 
 def test_command_line_fails_on_a_violation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert schema_check.main([str(INFRA)]) == 0
-    root = infra_copy(tmp_path, lambda c: replace(c / "kubeflow.tf", "    target {", "    target = {"))
+    root = infra_copy(tmp_path, lambda c: replace(c / MOD / "kubeflow.tf", "    target {", "    target = {"))
     assert schema_check.main([str(root)]) == 1
     out = capsys.readouterr().out
-    assert "infra/kubeflow.tf: data.kustomization_overlay.kfp.patches[0].target:" in out
+    assert f"{M}kubeflow.tf: data.kustomization_overlay.kfp.patches[0].target:" in out
     assert "1 violation(s)" in out
 
 

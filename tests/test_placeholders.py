@@ -131,7 +131,7 @@ def test_the_check_reports_what_the_backend_leaves_as_text(spec: dict[str, Any])
 
 def test_no_task_is_cached_since_the_bucket_deletes_pipeline_root_objects(spec: dict[str, Any]) -> None:
     """KFP 2.14.3's v2 cache has no expiry (backend/src/v2/cacheutils/cache.go, `GetExecutionCache`) while
-    infra/storage.tf deletes pipeline-root objects after `artifact_retention_days`: a cached task would hand
+    infra/modules/microfed/ deletes pipeline-root objects after `artifact_retention_days`: a cached task would hand
     a later run artifact URIs that no longer exist."""
     tasks = spec["root"]["dag"]["tasks"]
 

@@ -32,7 +32,7 @@ from microfed.training.worker import WorkerConfig, config_to_argv
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = Path(__file__).with_name("schemas") / "kubeflow.org_pytorchjobs.yaml"  # source and licence: schemas/README.md
-RBAC = REPO / "infra" / "rbac.yaml"
+RBAC = REPO / "infra" / "modules" / "microfed" / "rbac.yaml"
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 CPU_PLAN = ResourcePlan(cpu_request=1.5, cpu_limit=2.0, memory_request=1536 * 1024**2, memory_limit=3 * 1024**3)

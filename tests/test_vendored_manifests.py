@@ -1,10 +1,10 @@
-"""The Kubeflow manifests vendored under infra/manifests/, and how infra/ uses them.
+"""The Kubeflow manifests vendored under infra/modules/microfed/manifests/, and how infra/ uses them.
 
-`terraform plan` must read nothing from GitHub: kubeflow.tf builds the rendered files of infra/manifests/ (written by
-infra/manifests/render.py from pinned upstream commits, recorded in SOURCES.json). These tests read only files of
-this repository: the digests and pins, that no .tf file names a remote source, the install order (CRDs, then the
-rest, then admission webhooks, as kbst/kustomization's ids_prio splits them), the Kubeflow UI's bucket identity,
-and which Deployments are applied without waiting for their rollout.
+`terraform plan` must read nothing from GitHub: the module's kubeflow.tf builds the rendered files of its manifests/
+folder (written by manifests/render.py from pinned upstream commits, recorded in SOURCES.json). These tests read only
+files of this repository: the digests and pins, that no .tf file names a remote source, the install order (CRDs,
+then the rest, then admission webhooks, as kbst/kustomization's ids_prio splits them), the Kubeflow UI's bucket
+identity, and which Deployments are applied without waiting for their rollout.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_infra import INFRA, all_tf_files, infra, resolve
+from tests.test_infra import INFRA, MODULE, all_tf_files, infra, resolve
 
-MANIFESTS = INFRA / "manifests"
+MANIFESTS = MODULE / "manifests"
 SOURCES: dict[str, Any] = json.loads((MANIFESTS / "SOURCES.json").read_text())
 # kubectl_manifest keys are "<kustomization>:<id>"; kubeflow.tf names the kustomizations after these data sources.
 OVERLAYS = {"kfp-cluster": "kfp_cluster_scoped", "kfp": "kfp", "training-operator": "training_operator"}
@@ -111,13 +111,15 @@ def test_vendored_files_match_their_digests() -> None:
     names = [r.name for r in script.RENDERS]
     assert set(SOURCES["manifests"]) == set(names) == set(FOLDERS.values())
     folders = {p.name for p in MANIFESTS.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert folders == set(names), "infra/manifests/ holds only the rendered folders"
+    assert folders == set(names), "infra/modules/microfed/manifests/ holds only the rendered folders"
     for name, entry in SOURCES["manifests"].items():
         files = {p.name for p in (MANIFESTS / name).iterdir()}
         assert files == set(entry["sha256"]) == {"kustomization.yaml", "rendered.yaml"}, name
         for file, digest in entry["sha256"].items():
             actual = hashlib.sha256((MANIFESTS / name / file).read_bytes()).hexdigest()
-            assert actual == digest, f"infra/manifests/{name}/{file} changed: re-render with render.py, do not edit"
+            assert actual == digest, (
+                f"infra/modules/microfed/manifests/{name}/{file} changed: re-render with render.py, do not edit"
+            )
         assert len(objects(name)) == entry["objects"], name
         render = next(r for r in script.RENDERS if r.name == name)
         assert (entry["repo"], entry["path"]) == (render.repo, render.path)
@@ -140,8 +142,8 @@ def test_each_vendored_kustomization_lists_only_its_rendered_file(folder: str) -
 # URLs a .tf file may hold: none of them is fetched by Terraform or kustomize.
 _ALLOWED_URLS = (
     "https://www.googleapis.com/auth/",  # OAuth scopes of the node pools
-    "https://${google_container_cluster.this.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint}",
-    # the cluster's API server through its DNS-based endpoint (kubectl provider)
+    "https://${module.microfed.cluster_dns_endpoint}",
+    # the cluster's API server through its DNS-based endpoint (the kubectl provider of infra/ and of the example)
     "http://localhost",  # the port-forward an output describes
 )
 
@@ -236,7 +238,7 @@ def test_every_namespaced_object_lands_in_the_kfp_namespace() -> None:
 
 def find(folder: str, kind: str, name: str) -> dict[str, Any]:
     found = [o for o in objects(folder) if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name} is not in infra/manifests/{folder}"
+    assert len(found) == 1, f"{kind}/{name} is not in infra/modules/microfed/manifests/{folder}"
     return found[0]
 
 

@@ -73,7 +73,8 @@ def _machine(name: str, vcpus: int, memory_gib: float) -> MachineType:
     return MachineType(name, vcpus, int(memory_gib * GIB))
 
 
-# The machine types infra/ defaults to or names as alternatives (variables.tf, main.tf's default_gpu_machine_types).
+# The machine types infra/ defaults to or names as alternatives (infra/modules/microfed/: variables.tf, main.tf's
+# default_gpu_machine_types).
 # Sizes from Google's machine type pages (https://cloud.google.com/compute/docs/general-purpose-machines: E2
 # standard and N1 standard tables; https://cloud.google.com/compute/docs/accelerator-optimized-machines: G2 and A2
 # tables). The GPUs of a node come from the pool (`PoolLimits.gpus_per_node`), not from this table.
@@ -98,7 +99,7 @@ _CPU_TIERS = ((1, 0.06), (1, 0.01), (2, 0.005), (math.inf, 0.0025))
 _SMALL_MACHINE_MEMORY_RESERVE = 255 * MIB
 EVICTION_THRESHOLD = 100 * MIB
 
-# Requests of the DaemonSets GKE runs on every node of this cluster's configuration (infra/cluster.tf: logging of
+# Requests of the DaemonSets GKE runs on every node of this cluster's configuration (infra/modules/: logging of
 # system components and workloads, system monitoring, Workload Identity, Calico network policy, the PD CSI
 # driver), as `kubectl describe node` lists them in kube-system: fluentbit-gke 105m / 230 MiB,
 # gke-metadata-server 100m / 100 MiB, ip-masq-agent 10m / 16 MiB (a GKE 1.29 node in cryptnono/cryptnono#34),

@@ -3,7 +3,7 @@
 One file holds the names so the Terraform in infra/ (which reads the same JSON) and the PyTorchJob builder
 cannot drift apart. The pools' default machine types and node limits live there too, for the capacity check
 (`microfed.training.capacity`); Terraform cannot take a variable's default from a file, so a test keeps them equal
-to infra/variables.tf and infra/main.tf.
+to infra/modules/microfed/variables.tf and main.tf.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class JobConfig:
     name: str
     """Job name: a DNS-1035 label of at most MAX_JOB_NAME characters; use `job_name()`."""
     namespace: str
-    """Namespace the job runs in (the KFP run's namespace, where the RBAC in infra/rbac.yaml applies)."""
+    """Namespace the job runs in (the KFP run's namespace, where infra/modules/microfed/rbac.yaml applies)."""
     image: str
     """Container image holding microfed and its dependencies (the same image as the components)."""
     workers: int

@@ -9,8 +9,10 @@
 Nothing is hard-coded about the cluster: the node pools (machine type, boot disk, Spot, GPUs, minimum size), the
 cluster's location, private nodes and Cloud NAT are read from the .tf files with python-hcl2 and a small evaluator
 for the Terraform expressions they use (variable defaults, locals, merge, conditionals, ...); an expression it does
-not know raises `ModelError` naming it instead of guessing. KFP's volumes are the PersistentVolumeClaims of the
-vendored manifests under infra/manifests/ (or, without them, the claims recorded in prices.json).
+not know raises `ModelError` naming it instead of guessing. infra/ itself only calls the module
+infra/modules/microfed/ with its variables: the model follows that call (the module's resources and locals, its
+variables set to what infra/ passes). KFP's volumes are the PersistentVolumeClaims of the vendored manifests under
+the module's manifests/ (or, without them, the claims recorded in prices.json).
 
 Two quantities, for `mode = "standard"` (GKE Standard, the default):
 - the monthly cost (730 h) of the idle cluster: every pool at its minimum size (the system pool; the training pools
@@ -86,7 +88,8 @@ class ModelError(Exception):
 
 @dataclass(frozen=True)
 class TerraformConfig:
-    """The top-level .tf files of one directory: variable values (defaults, then overrides), locals, resources."""
+    """The top-level .tf files of one directory: variable values (defaults, then overrides), locals, resources. When
+    that directory calls a local module, `directory` is the module's (which file() and manifests/ are relative to)."""
 
     directory: Path
     variables: Mapping[str, Any]
@@ -118,10 +121,45 @@ def _hcl_load(path: Path) -> dict[str, Any]:
 def load_terraform(
     directory: Path = INFRA_DIR, overrides: Mapping[str, Any] | None = None, var_files: Sequence[Path] = ()
 ) -> TerraformConfig:
-    """Parse `directory`/*.tf. A variable takes its default, then its value in `var_files`, then in `overrides`."""
+    """Parse `directory`/*.tf. A variable takes its default, then its value in `var_files`, then in `overrides`.
+
+    A directory that calls a local module (`source = "./..."`), as infra/ calls modules/microfed/, is read through
+    that call: the module's resources and locals, its variables set to the arguments of the call (evaluated here),
+    or to their defaults where the call passes nothing."""
+    cfg, calls = _load_directory(directory, overrides, var_files)
+    if not calls:
+        return cfg
+    if len(calls) != 1:
+        raise ModelError(f"{directory} calls {len(calls)} local modules ({', '.join(sorted(calls))}): expected one")
+    ((name, arguments),) = calls.items()
+    module_dir = (directory / str(arguments["source"])).resolve()
+    inner, nested = _load_directory(module_dir)
+    if nested:
+        raise ModelError(f"{module_dir} calls further modules ({', '.join(sorted(nested))}): not supported")
+    variables = dict(inner.variables)
+    for argument, value in arguments.items():
+        if argument in _MODULE_META:
+            continue
+        if argument not in variables:
+            raise ModelError(f"module {name}: {argument} is not a variable of {module_dir}")
+        reference = re.fullmatch(r"\$\{var\.(\w+)\}", value) if isinstance(value, str) else None
+        # A variable passed through keeps "no default" (the model never needs project_id's value).
+        variables[argument] = cfg.variables[reference.group(1)] if reference else evaluate(value, cfg)
+    return TerraformConfig(directory=module_dir, variables=variables, locals=inner.locals, resources=inner.resources)
+
+
+# Arguments of a module block that are Terraform's, not the module's variables.
+_MODULE_META = frozenset({"source", "version", "count", "for_each", "providers", "depends_on"})
+
+
+def _load_directory(
+    directory: Path, overrides: Mapping[str, Any] | None = None, var_files: Sequence[Path] = ()
+) -> tuple[TerraformConfig, dict[str, Mapping[str, Any]]]:
+    """One directory's configuration, and its calls of local modules ({name: the module block's arguments})."""
     variables: dict[str, Any] = {}
     locals_: dict[str, Any] = {}
     resources: dict[tuple[str, str], Mapping[str, Any]] = {}
+    calls: dict[str, Mapping[str, Any]] = {}
     files = sorted(directory.glob("*.tf"))
     if not files:
         raise ModelError(f"no .tf files in {directory}")
@@ -136,6 +174,10 @@ def load_terraform(
             for rtype, named in blk.items():
                 for name, body in named.items():
                     resources[rtype, name] = body
+        for blk in doc.get("module", []):
+            for name, body in blk.items():
+                if str(body.get("source", "")).startswith(("./", "../")):
+                    calls[name] = body
     for var_file in var_files:
         for name, value in _hcl_load(var_file).items():
             if name not in variables:
@@ -145,7 +187,8 @@ def load_terraform(
         if name not in variables:
             raise ModelError(f"override {name}: not a variable of {directory}")
         variables[name] = value
-    return TerraformConfig(directory=directory, variables=variables, locals=locals_, resources=resources)
+    cfg = TerraformConfig(directory=directory, variables=variables, locals=locals_, resources=resources)
+    return cfg, calls
 
 
 # An expression is parsed into a small tree, then evaluated, so that only the taken branch of a conditional is
@@ -706,13 +749,14 @@ def _gib(quantity: str) -> float:
 
 
 def _volumes(cfg: TerraformConfig, prices: Mapping[str, Any]) -> tuple[tuple[Volume, ...], str]:
-    """KFP's PersistentVolumeClaims: from the vendored manifests when infra/manifests/ has them, else prices.json."""
+    """KFP's PersistentVolumeClaims: from the vendored manifests when the module's manifests/ has them, else
+    prices.json."""
     default_disk = prices["default_storage_class"]["disk_type"]
     classes: Mapping[str, str] = prices["storage_classes"]
     manifests = sorted((cfg.directory / "manifests").rglob("*.yaml"))
     claims = [claim for path in manifests for claim in pvc_claims(path.read_text())]
     if claims:
-        source = "the PersistentVolumeClaims of the vendored manifests (infra/manifests/)"
+        source = "the PersistentVolumeClaims of the vendored manifests (infra/modules/microfed/manifests/)"
     else:
         recorded = prices["kfp_volumes"]
         kfp_version = cfg.variables.get("kfp_version")
@@ -1029,7 +1073,8 @@ def autopilot_idle_monthly_cost(requests: PodRequests, cluster: Cluster, prices:
 
     What it needs, and what is not here yet:
     - `requests`: the sum of the always-on pods' requests (vCPU, memory, ephemeral storage), summed from the
-      vendored manifests (infra/manifests/) once every KFP and Training Operator container has explicit requests;
+      vendored manifests (infra/modules/microfed/manifests/) once every KFP and Training Operator container has
+      explicit requests;
       Autopilot bills a pod without requests at its defaults (0.5 vCPU / 2 GiB) and rounds requests up to its
       increments and its CPU:memory ratio, so the sum must be taken after those rules. System pods in kube-system
       are not billed on Autopilot.

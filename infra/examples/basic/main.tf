@@ -2,14 +2,51 @@
 # networks in master_authorized_networks. Copy terraform.tfvars.example to terraform.tfvars, fill it in, then
 # terraform init && terraform apply.
 #
-# infra/ configures its own providers (so it can also be applied directly), which makes it a module that cannot be
-# called with count, for_each or depends_on.
+# The module (infra/modules/microfed/) configures no provider: as in terraform-google-modules' examples, the caller
+# configures google, kubectl (through the cluster's DNS-based endpoint, from the module's output) and kustomization
+# (render-only), and the module inherits them. So the call may also use count, for_each or depends_on.
+
+locals {
+  region = "europe-west4"
+}
+
+provider "google" {
+  project = var.project_id
+  region  = local.region
+}
+
+# Your own credentials (gcloud auth application-default login) also authenticate to the cluster.
+data "google_client_config" "current" {}
+
+# The DNS-based endpoint is authorised by IAM and presents a publicly trusted certificate: no CA, no kubeconfig.
+provider "kubectl" {
+  host             = "https://${module.microfed.cluster_dns_endpoint}"
+  token            = data.google_client_config.current.access_token
+  load_config_file = false
+  # The cluster is created by this same apply: build the client when it is first used, not at plan time.
+  lazy_load         = true
+  apply_retry_count = 5
+}
+
+# Only renders the module's vendored kustomizations; the provider still needs exactly one kubeconfig setting, so it
+# gets a fixed one whose server (.invalid) is never contacted (see infra/providers.tf).
+provider "kustomization" {
+  context = "render-only"
+  kubeconfig_raw = yamlencode({
+    apiVersion        = "v1"
+    kind              = "Config"
+    clusters          = [{ name = "render-only", cluster = { server = "https://render-only.invalid" } }]
+    users             = [{ name = "render-only", user = {} }]
+    contexts          = [{ name = "render-only", context = { cluster = "render-only", user = "render-only" } }]
+    "current-context" = "render-only"
+  })
+}
 
 module "microfed" {
-  source = "../.."
+  source = "../../modules/microfed"
 
   project_id                 = var.project_id
-  region                     = "europe-west4"
+  region                     = local.region
   zone                       = "europe-west4-a"
   master_authorized_networks = var.master_authorized_networks
   gpu_types                  = ["nvidia-tesla-t4", "nvidia-l4"]

@@ -1,4 +1,4 @@
-"""Re-render the vendored Kubeflow manifests under infra/manifests/ from their pinned upstreams.
+"""Re-render the vendored Kubeflow manifests under infra/modules/microfed/manifests/ from their pinned upstreams.
 
 `terraform plan` reads only the rendered files in this folder (kubeflow.tf points the kustomization data sources at
 them), so plans and applies never fetch from GitHub. This script is the one place that does, and only when a
@@ -19,7 +19,7 @@ Sources (one per upstream): by default a shallow fetch of the pinned commit from
 the network and git); `--source REPO=DIR` uses a local clone or bare mirror instead (for example
 `--source kubeflow/pipelines=/work/.mirror/kubeflow+pipelines/repo`).
 
-    python3 infra/manifests/render.py [--source REPO=DIR ...] [--check]
+    python3 infra/modules/microfed/manifests/render.py [--source REPO=DIR ...] [--check]
 
 `--check` renders into a temporary directory and compares it with the vendored files instead of writing them.
 To move a version, change its tag and commit in UPSTREAMS (and the REWRITES' tag if KFP moves argo), render, and
@@ -81,7 +81,7 @@ class Render:
     """One vendored folder: the kustomization of an upstream that `kustomize build` renders into it."""
 
     name: str
-    """Folder under infra/manifests/ (kubeflow.tf names it)."""
+    """Folder under infra/modules/microfed/manifests/ (kubeflow.tf names it)."""
     repo: str
     path: str
     """The kustomization folder, relative to the upstream's root."""

@@ -96,8 +96,9 @@ resource "google_container_cluster" "this" {
 
   # GKE's DNS-based control-plane endpoint, beside the IP one: requests reach the API server through Google's front
   # end after an IAM check (container.clusters.connect, in roles/container.admin), whatever their source address.
-  # Terraform talks to the cluster through it (providers.tf), so changing master_authorized_networks, or running
-  # from another network, cannot break the refresh of the ~100 Kubeflow objects in the state.
+  # Terraform talks to the cluster through it (the caller configures the kubectl provider from the output
+  # cluster_dns_endpoint, as infra/providers.tf does), so changing master_authorized_networks, or running from
+  # another network, cannot break the refresh of the ~100 Kubeflow objects in the state.
   control_plane_endpoints_config {
     dns_endpoint_config {
       allow_external_traffic = true
