@@ -352,7 +352,7 @@ def _job_usage(
 def _run_on_cluster(
     cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path
 ) -> None:
-    from microfed.training.capacity import check_pool_capacity, collective_timeout_minutes, pool_limits
+    from microfed.training.capacity import check_pool_capacity, pool_limits
     from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
     from microfed.training.pytorchjob_launch import TrainingClientBackend, WatchPolicy, run_pytorchjob
 
@@ -361,16 +361,7 @@ def _run_on_cluster(
     nodes = check_pool_capacity(plan, world_size, limits, log=_log)
     if nodes is not None:
         _log(f"capacity: {world_size} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool}")
-    # In a pod, sched_getaffinity sees the node's cores, not the container's CPU limit: pass the plan's.
-    # Threads: the plan's limit for an estimate; for requests taken from a measurement, the request (rounded up),
-    # or more threads would measure more cores and the next request would climb to the cap.
-    measured = plan.estimate.get("requests_from") == "measurement"
-    threads = max(1, math.ceil(plan.cpu_request) if measured else int(plan.cpu_limit))
-    # the end-of-round all-reduce waits for the slowest rank's local epochs: bound it by the plan, not a fixed 30 min
-    timeout = cfg.collective_timeout_minutes or collective_timeout_minutes(
-        plan, local_epochs=cfg.local_epochs, largest_shard=plan.estimate.get("shard_examples", 1)
-    )
-    worker = dataclasses.replace(cfg, threads=threads, collective_timeout_minutes=float(timeout))
+    worker = _replica_config(cfg, plan)
     job = build_pytorchjob(
         JobConfig(
             name=job_name(cluster.run_id, cluster.task),
@@ -405,6 +396,22 @@ def _run_on_cluster(
 
 
 _DEADLINE_MARGIN_SECONDS = 600
+
+
+def _replica_config(cfg: WorkerConfig, plan: ResourcePlan) -> WorkerConfig:
+    """The worker configuration of one replica: threads and the collective timeout from the plan."""
+    from microfed.training.capacity import collective_timeout_minutes
+
+    # In a pod, sched_getaffinity sees the node's cores, not the container's CPU limit: pass the plan's.
+    # Threads: the plan's limit for an estimate; for requests taken from a measurement, the request (rounded up),
+    # or more threads would measure more cores and the next request would climb to the cap.
+    measured = plan.estimate.get("requests_from") == "measurement"
+    threads = max(1, math.ceil(plan.cpu_request) if measured else int(plan.cpu_limit))
+    # the end-of-round all-reduce waits for the slowest rank's local epochs: bound it by the plan, not a fixed 30 min
+    timeout = cfg.collective_timeout_minutes or collective_timeout_minutes(
+        plan, local_epochs=cfg.local_epochs, largest_shard=plan.estimate.get("shard_examples", 1)
+    )
+    return dataclasses.replace(cfg, threads=threads, collective_timeout_minutes=float(timeout))
 
 
 def _missing_records(out: str, world_size: int) -> list[int]:
