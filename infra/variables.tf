@@ -162,7 +162,7 @@ variable "allow_google_cloud_ips" {
 # ---------------------------------------------------------------------------------------------------------------
 
 variable "system_machine_type" {
-  description = "Machine type of the system pool (kube-system, Kubeflow Pipelines, the Training Operator and the pipeline's own step pods)."
+  description = "Machine type of the system pool (kube-system, Kubeflow Pipelines, the Training Operator and the pipeline's own step pods). The default is the cheapest priced type whose allocatable holds their summed requests with 10% CPU and 20% memory headroom (infra/cost/sizing.py; tests/test_system_sizing.py keeps it so)."
   type        = string
   default     = "e2-standard-4"
 }

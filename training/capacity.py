@@ -86,6 +86,23 @@ MACHINE_TYPES: dict[str, MachineType] = {
         _machine("n1-standard-8", 8, 30),  # nvidia-tesla-t4 (a T4 is attached to an N1 machine)
         _machine("g2-standard-8", 8, 32),  # nvidia-l4 (1 L4 built in)
         _machine("a2-highgpu-1g", 12, 85),  # nvidia-tesla-a100 (1 A100 40 GB built in)
+        # The other general-purpose types infra/cost/prices.json prices: the candidates infra/cost/sizing.py sizes
+        # the system pool against (same tables). e2-medium is shared-core: 2 vCPUs that sustain 1 between them.
+        _machine("e2-medium", 2, 4),
+        _machine("e2-standard-2", 2, 8),
+        _machine("e2-standard-16", 16, 64),
+        _machine("e2-highmem-2", 2, 16),
+        _machine("e2-highmem-4", 4, 32),
+        _machine("e2-highcpu-4", 4, 4),
+        _machine("e2-highcpu-8", 8, 8),
+        _machine("n2-standard-2", 2, 8),
+        _machine("n2-standard-4", 4, 16),
+        _machine("n2-standard-8", 8, 32),
+        _machine("n2d-standard-2", 2, 8),
+        _machine("n2d-standard-4", 4, 16),
+        _machine("n2d-standard-8", 8, 32),
+        _machine("n1-standard-4", 4, 15),
+        _machine("n1-standard-16", 16, 60),
     )
 }
 
