@@ -206,17 +206,13 @@ def test_prices_name_their_source_and_date() -> None:
 
 def test_kfp_volumes_recorded_match_the_vendored_manifests() -> None:
     recorded = PRICES["kfp_volumes"]
-    sources = MODULE / "manifests" / "SOURCES.json"
-    if sources.exists():  # the vendored render pins KFP
-        upstreams = json.loads(sources.read_text())["upstreams"]
-        kfp_version = next(u["tag"] for u in upstreams if u["repo"] == "kubeflow/pipelines")
-    else:
-        kfp_version = model.load_terraform(INFRA).variables["kfp_version"]
+    # the vendored render pins KFP (infra/modules/microfed/manifests/SOURCES.json)
+    upstreams = json.loads((MODULE / "manifests" / "SOURCES.json").read_text())["upstreams"]
+    kfp_version = next(u["tag"] for u in upstreams if u["repo"] == "kubeflow/pipelines")
     assert recorded["kfp_version"] == kfp_version, "prices.json records the volumes of another KFP release"
     manifests = sorted((MODULE / "manifests").rglob("*.yaml"))
     vendored = [claim for path in manifests for claim in model.pvc_claims(path.read_text())]
-    if not vendored:
-        pytest.skip("no vendored manifests under infra/modules/microfed/manifests/")
+    assert vendored, "no PersistentVolumeClaim in the vendored manifests: did the render or its path change?"
     assert sorted((name, size) for name, size, _ in vendored) == sorted(
         (c["name"], float(c["size_gib"])) for c in recorded["claims"]
     )
