@@ -17,6 +17,7 @@ module "microfed" {
   region                     = var.region
   zone                       = var.zone
   regional_cluster           = var.regional_cluster
+  mode                       = var.mode
   name                       = var.name
   labels                     = var.labels
   enable_apis                = var.enable_apis

@@ -2,6 +2,11 @@
 # objects of such a state to their addresses inside the module at the next plan (no destroy, no create; `terraform
 # plan` lists them as "has moved to"). A moved block covers a whole resource, every instance of a for_each one
 # included. Keep them: removing one turns a not-yet-migrated state's object into a destroy and a create.
+#
+# The system and CPU pools have since got `count`: modules/microfed/moved.tf moves their no-key instance on to [0],
+# and Terraform chains the two (this file moves the whole resource into the module, that one the instance inside
+# it). Keep these two blocks moving whole resources: `to = module.microfed.google_container_node_pool.system[0]`
+# here would give [0] two sources, which Terraform rejects as ambiguous.
 # tests/test_infra.py checks that every resource this directory declared before the split has its block here.
 
 moved {

@@ -1,5 +1,10 @@
 # Every output of the module (modules/microfed/outputs.tf), under the same name.
 
+output "mode" {
+  description = "GKE mode of the cluster: standard (node pools declared here) or autopilot (GKE manages the nodes). The train step reads the same value from the microfed-cluster ConfigMap."
+  value       = module.microfed.mode
+}
+
 output "cluster_name" {
   description = "Name of the GKE cluster."
   value       = module.microfed.cluster_name
@@ -56,7 +61,7 @@ output "pipeline_service_account" {
 }
 
 output "training_node_pools" {
-  description = "Training node pools by accelerator (none = CPU): the value of the node label training/cluster.json names, which the PyTorchJob builder selects."
+  description = "Training node pools by accelerator (none = CPU): the value of the node label training/cluster.json names, which the PyTorchJob builder selects. Empty with mode = autopilot (no node pools)."
   value       = module.microfed.training_node_pools
 }
 

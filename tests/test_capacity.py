@@ -1,5 +1,6 @@
 """Pre-creation checks of the cluster path (issue 12): pool capacity (defect 6), the collective timeout (defect 8)
-and the image's torch variant against the plan's accelerators (defect 9). Numbers are worked by hand in comments.
+and the image's torch variant against the plan's accelerators (defect 9); the pools of the cluster infra/ describes
+and GKE Autopilot's per-pod maximum (issue 13). Numbers are worked by hand in comments.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
-from microfed.training import image
+from microfed.training import image, steps
 from microfed.training.capacity import (
     DEFAULT_COLLECTIVE_TIMEOUT_MINUTES,
     MACHINE_TYPES,
     MachineType,
+    autopilot_requests,
+    check_autopilot_pod,
     check_pool_capacity,
     collective_timeout_minutes,
     gke_allocatable,
     node_room,
     pool_limits,
+    pool_limits_of,
 )
-from microfed.training.cluster import pool_defaults
+from microfed.training.cluster import ClusterInfo, autopilot_placement, pool_defaults
 from microfed.training.errors import MicrofedError
 from microfed.training.models import ModelConfig
-from microfed.training.resources import ResourcePlan, plan_resources
+from microfed.training.resources import MAX_REPLICA_MEMORY, ResourcePlan, plan_resources
+from microfed.training.worker import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB, GIB = 1024**2, 1024**3
@@ -218,6 +223,159 @@ def test_unknown_machine_type_skips_the_check_with_a_note() -> None:
 def test_replica_count_must_be_positive(bad: Any) -> None:
     with pytest.raises(MicrofedError, match="replicas"):
         check_pool_capacity(cpu_plan(1, 2), bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pools of the cluster infra/ describes (ConfigMap microfed-cluster, issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def standard_cluster(**changes: Any) -> ClusterInfo:
+    fields: dict[str, Any] = {
+        "mode": "standard",
+        "training_spot": True,
+        "cpu_machine_type": "e2-standard-16",
+        "cpu_max_nodes": 3,
+        "gpu_types": ("nvidia-tesla-t4",),
+        "gpu_machine_types": {"nvidia-tesla-t4": "n1-standard-4"},
+        "gpu_max_nodes": 2,
+        "source": "ConfigMap kubeflow/microfed-cluster",
+        **changes,
+    }
+    return ClusterInfo(**fields)
+
+
+def test_the_configmaps_machine_types_and_node_limits_replace_infras_defaults() -> None:
+    cpu = pool_limits_of(standard_cluster(), "none")
+    assert (cpu.machine_type, cpu.max_nodes) == ("e2-standard-16", 3)
+    t4 = pool_limits_of(standard_cluster(), "nvidia-tesla-t4")
+    assert (t4.machine_type, t4.max_nodes, t4.gpus_per_node) == ("n1-standard-4", 2, 1)
+    # the train step's pool_max_nodes, when given, still wins
+    assert pool_limits_of(standard_cluster(), "none", max_nodes=20).max_nodes == 20
+
+
+def test_capacity_is_checked_against_the_configmaps_pool() -> None:
+    # e2-standard-16: 16 - 0.11 reserved - 0.5 DaemonSets = 15.39 cores, 3 replicas of 4 cores per node; the
+    # ConfigMap's 3 nodes hold 9 replicas, where infra's default e2-standard-8 x 8 would have held 8.
+    assert check_pool_capacity(cpu_plan(4, 8), 9, pool_limits_of(standard_cluster(), "none")) == 3
+    with pytest.raises(MicrofedError, match="10 replicas need 4 nodes"):
+        check_pool_capacity(cpu_plan(4, 8), 10, pool_limits_of(standard_cluster(), "none"))
+
+
+def test_a_gpu_type_the_cluster_has_no_pool_for_is_refused_naming_gpu_types() -> None:
+    with pytest.raises(MicrofedError) as e:
+        pool_limits_of(standard_cluster(), "nvidia-l4")
+    assert "nvidia-l4: the cluster has no training pool for it" in e.value.message
+    assert "gpu_types: nvidia-tesla-t4" in e.value.message
+    assert "add nvidia-l4 to gpu_types in infra/terraform.tfvars" in e.value.hint
+
+
+def test_on_autopilot_gpu_types_are_the_gpu_types_the_train_step_may_ask_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NoJobs:
+        def create(self, job: Any) -> bool:
+            pytest.fail("a job was created")
+
+    monkeypatch.setattr(steps, "_plan", lambda *args, **kwargs: gpu_plan("nvidia-l4", 4, 16))
+    options = steps.ClusterOptions(
+        image="microfed:test",
+        namespace="team-a",
+        accelerators=("nvidia-l4",),
+        timeout_seconds=60,
+        run_id="run-13",
+        task="train",
+        backend=NoJobs(),  # type: ignore[arg-type]
+        cluster_info=standard_cluster(mode="autopilot"),
+    )
+    cfg = WorkerConfig(shards=tmp_path / "shards", out=tmp_path / "out")
+    with pytest.raises(MicrofedError) as e:
+        steps.train_step(cfg, 2, cluster=options)
+    assert "nvidia-l4: the cluster does not allow it (gpu_types: nvidia-tesla-t4" in e.value.message
+    assert "add nvidia-l4 to gpu_types" in e.value.hint
+
+
+def test_without_a_configmap_every_known_gpu_type_and_infras_defaults_hold() -> None:
+    info = ClusterInfo.infra_defaults()
+    for accelerator in ("none", *pool_defaults().gpu_machine_types):
+        assert pool_limits_of(info, accelerator) == pool_limits(accelerator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GKE Autopilot's per-pod maximum (issue 13; figures and sources in training/cluster.json, key autopilot)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gpu_plan(accelerator: str, cores: float, memory_gib: float) -> ResourcePlan:
+    memory = int(memory_gib * GIB)
+    return ResourcePlan(
+        accelerator=accelerator, gpus=1, cpu_request=cores, cpu_limit=cores, memory_request=memory, memory_limit=memory
+    )
+
+
+def test_a_replica_within_the_general_purpose_maximum_passes_silently() -> None:
+    limit = check_autopilot_pod(cpu_plan(4, 8), log=pytest.fail)  # 2 GiB per core: inside 1 to 6.5
+    assert (limit.compute_class, limit.max_cpu, limit.max_memory_bytes) == ("General-purpose", 30, 110 * GIB)
+
+
+def test_autopilot_raises_the_smaller_request_to_its_cpu_memory_range_and_says_so() -> None:
+    notes: list[str] = []
+    # 1 core, 10 GiB: 10 GiB per core is above 6.5, so Autopilot raises the CPU to 10 / 6.5 = 1.54 cores
+    check_autopilot_pod(cpu_plan(1, 10), log=notes.append)
+    assert len(notes) == 1 and "1.54 cores and 10.0 GiB" in notes[0] and "billed" in notes[0]
+    # 2 cores, 1 GiB: below 1 GiB per core, so memory is raised to 2 GiB
+    limit = autopilot_placement().pod_limits["none"]
+    assert autopilot_requests(cpu_plan(2, 1), limit) == (2.0, 2 * GIB)
+
+
+def test_the_largest_replica_the_planner_makes_fits_an_autopilot_pod() -> None:
+    # 4 cores (the planner's cap) and 48 GiB: CPU raised to 48 / 6.5 = 7.38 cores, under 30; 48 GiB under 110
+    check_autopilot_pod(cpu_plan(4, MAX_REPLICA_MEMORY / GIB), log=lambda m: None)
+
+
+@pytest.mark.parametrize(("cores", "memory_gib"), [(31, 64), (16, 112)])
+def test_a_replica_larger_than_any_general_purpose_pod_is_refused_naming_the_limit(
+    cores: float, memory_gib: float
+) -> None:
+    with pytest.raises(MicrofedError) as e:
+        check_autopilot_pod(cpu_plan(cores, memory_gib), log=pytest.fail)
+    assert "GKE Autopilot accepts at most 30 CPU cores and 110 GiB memory for a pod" in e.value.message
+    assert "General-purpose class" in e.value.message
+    assert "--batch-size" in e.value.hint and "GPU type" not in e.value.hint
+
+
+def test_a_gpu_replica_over_its_gpu_types_maximum_is_refused_naming_larger_gpu_types() -> None:
+    # one A100 (40 GB): Autopilot's maximum is 11 cores and 74 GiB (GKE Warden's own message, see cluster.json)
+    check_autopilot_pod(gpu_plan("nvidia-tesla-a100", 8, 60), log=pytest.fail)  # no CPU:memory rule for GPU pods
+    with pytest.raises(MicrofedError) as e:
+        check_autopilot_pod(gpu_plan("nvidia-tesla-a100", 12, 40), log=pytest.fail)
+    assert "at most 11 CPU cores and 74 GiB memory for a pod with one nvidia-tesla-a100" in e.value.message
+    assert "nvidia-l4: 31 cores, 115 GiB" in e.value.hint
+
+
+def test_the_train_step_refuses_a_too_large_replica_before_any_job_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NoJobs:
+        def create(self, job: Any) -> bool:
+            pytest.fail("a job was created")
+
+    big = ResourcePlan(cpu_request=8, cpu_limit=8, memory_request=120 * GIB, memory_limit=120 * GIB)
+    monkeypatch.setattr(steps, "_plan", lambda *args, **kwargs: big)
+    autopilot = standard_cluster(mode="autopilot")
+    options = steps.ClusterOptions(
+        image="microfed:test",
+        namespace="team-a",
+        accelerators=("none",),
+        timeout_seconds=60,
+        run_id="run-13",
+        task="train",
+        backend=NoJobs(),  # type: ignore[arg-type]
+        cluster_info=autopilot,
+    )
+    cfg = WorkerConfig(shards=tmp_path / "shards", out=tmp_path / "out")
+    with pytest.raises(MicrofedError, match="at most 30 CPU cores and 110 GiB memory"):
+        steps.train_step(cfg, 2, cluster=options)
 
 
 # ---------------------------------------------------------------------------------------------------------------

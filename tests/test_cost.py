@@ -1,8 +1,10 @@
-"""The cost model of infra/ (infra/cost/model.py) and the README sections it generates.
+"""The cost model of infra/ (infra/cost/model.py) and the README sections it generates, for both modes.
 
 The first test is the guard: infra/README.md's Cost block and the top-level README's summary are recomputed from
-infra/'s own Terraform and infra/cost/prices.json and must match. The copy tests show that guard is not vacuous:
-changing a variable default in a copy of infra/ moves the numbers, and the copy's README then fails the same check.
+infra/'s own Terraform, the vendored manifests with infra/modules/microfed/requests.json, and infra/cost/prices.json,
+and must match. The copy tests show that guard is not vacuous: changing a variable default or a requests.json value
+in a copy of infra/ moves the numbers (Standard's or Autopilot's), and the copy's README then fails the same check.
+Autopilot's request rules (infra/cost/autopilot.py) are checked on hand-worked pods.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -256,13 +259,223 @@ def test_evaluator_handles_the_expressions_infra_uses() -> None:
         model.evaluate("${google_service_account.nodes.email}", cfg)
 
 
-def test_autopilot_is_an_explicit_extension_point() -> None:
-    cluster = model.read_cluster(INFRA, prices=PRICES)
-    requests = model.PodRequests(vcpu=2.0, memory_gib=8.0)
-    with pytest.raises(model.ModelError, match="autopilot"):
-        model.autopilot_idle_monthly_cost(requests, cluster, PRICES)
-    with_prices = {**PRICES, "autopilot": {"vcpu_hour": 0.05, "memory_gib_hour": 0.005, "ephemeral_gib_hour": 0.0}}
-    cost = model.autopilot_idle_monthly_cost(requests, cluster, with_prices)
-    pods = 730 * (2.0 * 0.05 + 8.0 * 0.005)
+# ---------------------------------------------------------------------------------------------------------------
+# Autopilot: the rules, by hand
+# ---------------------------------------------------------------------------------------------------------------
+
+MIB_IN_GIB = 1 / 1024
+RULES = model.autopilot_rules(PRICES)
+# Clusters without bursting (created before GKE 1.26): 250m / 512 MiB minimums, CPU in 250m steps.
+OLD_RULES = model.AutopilotRules(
+    default_vcpu=0.5,
+    default_memory_gib=2,
+    default_ephemeral_gib=1,
+    min_vcpu=0.25,
+    min_memory_gib=0.5,
+    min_gib_per_vcpu=1,
+    max_gib_per_vcpu=6.5,
+    vcpu_step=0.25,
+)
+
+
+def _billed(*containers: tuple[float | None, float | None], rules: Any = RULES) -> tuple[float, float, float]:
+    pod = model.billed_requests([model.ContainerRequests(cpu, mem) for cpu, mem in containers], rules)
+    return pod.vcpu, pod.memory_gib, pod.ephemeral_gib
+
+
+def test_the_rules_are_the_documented_ones() -> None:
+    assert (RULES.default_vcpu, RULES.default_memory_gib, RULES.default_ephemeral_gib) == (0.5, 2, 1)
+    assert (RULES.min_vcpu, RULES.min_memory_gib * 1024) == (0.05, pytest.approx(52))
+    assert (RULES.min_gib_per_vcpu, RULES.max_gib_per_vcpu, RULES.vcpu_step) == (1, 6.5, 0)
+
+
+def test_a_container_without_requests_is_billed_at_the_defaults() -> None:
+    # 0.5 vCPU / 2 GiB is within 1..6.5 GiB per vCPU and above the minimums: billed as is, plus 1 GiB ephemeral.
+    assert _billed((None, None)) == (0.5, 2, 1)
+    # Two such containers: 1 vCPU, 4 GiB, 2 GiB of ephemeral storage.
+    assert _billed((None, None), (None, None)) == (1, 4, 2)
+
+
+def test_small_pods_are_raised_to_the_minimums() -> None:
+    # 10m / 64 MiB: CPU raised to 50m; 64 MiB is above 52 MiB and 1.25 GiB per vCPU is within the range.
+    assert _billed((0.01, 64 * MIB_IN_GIB)) == (0.05, pytest.approx(0.0625), 1)
+    # 10m / 16 MiB: 50m, and memory raised to 52 MiB (above the 51.2 MiB that 1 GiB per vCPU asks of 50m).
+    assert _billed((0.01, 16 * MIB_IN_GIB)) == (0.05, pytest.approx(52 / 1024), 1)
+    # Without bursting: 250m, and 512 MiB (0.5 GiB, which also satisfies 1 GiB per vCPU for 0.25 vCPU).
+    assert _billed((0.01, 64 * MIB_IN_GIB), rules=OLD_RULES) == (0.25, 0.5, 1)
+
+
+def test_the_cpu_memory_ratio_raises_the_smaller() -> None:
+    # 30m / 500 MiB (ml-pipeline-visualizationserver): 50m after the minimum, but 500 MiB is 9.77 GiB per vCPU,
+    # over 6.5: CPU raised to 500/1024/6.5 = 0.07512 vCPU; memory unchanged.
+    vcpu, memory, _ = _billed((0.03, 500 * MIB_IN_GIB))
+    assert vcpu == pytest.approx(0.0751202, abs=1e-7) and memory == pytest.approx(0.48828125)
+    # 2 vCPU / 1 GiB: 0.5 GiB per vCPU, under 1: memory raised to 2 GiB, CPU unchanged.
+    assert _billed((2.0, 1.0)) == (2.0, 2.0, 1)
+    # Without bursting the raised CPU also goes up to the next 250m step: 0.07512 -> 0.25 (the minimum already).
+    # 2 GiB on 0.1 vCPU asks 2/6.5 = 0.3077 vCPU -> 0.5 in 250m steps.
+    assert _billed((0.1, 2.0), rules=OLD_RULES) == (0.5, 2.0, 1)
+
+
+def test_a_missing_request_is_filled_from_the_ratio() -> None:
+    # CPU only: the smallest memory the ratio allows, 1 GiB per vCPU (assumed; the docs say "a value that fits").
+    assert _billed((1.0, None)) == (1.0, 1.0, 1)
+    # Memory only: the smallest CPU it allows, memory / 6.5.
+    assert _billed((None, 6.5)) == (pytest.approx(1.0), 6.5, 1)
+    # Per container, before the pod's sum: 0.5 vCPU + (1 GiB -> 1/6.5 vCPU).
+    assert _billed((0.5, 0.5), (None, 1.0))[0] == pytest.approx(0.5 + 1 / 6.5)
+
+
+def test_rules_reject_nonsense() -> None:
+    with pytest.raises(ValueError, match="CPU:memory range"):
+        model.AutopilotRules(
+            default_vcpu=0.5,
+            default_memory_gib=2,
+            default_ephemeral_gib=1,
+            min_vcpu=0.05,
+            min_memory_gib=0.05,
+            min_gib_per_vcpu=7,
+            max_gib_per_vcpu=6.5,
+        )
+    with pytest.raises(ValueError, match="at least one container"):
+        model.billed_requests([], RULES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autopilot: the cluster
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _autopilot(infra_dir: Path = INFRA, **overrides: Any) -> Any:
+    return model.read_cluster(infra_dir, {"mode": "autopilot", **overrides}, prices=PRICES)
+
+
+def test_autopilot_idle_cost_is_the_pods_volumes_nat_and_no_fee() -> None:
+    cluster = _autopilot()
+    assert cluster.mode == "autopilot" and cluster.pools == ()
+    cost = model.idle_monthly_cost(cluster, PRICES)
+    assert cost == model.autopilot_idle_monthly_cost(cluster, PRICES)
+    pods = model.autopilot_pods(cluster.module_dir, PRICES)
+    # Every KFP and Training Operator workload of the renders, once per replica; nothing of kube-system.
+    workloads = [w for r in sorted((MODULE / "manifests").glob("*/rendered.yaml")) for w in _workloads(r)]
+    assert sorted(p.name.split("/")[-1] for p in pods) == sorted(workloads)
+    gp = PRICES["autopilot"]["general_purpose"]
+    vcpu = sum(p.billed.vcpu * p.replicas for p in pods)
+    memory = sum(p.billed.memory_gib * p.replicas for p in pods)
+    ephemeral = sum(p.billed.ephemeral_gib * p.replicas for p in pods)
+    assert ephemeral == sum(p.replicas for p in pods)  # 1 GiB per single-container pod: requests.json sets none
+    compute = 730 * (vcpu * gp["vcpu_hour"]["value"] + memory * gp["memory_gib_hour"]["value"])
+    storage = 730 * ephemeral * PRICES["autopilot"]["ephemeral_gib_hour"]["value"]
     volumes = sum(v.size_gib for v in cluster.volumes) * PRICES["disks_per_gb_month"]["pd-balanced"]["value"]
-    assert cost.total == pytest.approx(pods + volumes)  # the fee is covered by the free tier
+    nodes = PRICES["autopilot"]["idle_nodes"]["value"]
+    nat = 730 * (nodes * PRICES["nat"]["per_vm_hour"]["value"] + PRICES["nat"]["per_ip_hour"]["value"])
+    assert cost.total == pytest.approx(compute + storage + volumes + nat)  # the fee is covered by the free tier
+    fee = [ln.monthly for ln in cost.lines if "GKE" in ln.item]
+    assert fee == [pytest.approx(73.0), pytest.approx(-73.0)]
+
+
+def _workloads(render: Path) -> list[str]:
+    return [
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all(render.read_text())
+        if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")
+    ]
+
+
+def test_autopilot_reads_no_node_pool(tmp_path: Path) -> None:
+    # Autopilot has no pools: removing every node pool resource changes nothing of its figures.
+    copy = _infra_copy(tmp_path)
+    before = _autopilot(copy)
+    (copy / "modules" / "microfed" / "node_pools.tf").unlink()
+    after = _autopilot(copy)
+    assert model.idle_monthly_cost(after, PRICES) == model.idle_monthly_cost(before, PRICES)
+    assert model.autopilot_training_hour_costs(after, PRICES) == model.autopilot_training_hour_costs(before, PRICES)
+
+
+def test_a_requests_json_change_moves_autopilot_and_fails_the_readme_check(tmp_path: Path) -> None:
+    copy = _infra_copy(tmp_path)
+    assert model.main(["--infra", str(copy), "--check"]) == 0
+    before = model.idle_monthly_cost(_autopilot(copy), PRICES).total
+    path = copy / "modules" / "microfed" / "requests.json"
+    doc = json.loads(path.read_text())
+    key = "kfp/Deployment/metadata-grpc-deployment/container"
+    old = doc["containers"][key]
+    assert (old["cpu"], old["memory"]) == ("10m", "256Mi"), "the hand-worked figures below assume these"
+    doc["containers"][key] = {**old, "memory": "1Gi"}
+    path.write_text(json.dumps(doc))
+    after = model.idle_monthly_cost(_autopilot(copy), PRICES).total
+    # Billed before: 50m / 0.25 GiB. After: 1 GiB is over 6.5 GiB per vCPU of 50m, so CPU rises to 1/6.5 vCPU.
+    gp = PRICES["autopilot"]["general_purpose"]
+    delta = 730 * ((1 / 6.5 - 0.05) * gp["vcpu_hour"]["value"] + 0.75 * gp["memory_gib_hour"]["value"])
+    assert after - before == pytest.approx(delta)
+    assert model.main(["--infra", str(copy), "--check"]) == 1
+
+
+def test_training_spot_false_prices_autopilot_pods_on_demand(tmp_path: Path) -> None:
+    copy = _infra_copy(tmp_path)
+    spot = {h.replica: h for h in model.autopilot_training_hour_costs(_autopilot(copy), PRICES)}
+    _set_default(copy, "training_spot", "false")
+    on_demand = {h.replica: h for h in model.autopilot_training_hour_costs(_autopilot(copy), PRICES)}
+    assert spot.keys() == on_demand.keys() and spot
+    for name, hour in on_demand.items():
+        assert hour.billed_as == "on demand" and spot[name].billed_as == "Spot"
+        assert hour.total == pytest.approx(spot[name].on_demand_total)
+        assert hour.total > spot[name].total
+    assert model.main(["--infra", str(copy), "--check"]) == 1
+
+
+def test_autopilot_training_pods_are_the_size_of_the_standard_nodes() -> None:
+    standard = model.read_cluster(INFRA, prices=PRICES)
+    nodes = {h.pool: h for h in model.training_hour_costs(standard, PRICES)}
+    pods = {h.replica: h for h in model.autopilot_training_hour_costs(_autopilot(), PRICES)}
+    assert pods.keys() == nodes.keys()  # the same replica kinds, optional GPU types included
+    cpu = standard.training[0]
+    machine = PRICES["machines"][cpu.machine_type]
+    gp = PRICES["autopilot"]["general_purpose"]
+    # A general-purpose Spot pod of the machine's vCPUs and memory (8 / 32 GiB is within Autopilot's range).
+    expected = (
+        machine["vcpus"] * gp["spot_vcpu_hour"]["value"] + machine["memory_gb"] * gp["spot_memory_gib_hour"]["value"]
+    )
+    hour = pods[cpu.name]
+    assert hour.compute == pytest.approx(expected) and not hour.lower_bound
+    assert hour.total == pytest.approx(
+        expected + PRICES["autopilot"]["ephemeral_gib_hour"]["value"] + PRICES["nat"]["per_vm_hour"]["value"]
+    )
+    # A GPU pod (Accelerator class, billed per node) costs at least the node's machine and GPU, minus its boot disk.
+    for name, pod in pods.items():
+        if name == cpu.name:
+            continue
+        assert pod.lower_bound and pod.total == pytest.approx(nodes[name].total - nodes[name].disk)
+
+
+def test_autopilot_prices_follow_their_stated_derivation() -> None:
+    gp = PRICES["autopilot"]["general_purpose"]
+    scale = gp["scale"]
+    assert scale["value"] == pytest.approx(scale["europe_west4"] / scale["asia_southeast1"], abs=1e-7)
+    assert scale["europe_west4"] == PRICES["machines"]["e2-standard-8"]["on_demand"]
+    for key in ("vcpu_hour", "memory_gib_hour", "spot_vcpu_hour", "spot_memory_gib_hour"):
+        entry = gp[key]
+        # Recorded to 7 decimals: within half of the last one.
+        assert entry["value"] == pytest.approx(entry["asia_southeast1"] * scale["value"], abs=5e-8), key
+    assert gp["spot_vcpu_hour"]["value"] < gp["vcpu_hour"]["value"]
+    assert gp["spot_memory_gib_hour"]["value"] < gp["memory_gib_hour"]["value"]
+
+
+def test_both_modes_are_in_the_readmes() -> None:
+    text = (INFRA / "README.md").read_text()
+    block = text[text.index(model.README_BEGIN) : text.index(model.README_END)]
+    standard = model.read_cluster(INFRA, prices=PRICES)
+    autopilot = _autopilot()
+    for cluster in (standard, autopilot):
+        assert f'`mode = "{cluster.mode}"`' in block
+        assert f"**Idle: {model._money(model.idle_monthly_cost(cluster, PRICES).total)} per month**" in block
+    assert "per node-hour" in block and "per pod-hour" in block
+    summary = (ROOT / "README.md").read_text()
+    summary = summary[summary.index(model.SUMMARY_BEGIN) : summary.index(model.SUMMARY_END)]
+    assert '`mode = "standard"`' in summary and '`mode = "autopilot"`' in summary and "pod-hour" in summary
+
+
+def test_a_missing_autopilot_section_says_what_to_add() -> None:
+    without = {k: v for k, v in PRICES.items() if k != "autopilot"}
+    with pytest.raises(model.ModelError, match="'autopilot' section"):
+        model.idle_monthly_cost(_autopilot(), without)

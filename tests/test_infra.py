@@ -220,6 +220,71 @@ def all_tf_files() -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a block becomes for one value of `mode`: infra/cost/model.py's evaluator (python-hcl2 plus the expressions
+# infra/ uses: variables through the module call, locals, conditionals, merge, ...) evaluates each attribute and each
+# dynamic block's for_each. A value that depends on another resource (known only at apply) stays as its text.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cache
+def cost_model() -> Any:
+    """infra/cost/model.py, loaded as test_cost.py loads it (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("microfed_infra_cost_model", INFRA / "cost" / "model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@cache
+def terraform(mode: str = "standard") -> Any:
+    """infra/ read through its module call, with `mode` set (every other variable at its default)."""
+    return cost_model().load_terraform(INFRA, {"mode": mode})
+
+
+def evaluated(value: Any, mode: str = "standard", each_key: Any = None) -> Any:
+    """The value Terraform computes, or the expression's text when it depends on something known only at apply."""
+    try:
+        return cost_model().evaluate(value, terraform(mode), each_key, each_key)
+    except cost_model().ModelError:
+        return value
+
+
+def instances(body: dict[str, Any], mode: str = "standard") -> list[Any]:
+    """The instance keys a resource block creates: None for a single resource, indexes for count, keys for for_each."""
+    if "for_each" in body:
+        keys = evaluated(body["for_each"], mode)
+        assert not isinstance(keys, str), f"for_each {keys} cannot be evaluated before apply"
+        return sorted(keys)
+    if "count" in body:
+        return list(range(int(evaluated(body["count"], mode))))
+    return [None]
+
+
+def effective(body: dict[str, Any], mode: str = "standard") -> dict[str, Any]:
+    """A block as Terraform sees it for `mode`: dynamic blocks expanded (one content per for_each element, its
+    iterator left as text), null arguments dropped (null means "not set"), every other value evaluated."""
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "dynamic":
+            for spec in (s for d in value for s in d.items()):
+                label, dynamic = spec
+                elements = evaluated(dynamic["for_each"], mode)
+                assert not isinstance(elements, str) or label == "cidr_blocks", f"dynamic {label}: {elements}"
+                count = len(elements) if not isinstance(elements, str) else 1
+                content = effective(block(dynamic, "content"), mode)
+                out.setdefault(label, []).extend(content for _ in range(count))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out[key] = [effective(v, mode) for v in value]  # nested blocks
+        else:
+            result = evaluated(value, mode)
+            if result is not None:
+                out[key] = result
+    return {k: v for k, v in out.items() if v != []}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The node contract shared with the PyTorchJob builder
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -266,7 +331,9 @@ def test_cpu_pool_matches_the_contract() -> None:
 @pytest.mark.parametrize("accelerator", sorted(CONTRACT["gpu_pools"]))
 def test_gpu_pools_match_the_contract(accelerator: str) -> None:
     pool = infra().resources["google_container_node_pool", "training_gpu"]
-    assert pool["for_each"] == "${toset(var.gpu_types)}"
+    # One pool per GPU type on Standard, none on Autopilot (tests/test_infra_autopilot.py).
+    assert pool["for_each"] == "${local.autopilot ? toset([]) : toset(var.gpu_types)}"
+    assert instances(pool) == sorted(infra().variables["gpu_types"]["default"])
     node = block(pool, "node_config")
     assert resolve(pool["name"], each_key=accelerator) == CONTRACT["gpu_pools"][accelerator]
     labels = resolve(node["labels"], each_key=accelerator)
@@ -325,25 +392,32 @@ def cluster() -> dict[str, Any]:
     return infra().resources["google_container_cluster", "this"]
 
 
+def standard_cluster() -> dict[str, Any]:
+    """The cluster block with the default mode (standard), dynamic blocks expanded and conditionals evaluated."""
+    return effective(cluster(), "standard")
+
+
 def test_cluster_security_settings() -> None:
-    c = cluster()
+    c = standard_cluster()
+    assert "enable_autopilot" not in c  # null on Standard: false would conflict with the Standard-only settings
     assert c["remove_default_node_pool"] is True
     assert block(c, "workload_identity_config")["workload_pool"] == "${var.project_id}.svc.id.goog"
     assert c["enable_shielded_nodes"] is True
     assert c["enable_legacy_abac"] is False
     assert block(block(c, "master_auth"), "client_certificate_config")["issue_client_certificate"] is False
-    assert block(c, "network_policy")["enabled"] is True
+    assert block(c, "network_policy") == {"enabled": True, "provider": "CALICO"}
     assert block(block(c, "addons_config"), "network_policy_config")["disabled"] is False
-    assert c["deletion_protection"] == "${var.deletion_protection}"
+    assert cluster()["deletion_protection"] == "${var.deletion_protection}"
     assert infra().variables["deletion_protection"]["default"] is True
-    assert resolve(block(c, "release_channel")["channel"]) == "REGULAR"
+    assert block(c, "release_channel")["channel"] == "REGULAR"
     assert block(c, "ip_allocation_policy")["cluster_secondary_range_name"] == "pods"
 
 
 def test_cluster_autoscaling_profile() -> None:
-    autoscaling = block(cluster(), "cluster_autoscaling")
+    autoscaling = block(standard_cluster(), "cluster_autoscaling")
     assert autoscaling["autoscaling_profile"] == "OPTIMIZE_UTILIZATION"
     assert autoscaling["enabled"] is False  # no node auto-provisioning: every pool carries the contract's taints
+    assert "auto_provisioning_defaults" not in autoscaling  # Autopilot's node identity (test_infra_autopilot.py)
 
 
 def test_private_nodes_by_default_with_authorized_networks() -> None:
@@ -360,7 +434,7 @@ def test_private_nodes_by_default_with_authorized_networks() -> None:
 
 
 def node_configs() -> dict[str, dict[str, Any]]:
-    configs = {"cluster default pool": block(cluster(), "node_config")}
+    configs = {"cluster default pool": block(standard_cluster(), "node_config")}
     for name, pool in infra().of_type("google_container_node_pool").items():
         configs[name] = block(pool, "node_config")
     return configs

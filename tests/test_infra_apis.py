@@ -50,3 +50,11 @@ def test_terraform_reaches_the_cluster_through_the_dns_endpoint_not_the_authoriz
         (kubectl,) = [p["kubectl"] for p in providers if "kubectl" in p]
         assert kubectl["host"] == "https://${module.microfed.cluster_dns_endpoint}", path.name
         assert "cluster_ca_certificate" not in kubectl  # the front end's certificate is publicly trusted
+
+
+def test_autopilot_needs_no_other_api_or_role() -> None:
+    # An Autopilot cluster is created through the same container API with the same node service account (actAs
+    # already listed); the module enables the same APIs whatever the mode, and the README says so.
+    assert "mode" not in infra().locals["apis"] and "autopilot" not in infra().locals["apis"]
+    text = README.read_text()
+    assert '`mode = "autopilot"` needs no other role and no other API' in text

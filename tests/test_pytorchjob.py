@@ -18,11 +18,12 @@ import pytest
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from microfed.training.cluster import cluster_contract
+from microfed.training.cluster import autopilot_placement, cluster_contract
 from microfed.training.errors import MicrofedError
 from microfed.training.pytorchjob import (
     MAX_JOB_NAME,
     JobConfig,
+    Placement,
     build_pytorchjob,
     job_name,
     pytorchjob_to_dict,
@@ -231,6 +232,93 @@ def test_optional_fields_are_left_out_and_worker_args_pass_through_verbatim() ->
         assert [e["name"] for e in container["env"]] == ["MICROFED_BACKEND", "PYTHONUNBUFFERED"]
 
 
+# --- placement on GKE Autopilot (issue 13; sources in training/cluster.json, key autopilot) -----------------
+
+AUTOPILOT_SPOT = Placement(mode="autopilot", spot=True)
+AUTOPILOT_ON_DEMAND = Placement(mode="autopilot", spot=False)
+L4_PLAN = ResourcePlan(
+    accelerator="nvidia-l4",
+    gpus=1,
+    cpu_request=4.0,
+    cpu_limit=4.0,
+    memory_request=16 * 1024**3,
+    memory_limit=16 * 1024**3,
+)
+
+
+@pytest.mark.parametrize(
+    ("plan", "placement", "selector"),
+    [
+        (CPU_PLAN, AUTOPILOT_SPOT, {"cloud.google.com/gke-spot": "true"}),
+        (CPU_PLAN, AUTOPILOT_ON_DEMAND, None),
+        (
+            GPU_PLAN,
+            AUTOPILOT_SPOT,
+            {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"},
+        ),
+        (GPU_PLAN, AUTOPILOT_ON_DEMAND, {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
+        (
+            L4_PLAN,
+            AUTOPILOT_SPOT,
+            {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"},
+        ),
+    ],
+)
+def test_autopilot_pods_select_spot_and_their_gpu_and_carry_no_pool_label_or_taint(
+    plan: ResourcePlan, placement: Placement, selector: dict[str, str] | None
+) -> None:
+    job = manifest(3, plan, placement=placement)
+    assert schema_errors(job) == []
+    for pod, container in zip(_pods(job), _containers(job), strict=True):
+        assert pod["spec"].get("nodeSelector") == selector
+        # GKE adds the Spot toleration itself; Autopilot refuses our custom label and taint keys
+        assert "tolerations" not in pod["spec"]
+        limits = container["resources"]["limits"]
+        if plan.gpus:
+            assert parse_quantity(limits["nvidia.com/gpu"]) == 1
+            assert {e["name"]: e["value"] for e in container["env"]}["MICROFED_BACKEND"] == "nccl"
+        else:
+            assert "nvidia.com/gpu" not in limits
+        _assert_resources_match_plan(container["resources"], plan)
+    assert "microfed.dev" not in repr(job["spec"])  # no pool label or training taint anywhere
+
+
+def test_standard_is_the_default_placement_and_ignores_spot() -> None:
+    default = manifest(3, GPU_PLAN)
+    assert manifest(3, GPU_PLAN, placement=Placement(mode="standard", spot=True)) == default
+    _assert_placement(default, GPU_PLAN, "gpu")
+
+
+@pytest.mark.parametrize(
+    ("placement", "asked", "written"),
+    [
+        (AUTOPILOT_SPOT, 120, 25),  # a preempted Spot Pod gets at most 25 s, whatever it asks
+        (AUTOPILOT_SPOT, 10, 10),
+        (AUTOPILOT_ON_DEMAND, 120, 120),
+        (Placement(), 120, 120),
+        (AUTOPILOT_SPOT, None, None),  # Kubernetes' default (30 s) stays unwritten
+    ],
+)
+def test_grace_period_stays_within_what_an_autopilot_spot_pod_gets(
+    placement: Placement, asked: int | None, written: int | None
+) -> None:
+    job = manifest(2, CPU_PLAN, placement=placement, termination_grace_period_seconds=asked)
+    assert schema_errors(job) == []
+    for pod in _pods(job):
+        assert pod["spec"].get("terminationGracePeriodSeconds") == written
+
+
+def test_autopilot_data_covers_every_accelerator_the_builder_knows() -> None:
+    auto = autopilot_placement()
+    assert set(auto.pod_limits) == {"none", *cluster_contract().gpu_pools}
+    assert auto.spot_selector == ("cloud.google.com/gke-spot", "true")
+    assert auto.gpu_selector_key == cluster_contract().gpu_label_key == "cloud.google.com/gke-accelerator"
+    assert auto.spot_max_grace_seconds == 25
+    for accelerator, limit in auto.pod_limits.items():
+        assert limit.compute_class == ("General-purpose" if accelerator == "none" else "Accelerator")
+        assert limit.max_cpu > 0 and limit.max_memory_bytes > 0 and limit.source
+
+
 # --- job names ---------------------------------------------------------------------------------------------
 
 WEIRD_INPUTS = [
@@ -300,6 +388,8 @@ def test_job_name_rejects_empty_inputs(run_id: str, task: str) -> None:
         ({"plan": ResourcePlan(accelerator="nvidia-h100", gpus=1)}, "plan.accelerator"),
         ({"plan": ResourcePlan(cpu_request=4.0, cpu_limit=2.0)}, "plan.cpu_request"),
         ({"plan": ResourcePlan(memory_request=0)}, "plan.memory_request"),
+        ({"placement": Placement(mode="serverless")}, "placement.mode"),
+        ({"termination_grace_period_seconds": -1}, "termination_grace_period_seconds"),
     ],
 )
 def test_config_errors_name_the_field(overrides: dict[str, Any], field: str) -> None:

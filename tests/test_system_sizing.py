@@ -1,16 +1,19 @@
 """The size of the system pool (infra/cost/sizing.py): the requests of what runs while nothing trains, summed from
-the vendored manifests plus allowances and GKE's kube-system, against each machine type's allocatable.
+the vendored manifests, the explicit requests infra/ sets on the containers that declare none
+(infra/modules/microfed/requests.json) and GKE's kube-system, against each machine type's allocatable.
 
-The first tests are the guard: the default `system_machine_type` (the same in infra/ and its module) must be the
-cheapest machine type of prices.json that holds the sum with its headroom, so a re-render of the manifests or a
-price change that makes another type right fails here. The rest check the summation on small hand-made manifests
-whose numbers can be worked by hand.
+The first tests are the guards: the default `system_machine_type` (the same in infra/ and its module) must be the
+cheapest machine type of prices.json that holds the sum with its headroom, and every container of the vendored
+manifests must have requests (declared, or from requests.json), so a re-render of the manifests or a price change
+that makes another type right, or that adds a container without requests, fails here. The rest check the summation
+on small hand-made manifests whose numbers can be worked by hand.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,7 +82,8 @@ def test_the_default_system_machine_type_is_the_cheapest_that_fits() -> None:
 
 def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
     # An independent walk over the renders: replicas x the sum of the app containers' requests (none of these
-    # pods has init containers, so the effective request is that sum), and the containers without requests.
+    # pods has init containers, so the effective request is that sum), and the containers without requests, which
+    # must be exactly the ones requests.json covers.
     cpu_m = memory = 0
     without: list[str] = []
     renders = sorted((MODULE / "manifests").glob("*/rendered.yaml"))
@@ -96,12 +100,42 @@ def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
                 cpu_m += replicas * round(sizing.parse_cpu(requests.get("cpu", "0")) * 1000)
                 memory += replicas * sizing.parse_memory(requests.get("memory", "0"))
                 if "cpu" not in requests or "memory" not in requests:
-                    without.append(f"{doc['metadata']['name']}/{c['name']}")
+                    without.append(f"{render.parent.name}/{doc['kind']}/{doc['metadata']['name']}/{c['name']}")
+    entries = json.loads((MODULE / "requests.json").read_text())["containers"]
+    assert sorted(without) == sorted(entries), "requests.json must cover exactly the containers without requests"
     load = sizing.system_load()
     assert round(load.manifests.cpu * 1000) == cpu_m
     assert load.manifests.memory == memory
-    assert sorted(name.split("/", 2)[2] for name, _ in load.allowances) == sorted(without)
-    assert load.total == load.manifests + load.allowance + load.daemonsets + load.cluster_pods
+    # Every such container has no request of either kind here, so requests.json adds its entries whole.
+    assert round(load.requests_json.cpu * 1000) == sum(
+        round(sizing.parse_cpu(e["cpu"]) * 1000) for e in entries.values()
+    )
+    assert load.requests_json.memory == sum(sizing.parse_memory(e["memory"]) for e in entries.values())
+    assert sorted(key for key, _ in load.explicit) == sorted(entries)
+    assert load.total == load.manifests + load.requests_json + load.daemonsets + load.cluster_pods
+
+
+def test_every_container_without_requests_needs_an_entry(tmp_path: Path) -> None:
+    # A re-render that adds a container without requests: the sizing (and so this test file) fails, naming it.
+    manifests = tmp_path / "manifests"
+    shutil.copytree(MODULE / "manifests", manifests, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    render = manifests / "kfp" / "rendered.yaml"
+    render.write_text(render.read_text() + _pod("Deployment", "new-sidecar-thing", _c("agent")))
+    workloads = sizing.vendored_workloads(manifests)
+    with pytest.raises(sizing.SizingError, match=r"kfp/Deployment/new-sidecar-thing/agent") as failure:
+        sizing.system_load(workloads, requests=sizing.load_explicit_requests())
+    assert "requests.json" in str(failure.value)
+
+
+def test_request_entries_parse_and_say_on_what_they_rest() -> None:
+    entries = sizing.load_explicit_requests()
+    assert entries, "requests.json is empty"
+    raw = json.loads((MODULE / "requests.json").read_text())["containers"]
+    for key, entry in entries.items():
+        assert set(raw[key]) == {"cpu", "memory", "basis"}, key  # the structure the Terraform reads
+        assert entry.cpu > 0 and entry.memory > 0, key
+        # A basis cites its source (an issue, a repository path or commit) or says it is an estimate.
+        assert entry.basis.startswith("estimate:") or any(mark in entry.basis for mark in ("#", "@", "/")), key
 
 
 def test_kube_system_figures_name_a_source_or_say_they_are_estimates() -> None:
@@ -206,29 +240,56 @@ def test_replicas_and_daemonsets() -> None:
     load = sizing.system_load(sizing.read_workloads(text), cluster_pods=(), daemonsets=sizing.Resources())
     # 3 x 100m + 250m + 10m = 560m; 3 x 100Mi + 1024Mi + 20Mi = 1344Mi.
     assert load.manifests.cpu == pytest.approx(0.56) and load.manifests.memory == 1344 * MIB
-    assert load.allowances == ()
+    assert load.explicit == () and load.patched == load.manifests
 
 
-def test_containers_without_requests_get_an_allowance_and_are_listed() -> None:
+def _entry(key: str, cpu: str, memory: str) -> Any:
+    return sizing.ExplicitRequest(key, sizing.parse_cpu(cpu), sizing.parse_memory(memory), "estimate: a test")
+
+
+def test_explicit_requests_fill_the_containers_that_declare_none() -> None:
     text = _pod("Deployment", "ctl", _c("manager") + _c("half", cpu="100m"), replicas=2) + _pod(
-        "Deployment", "metadata-grpc-deployment", _c("container")
+        "Deployment", "db", _c("server", "250m", "1Gi")
     )
-    load = sizing.system_load(sizing.read_workloads(text), cluster_pods=(), daemonsets=sizing.Resources())
-    # The scheduler counts them as 0: 2 x 100m of `half` only.
-    assert load.manifests == sizing.Resources(0.2, 0)
-    names = [name for name, _ in load.allowances]
-    assert names == [
-        "Deployment/ns/ctl/manager",
-        "Deployment/ns/ctl/manager",
-        "Deployment/ns/ctl/half",
-        "Deployment/ns/ctl/half",
-        "Deployment/ns/metadata-grpc-deployment/container",
+    workloads = sizing.read_workloads(text, "kfp")
+    requests = {
+        "kfp/Deployment/ctl/manager": _entry("kfp/Deployment/ctl/manager", "10m", "64Mi"),
+        "kfp/Deployment/ctl/half": _entry("kfp/Deployment/ctl/half", "20m", "32Mi"),
+    }
+    load = sizing.system_load(workloads, cluster_pods=(), daemonsets=sizing.Resources(), requests=requests)
+    # The scheduler counts the unset ones as 0: 2 x 100m of `half` and the db, 250m / 1Gi.
+    assert load.manifests == sizing.Resources(0.45, 1024 * MIB)
+    # Patched, per replica: manager 10m/64Mi + half 20m/32Mi (its own 100m replaced by the entry, as the kustomize
+    # patch replaces it): 30m/96Mi x 2 = 60m/192Mi, so requests.json adds 60m - 200m = -140m and 192 MiB.
+    assert load.patched == sizing.Resources(0.31, 1216 * MIB)
+    assert load.requests_json.cpu == pytest.approx(-0.14) and load.requests_json.memory == 192 * MIB
+    assert [key for key, _ in load.explicit] == [
+        "kfp/Deployment/ctl/manager",
+        "kfp/Deployment/ctl/manager",
+        "kfp/Deployment/ctl/half",
+        "kfp/Deployment/ctl/half",
     ]
-    default, grpc = sizing.DEFAULT_ALLOWANCE, sizing.ALLOWANCES["metadata-grpc-deployment/container"]
-    # `half` has a CPU request but no memory one: it still gets the (whole) allowance, a conservative rounding.
-    expected = default.resources.times(4) + grpc.resources
-    assert load.allowance == expected
-    assert load.total == load.manifests + expected
+    assert load.total == load.patched
+
+
+def test_stale_or_overriding_entries_are_refused() -> None:
+    workloads = sizing.read_workloads(_pod("Deployment", "db", _c("server", "250m", "1Gi")), "kfp")
+    gone = {"kfp/Deployment/renamed/server": _entry("kfp/Deployment/renamed/server", "10m", "64Mi")}
+    with pytest.raises(sizing.SizingError, match="renamed/server match"):
+        sizing.patched_workloads(workloads, gone)
+    declared = {"kfp/Deployment/db/server": _entry("kfp/Deployment/db/server", "10m", "64Mi")}
+    with pytest.raises(sizing.SizingError, match="declares its own requests"):
+        sizing.patched_workloads(workloads, declared)
+
+
+def test_malformed_request_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps({"containers": {"kfp/Deployment/x/y": {"cpu": "10m", "memory": "64Mi"}}}))
+    with pytest.raises(sizing.SizingError, match="lacks basis"):
+        sizing.load_explicit_requests(path)
+    path.write_text(json.dumps({"containers": {"x/y": {"cpu": "10m", "memory": "64Mi", "basis": "b"}}}))
+    with pytest.raises(sizing.SizingError, match="<kustomization>/<Kind>/<name>/<container>"):
+        sizing.load_explicit_requests(path)
 
 
 def test_headroom_decides_at_the_boundary() -> None:
@@ -262,7 +323,7 @@ def test_the_readme_states_the_current_sums() -> None:
     default = _default(INFRA / "variables.tf", "system_machine_type")
     for figure in (
         f"**{round(load.manifests.cpu * 1000)}m CPU, {load.manifests.memory // MIB} MiB**",
-        f"**{round(load.allowance.cpu * 1000)}m, {load.allowance.memory // MIB} MiB**",
+        f"**{round(load.requests_json.cpu * 1000)}m, {load.requests_json.memory // MIB} MiB**",
         f"**{round(load.kube_system.cpu * 1000)}m, {load.kube_system.memory // MIB} MiB**",
         f"**Total {round(load.total.cpu * 1000)}m CPU, {load.total.memory // MIB} MiB**",
         f"**{default}**",

@@ -19,6 +19,13 @@ move between GKE versions), so the check errs on the side of letting a job throu
 cannot fit by the published figures. A machine type missing from `MACHINE_TYPES` (a user's tfvars may name any)
 skips the check with a note rather than guess.
 
+On a cluster infra/ created, the pools' machine types and node limits come from its ConfigMap (`pool_limits_of`,
+training/cluster.py `ClusterInfo`), else from infra/'s defaults.
+
+GKE Autopilot has no pools to fill: Autopilot creates a node for each pod that fits one of its compute classes, and
+refuses a pod whose requests exceed the class's (or GPU type's) maximum. `check_autopilot_pod` compares a replica
+with that maximum before the job exists; how many replicas may run at once is then a matter of the project's quota.
+
 Collective timeout. gloo and nccl give up on a collective after the process group's timeout. The end-of-round
 all-reduce is one: the rank with the smallest shard reaches it first and waits there for the rank with the
 largest. `collective_timeout_minutes` derives the timeout from the plan's estimated seconds per epoch instead of
@@ -31,7 +38,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .cluster import pool_defaults
+from .cluster import AutopilotPodLimit, ClusterInfo, autopilot_placement, pool_defaults
 from .errors import MicrofedError
 from .resources import ResourcePlan
 
@@ -47,11 +54,14 @@ __all__ = [
     "MachineType",
     "NodeRoom",
     "PoolLimits",
+    "autopilot_requests",
+    "check_autopilot_pod",
     "check_pool_capacity",
     "collective_timeout_minutes",
     "gke_allocatable",
     "node_room",
     "pool_limits",
+    "pool_limits_of",
     "replicas_per_node",
 ]
 
@@ -234,6 +244,35 @@ def pool_limits(accelerator: str, *, machine_type: str | None = None, max_nodes:
     )
 
 
+def check_gpu_type(info: ClusterInfo, accelerator: str) -> None:
+    """Refuse an accelerator outside the cluster's gpu_types: on Standard it has no pool (the replicas would stay
+    Pending for ever); on Autopilot gpu_types is the set of GPU types the cluster's owner allows the train step."""
+    if accelerator == "none" or accelerator in info.gpu_types:
+        return
+    offered = ", ".join(["none", *info.gpu_types])
+    what = "the cluster has no training pool for it" if info.mode == "standard" else "the cluster does not allow it"
+    raise MicrofedError(
+        f"{accelerator}: {what} (gpu_types: {', '.join(info.gpu_types)}; from {info.source})",
+        hint=f"allow only {offered} in the `accelerators` parameter, or add {accelerator} to gpu_types in "
+        "infra/terraform.tfvars and run terraform apply",
+    )
+
+
+def pool_limits_of(info: ClusterInfo, accelerator: str, *, max_nodes: int | None = None) -> PoolLimits:
+    """The limits of `accelerator`'s training pool on the Standard cluster `info` describes (its ConfigMap, or
+    infra/'s defaults); `max_nodes` in place of the cluster's where given (the train step's pool_max_nodes).
+
+    Raises MicrofedError when the cluster has no pool for `accelerator` (not in its gpu_types): the replicas
+    would stay Pending for ever."""
+    check_gpu_type(info, accelerator)
+    if accelerator == "none":
+        machine_type, cluster_max = info.cpu_machine_type, info.cpu_max_nodes
+    else:
+        machine_type = info.gpu_machine_types.get(accelerator) or pool_defaults().gpu_machine_types[accelerator]
+        cluster_max = info.gpu_max_nodes
+    return pool_limits(accelerator, machine_type=machine_type, max_nodes=max_nodes or cluster_max)
+
+
 def _print(message: str) -> None:
     print(f"[microfed] {message}", flush=True)
 
@@ -305,6 +344,74 @@ def _too_many_nodes(limits: PoolLimits, replicas: int, per_node: int, binding: s
             f"{limits.max_nodes * per_node} shards{larger}"
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GKE Autopilot (figures and sources: training/cluster.json, key `autopilot`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def autopilot_requests(plan: ResourcePlan, limit: AutopilotPodLimit) -> tuple[float, int]:
+    """(cores, memory bytes) Autopilot bills and checks for one replica of `plan`: its requests, with the smaller
+    of the two raised into the class's CPU:memory range where the class has one (General-purpose: 1 to 6.5 GiB
+    per core; "Resource requests in Autopilot" says Autopilot raises the smaller resource rather than refusing)."""
+    cpu, memory = float(plan.cpu_request), int(plan.memory_request)
+    if limit.cpu_memory_ratio is not None:
+        low, high = limit.cpu_memory_ratio
+        memory = max(memory, math.ceil(cpu * low * GIB))
+        cpu = max(cpu, memory / GIB / high)
+    return cpu, memory
+
+
+def check_autopilot_pod(
+    plan: ResourcePlan, *, limit: AutopilotPodLimit | None = None, log: Callable[[str], None] = _print
+) -> AutopilotPodLimit:
+    """The Autopilot pod limit a replica of `plan` falls under (training/cluster.json, autopilot.pod_limits).
+
+    Raises MicrofedError, before any job exists, when the replica's requests exceed it: Autopilot refuses such a
+    pod outright, so no replica of the job would ever be created. Notes through `log` when Autopilot will raise a
+    request to reach the class's CPU:memory range (the raised request is what it bills)."""
+    limits = autopilot_placement().pod_limits
+    if limit is None:
+        if plan.accelerator not in limits:
+            raise MicrofedError(
+                f"no Autopilot pod limit for accelerator {plan.accelerator!r}",
+                hint=f"use one of {', '.join(limits)} (training/cluster.json, autopilot.pod_limits)",
+            )
+        limit = limits[plan.accelerator]
+    cpu, memory = autopilot_requests(plan, limit)
+    raised = (cpu, memory) != (plan.cpu_request, plan.memory_request)
+    pod = "pod" if plan.accelerator == "none" else f"pod with one {plan.accelerator}"
+    if cpu > limit.max_cpu or memory > limit.max_memory_bytes:
+        adjusted = f" ({cpu:.2f} cores and {memory / GIB:.1f} GiB after Autopilot's CPU:memory rule)" if raised else ""
+        hint = "make the replica smaller: a smaller --batch-size, more shards"
+        larger = _larger(limits, limit) if plan.gpus else ""
+        if larger:
+            hint += f", or allow a GPU type with larger Autopilot pods in `accelerators` ({larger})"
+        raise MicrofedError(
+            f"one replica requests {_need(plan)}{adjusted}, but GKE Autopilot accepts at most "
+            f"{limit.max_cpu:g} CPU cores and {limit.max_memory_bytes / GIB:g} GiB memory for a {pod} "
+            f"({limit.compute_class} class; training/cluster.json, autopilot.pod_limits): it would refuse every "
+            "replica of the job",
+            hint=hint,
+        )
+    if raised and limit.cpu_memory_ratio is not None:
+        low, high = limit.cpu_memory_ratio
+        log(
+            f"Autopilot: one replica requests {_need(plan)}; its {limit.compute_class} class keeps {low:g} to "
+            f"{high:g} GiB of memory per core, so the pod runs, and is billed, at {cpu:.2f} cores and "
+            f"{memory / GIB:.1f} GiB"
+        )
+    return limit
+
+
+def _larger(limits: dict[str, AutopilotPodLimit], than: AutopilotPodLimit) -> str:
+    bigger = [
+        f"{accelerator}: {lim.max_cpu:g} cores, {lim.max_memory_bytes / GIB:g} GiB"
+        for accelerator, lim in limits.items()
+        if accelerator != "none" and (lim.max_cpu > than.max_cpu or lim.max_memory_bytes > than.max_memory_bytes)
+    ]
+    return "; ".join(bigger)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,12 @@
 cleaning up live elsewhere, so this file can be tested against the CRD schema without a cluster.
 The replica with RANK 0 is the Master; the operator injects MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK, which is
 all the worker entrypoint needs (see microfed.training.worker).
+
+Placement depends on the cluster's mode (`JobConfig.placement`). On GKE Standard infra/ declares tainted, labelled
+training pools, and a replica tolerates the training taint and selects its pool (training/cluster.json). On GKE
+Autopilot there are no pools: a replica selects Spot capacity and its GPU type by node selector and Autopilot
+creates a node that fits it (training/cluster.json's `autopilot` key lists the sources); our labels and taints
+would be refused there.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from kubernetes.client import (
     V1Toleration,
 )
 
-from microfed.training.cluster import Taint, cluster_contract
+from microfed.training.cluster import MODES, Taint, autopilot_placement, cluster_contract
 from microfed.training.errors import MicrofedError
 from microfed.training.resources import ResourcePlan
 
@@ -44,6 +50,7 @@ __all__ = [
     "RESERVED_ENV",
     "WORKER_MODULE",
     "JobConfig",
+    "Placement",
     "build_pytorchjob",
     "job_name",
     "pytorchjob_to_dict",
@@ -105,6 +112,18 @@ def job_name(run_id: str, task: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Placement:
+    """The kind of cluster the job goes to, as infra/ made it (training/cluster.py `ClusterInfo`)."""
+
+    mode: str = "standard"
+    """`standard`: select infra/'s training pools and tolerate their taint; `autopilot`: node selectors for Spot
+    and the GPU type only (one of MODES)."""
+    spot: bool = False
+    """On Autopilot, run the replicas as Spot Pods. On Standard it changes nothing: the pools are Spot VMs or not
+    as infra/ created them."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """Everything that varies between PyTorchJobs of the train step."""
 
@@ -137,10 +156,17 @@ class JobConfig:
     """Extra labels on the job and its pods (for example the KFP run id), besides app.kubernetes.io/name."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every replica (for example STORAGE_EMULATOR_HOST)."""
+    placement: Placement = field(default_factory=Placement)
+    """The cluster's mode; the default keeps infra/'s Standard training pools."""
+    termination_grace_period_seconds: int | None = None
+    """Seconds a replica's container gets between SIGTERM and SIGKILL (>= 0); None keeps Kubernetes' 30. Autopilot
+    gives a preempted Spot Pod at most `spot_max_grace_seconds` (25) whatever is asked, so a Spot replica there is
+    written with at most that."""
 
     def __post_init__(self) -> None:
         self._check_names()
         self._check_numbers()
+        _check_placement(self.placement)
         _check_plan(self.plan)
         _check_labels(self.labels)
         _check_env(self.env)
@@ -172,11 +198,24 @@ class JobConfig:
             raise MicrofedError(
                 f"JobConfig.ttl_seconds_after_finished must be >= 0, got {self.ttl_seconds_after_finished}"
             )
+        grace = self.termination_grace_period_seconds
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 0):
+            raise MicrofedError(f"JobConfig.termination_grace_period_seconds must be an integer >= 0, got {grace!r}")
         if self.clean_pod_policy not in CLEAN_POD_POLICIES:
             raise MicrofedError(
                 f"JobConfig.clean_pod_policy {self.clean_pod_policy!r} is not allowed",
                 hint=f"use one of {', '.join(CLEAN_POD_POLICIES)}",
             )
+
+
+def _check_placement(placement: Placement) -> None:
+    if placement.mode not in MODES:
+        raise MicrofedError(
+            f"JobConfig.placement.mode {placement.mode!r} is not allowed",
+            hint=f"use one of {', '.join(MODES)} (the cluster's mode, ConfigMap microfed-cluster)",
+        )
+    if not isinstance(placement.spot, bool):
+        raise MicrofedError(f"JobConfig.placement.spot must be true or false, got {placement.spot!r}")
 
 
 def _check_plan(plan: ResourcePlan) -> None:
@@ -258,8 +297,10 @@ def _toleration(taint: Taint) -> V1Toleration:
     return V1Toleration(key=taint.key, operator="Equal", value=taint.value, effect=taint.effect)
 
 
-def _placement(plan: ResourcePlan) -> tuple[list[V1Toleration], dict[str, str]]:
-    """Tolerations and node selector that put a replica on the training pool its plan needs, and only there."""
+def _placement(plan: ResourcePlan, placement: Placement) -> tuple[list[V1Toleration], dict[str, str]]:
+    """Tolerations and node selector that put a replica where its plan can run, and only there."""
+    if placement.mode == "autopilot":
+        return [], _autopilot_selector(plan, placement)
     contract = cluster_contract()
     if not plan.gpus:
         return [_toleration(contract.training_taint)], {contract.pool_label_key: contract.cpu_pool}
@@ -269,6 +310,34 @@ def _placement(plan: ResourcePlan) -> tuple[list[V1Toleration], dict[str, str]]:
         contract.gpu_label_key: plan.accelerator,
     }
     return tolerations, selector
+
+
+def _autopilot_selector(plan: ResourcePlan, placement: Placement) -> dict[str, str]:
+    """Autopilot's own labels only (sources in cluster.json's `autopilot.sources`).
+
+    No toleration: GKE adds the Spot toleration to a Spot Pod itself, and Autopilot refuses custom labels
+    (microfed.dev/pool) unless they pair a toleration and a selector of the same key:value ("workload
+    separation"), which buys nothing here. A GPU pod must name its GPU type with cloud.google.com/gke-accelerator;
+    no `cloud.google.com/compute-class: Accelerator` selector: GKE 1.29.4-gke.1427000 and later put GPU pods on the
+    Accelerator class without it. (1.28.9 to 1.29.4 needed it; an Autopilot cluster that old is not supported.)
+    """
+    auto = autopilot_placement()
+    selector: dict[str, str] = {}
+    if placement.spot:
+        key, value = auto.spot_selector
+        selector[key] = value
+    if plan.gpus:
+        selector[auto.gpu_selector_key] = plan.accelerator
+    return selector
+
+
+def _grace_seconds(cfg: JobConfig) -> int | None:
+    """terminationGracePeriodSeconds: the caller's, within what a preempted Autopilot Spot Pod is given."""
+    grace = cfg.termination_grace_period_seconds
+    if grace is not None and cfg.placement.mode == "autopilot" and cfg.placement.spot:
+        # Asking more does not buy more on preemption; writing it would promise time that never comes.
+        return min(grace, autopilot_placement().spot_max_grace_seconds)
+    return grace
 
 
 def _env(cfg: JobConfig) -> list[V1EnvVar]:
@@ -290,12 +359,13 @@ def _pod_template(cfg: JobConfig) -> V1PodTemplateSpec:
         env=_env(cfg),
         resources=_resources(cfg.plan),
     )
-    tolerations, selector = _placement(cfg.plan)
+    tolerations, selector = _placement(cfg.plan, cfg.placement)
     spec = V1PodSpec(
         containers=[container],
-        tolerations=tolerations,
-        node_selector=selector,
+        tolerations=tolerations or None,
+        node_selector=selector or None,
         service_account_name=cfg.service_account,
+        termination_grace_period_seconds=_grace_seconds(cfg),
     )
     metadata = V1ObjectMeta(labels=_labels(cfg), annotations=dict([ISTIO_INJECT_ANNOTATION]))
     return V1PodTemplateSpec(metadata=metadata, spec=spec)

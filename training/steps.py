@@ -63,6 +63,7 @@ from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
 
 if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only by the steps that create jobs
+    from microfed.training.cluster import ClusterInfo
     from microfed.training.pytorchjob_launch import JobBackend
 from microfed.training.worker import (
     BEST_ROUND_FILE,
@@ -170,7 +171,12 @@ class ClusterOptions:
     """How long a temporary "no scale-up" of the cluster autoscaler is waited for."""
     pool_max_nodes: int = 0
     """Maximum node count of the training pool the plan picks (infra/'s cpu_max_nodes or gpu_max_nodes); 0 = the
-    infra defaults in training/cluster.json. A job that needs more nodes fails before it is created."""
+    cluster's own (ConfigMap microfed-cluster, else infra's defaults in training/cluster.json). A job that needs
+    more nodes fails before it is created. Autopilot has no pools: ignored there."""
+    cluster_info: ClusterInfo | None = None
+    """The cluster's mode, Spot setting and pools (training/cluster.py). None reads the ConfigMap microfed-cluster
+    that infra/ creates in the KFP namespace (the step's own); with a `backend` given (a stand-in with no API server
+    behind it), None means infra/'s Standard defaults."""
 
 
 def train_step(
@@ -352,20 +358,17 @@ def _job_usage(
 def _run_on_cluster(
     cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path
 ) -> None:
-    from microfed.training.capacity import check_pool_capacity, pool_limits
-    from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
+    from microfed.training.pytorchjob import JobConfig, Placement, build_pytorchjob, job_name
     from microfed.training.pytorchjob_launch import TrainingClientBackend, WatchPolicy, run_pytorchjob
 
-    # "max node group size reached" is permanent when the job needs more nodes than the pool may ever have
-    limits = pool_limits(plan.accelerator, max_nodes=cluster.pool_max_nodes or None)
-    nodes = check_pool_capacity(plan, world_size, limits, log=_log)
-    if nodes is not None:
-        _log(f"capacity: {world_size} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool}")
+    namespace = cluster.namespace or _own_namespace()
+    info = _cluster_info(cluster)
+    _check_capacity(plan, world_size, cluster, info)
     worker = _replica_config(cfg, plan)
     job = build_pytorchjob(
         JobConfig(
             name=job_name(cluster.run_id, cluster.task),
-            namespace=cluster.namespace or _own_namespace(),
+            namespace=namespace,
             image=cluster.image,
             workers=world_size,
             worker_args=config_to_argv(worker),
@@ -375,6 +378,7 @@ def _run_on_cluster(
             # the logs, then deletes the job) come first
             active_deadline_seconds=int(cluster.timeout_seconds) + _DEADLINE_MARGIN_SECONDS,
             labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
+            placement=Placement(mode=info.mode, spot=info.training_spot),
         )
     )
     backend = cluster.backend or TrainingClientBackend(namespace=str(job.metadata.namespace))
@@ -396,6 +400,44 @@ def _run_on_cluster(
 
 
 _DEADLINE_MARGIN_SECONDS = 600
+
+
+def _cluster_info(cluster: ClusterOptions) -> ClusterInfo:
+    """The cluster's description, read once per job: the caller's, else the ConfigMap infra/ wrote in the KFP
+    namespace, which is this step's own (a job may go to another namespace; the ConfigMap stays there). A backend
+    given without one is a stand-in with no API server to ask: infra/'s Standard defaults."""
+    from microfed.training.cluster import ClusterInfo, read_cluster_info
+
+    if cluster.cluster_info is not None:
+        return cluster.cluster_info
+    if cluster.backend is not None:
+        return ClusterInfo.infra_defaults(source="infra/'s defaults (a backend was given without cluster_info)")
+    return read_cluster_info(_own_namespace(), log=_log)
+
+
+def _check_capacity(plan: ResourcePlan, world_size: int, cluster: ClusterOptions, info: ClusterInfo) -> None:
+    """Refuse, before the job exists, a job the cluster can never run."""
+    from microfed.training.capacity import check_autopilot_pod, check_gpu_type, check_pool_capacity, pool_limits_of
+
+    if info.mode == "autopilot":
+        check_gpu_type(info, plan.accelerator)
+        # no pools to outgrow; a replica larger than any Autopilot pod of its class is refused outright
+        limit = check_autopilot_pod(plan, log=_log)
+        spot = "Spot " if info.training_spot else ""
+        _log(
+            f"capacity: Autopilot, {world_size} {spot}pods of the {limit.compute_class} class (at most "
+            f"{limit.max_cpu:g} cores and {limit.max_memory_bytes / 2**30:g} GiB each); nodes come as pods need "
+            "them, within the project's quota"
+        )
+        return
+    # "max node group size reached" is permanent when the job needs more nodes than the pool may ever have
+    limits = pool_limits_of(info, plan.accelerator, max_nodes=cluster.pool_max_nodes or None)
+    nodes = check_pool_capacity(plan, world_size, limits, log=_log)
+    if nodes is not None:
+        _log(
+            f"capacity: {world_size} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool} "
+            f"({info.source})"
+        )
 
 
 def _replica_config(cfg: WorkerConfig, plan: ResourcePlan) -> WorkerConfig:

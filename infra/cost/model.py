@@ -14,24 +14,35 @@ infra/modules/microfed/ with its variables: the model follows that call (the mod
 variables set to what infra/ passes). KFP's volumes are the PersistentVolumeClaims of the vendored manifests under
 the module's manifests/ (or, without them, the claims recorded in prices.json).
 
-Two quantities, for `mode = "standard"` (GKE Standard, the default):
+For `mode = "standard"` (GKE Standard, the default):
 - the monthly cost (730 h) of the idle cluster: every pool at its minimum size (the system pool; the training pools
   scale to zero), their boot disks, KFP's volumes, Cloud NAT, and the cluster fee after the free tier;
 - the cost of one node-hour of each pool while it trains: machine (Spot when the pool is Spot) + GPU + boot disk
   + that node's share of Cloud NAT.
 
-Autopilot bills pods, not nodes: `autopilot_idle_monthly_cost` is the extension point (see its docstring).
+For `mode = "autopilot"`, which bills pods, not nodes (and declares no pools: nothing here reads them):
+- the idle month: the KFP and Training Operator pods of the vendored manifests with the explicit requests of
+  infra/modules/microfed/requests.json (read as infra/cost/sizing.py reads them), each billed at its requests after
+  Autopilot's rules (infra/cost/autopilot.py; kube-system is not billed), their ephemeral storage, KFP's volumes,
+  Cloud NAT for the nodes Autopilot chooses (an estimated count), and the cluster fee after the free tier;
+- one pod-hour per training replica kind, the pod the size of the node its Standard pool would use (read from the
+  training variables, not the pools): general-purpose Spot or on-demand pods for CPU, the Accelerator compute class
+  (billed per node, its Autopilot premium unknown: a lower bound) for GPUs.
+
+The READMEs show both modes: the defaults, and the same configuration with the other `mode`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = [
@@ -42,21 +53,31 @@ __all__ = [
     "README_END",
     "SUMMARY_BEGIN",
     "SUMMARY_END",
+    "AutopilotPod",
+    "AutopilotRules",
     "Cluster",
+    "ContainerRequests",
     "IdleCost",
     "Line",
     "ModelError",
     "NodeHour",
     "NodePool",
+    "PodHour",
     "PodRequests",
     "TerraformConfig",
+    "TrainingShape",
     "Volume",
     "autopilot_idle_monthly_cost",
+    "autopilot_pods",
+    "autopilot_rules",
+    "autopilot_training_hour_costs",
+    "billed_requests",
     "evaluate",
     "idle_monthly_cost",
     "load_prices",
     "load_terraform",
     "main",
+    "other_mode",
     "pvc_claims",
     "read_cluster",
     "readme_updates",
@@ -599,6 +620,19 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class TrainingShape:
+    """What one PyTorchJob replica runs on, read from the variables the pools are made of (not from the pools, which
+    Autopilot has none of): on Standard a node of `machine_type` with its GPUs; on Autopilot a pod that size."""
+
+    name: str  # the pool's name (training/cluster.json), which names the replica kind in the reports
+    machine_type: str
+    gpu_type: str | None
+    gpu_count: int
+    spot: bool
+    optional: bool = False  # a GPU type gpu_types could add
+
+
+@dataclass(frozen=True)
 class Cluster:
     mode: str  # "standard" or "autopilot"
     region: str
@@ -611,6 +645,8 @@ class Cluster:
     pools: tuple[NodePool, ...]
     volumes: tuple[Volume, ...]
     volumes_source: str
+    module_dir: Path = INFRA_DIR  # the module's directory: its manifests/ and requests.json (what Autopilot bills)
+    training: tuple[TrainingShape, ...] = ()
 
 
 def _blocks(body: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
@@ -774,6 +810,30 @@ def _volumes(cfg: TerraformConfig, prices: Mapping[str, Any]) -> tuple[tuple[Vol
     return tuple(volumes), source
 
 
+def _training_shapes(cfg: TerraformConfig) -> tuple[TrainingShape, ...]:
+    """The replica shapes the training variables describe: the CPU machine type, then one per GPU type of
+    local.gpu_machine_types (those in var.gpu_types first, the others optional), Spot per var.training_spot."""
+
+    def ev(expression: str) -> Any:
+        try:
+            return evaluate(expression, cfg)
+        except ModelError as e:
+            raise ModelError(f"the training replicas' shape needs {expression} ({e})") from e
+
+    spot = bool(ev("${var.training_spot}"))
+    contract = ev("${local.contract}")
+    shapes = [TrainingShape(str(contract["cpu_pool"]), str(ev("${var.cpu_machine_type}")), None, 0, spot)]
+    selected = [str(g) for g in ev("${var.gpu_types}")]
+    machines: Mapping[str, Any] = ev("${local.gpu_machine_types}")
+    per_node = int(ev("${local.gpus_per_node}"))
+    for gpu in sorted(machines, key=lambda g: (g not in selected, g)):
+        name = contract["gpu_pools"].get(gpu)
+        if name is None:
+            raise ModelError(f"training/cluster.json names no pool for GPU type {gpu}")
+        shapes.append(TrainingShape(str(name), str(machines[gpu]), gpu, per_node, spot, optional=gpu not in selected))
+    return tuple(shapes)
+
+
 def read_cluster(
     infra_dir: Path = INFRA_DIR,
     overrides: Mapping[str, Any] | None = None,
@@ -825,6 +885,8 @@ def read_cluster(
         pools=tuple(pools + optional),
         volumes=volumes,
         volumes_source=volumes_source,
+        module_dir=cfg.directory,
+        training=_training_shapes(cfg),
     )
 
 
@@ -934,9 +996,10 @@ def _gb(x: float) -> str:
 
 
 def idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
-    """The month (730 h) of a cluster with no run in progress: GKE Standard nodes and disks, volumes, NAT, fee."""
-    if cluster.mode != "standard":
-        raise ModelError("idle_monthly_cost prices GKE Standard; for Autopilot use autopilot_idle_monthly_cost")
+    """The month (730 h) of a cluster with no run in progress. GKE Standard: the always-on pools' nodes and disks,
+    KFP's volumes, Cloud NAT, the fee after the free tier. Autopilot: see `autopilot_idle_monthly_cost`."""
+    if cluster.mode == "autopilot":
+        return autopilot_idle_monthly_cost(cluster, prices)
     hours = HOURS_PER_MONTH
     lines: list[Line] = []
     idle_pools = [p for p in cluster.pools if p.idle_nodes and not p.optional]
@@ -962,39 +1025,8 @@ def idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
                 pool.idle_nodes * pool.disk_size_gb * per_gb,
             )
         )
-    by_type: dict[str, list[Volume]] = {}
-    for volume in cluster.volumes:
-        by_type.setdefault(volume.disk_type, []).append(volume)
-    for disk_type, volumes in sorted(by_type.items()):
-        per_gb = _disk_month(disk_type, prices)
-        size = sum(v.size_gib for v in volumes)
-        names = " + ".join(f"{v.name} {_gb(v.size_gib)} GiB" for v in volumes)
-        lines.append(
-            Line(f"KFP volumes ({names}), {disk_type}", f"{_gb(size)} GB", f"{_rate(per_gb)}/GB-month", size * per_gb)
-        )
-    nat = prices["nat"]
-    if cluster.nat_gateways:
-        nat_vms = idle_vms if cluster.private_nodes else 0
-        ips = int(_value_of(nat["auto_ips"])) if nat_vms else 0
-        gateway = _nat_hour(nat_vms, prices) * hours
-        ip_cost = ips * _value_of(nat["per_ip_hour"]) * hours
-        lines.append(
-            Line(
-                f"Cloud NAT: gateway for {_plural(nat_vms, 'VM')}, {_plural(ips, 'NAT IP')}",
-                f"{hours} hours",
-                f"{_rate(_value_of(nat['per_vm_hour']))}/VM-hour + {_rate(_value_of(nat['per_ip_hour']))}/IP-hour",
-                gateway + ip_cost,
-            )
-        )
-        gib = _value_of(nat["idle_gib_per_month"])
-        lines.append(
-            Line(
-                "Cloud NAT data processing (idle traffic assumed)",
-                f"{_gb(gib)} GiB",
-                f"{_rate(_value_of(nat['per_gib_processed']))}/GiB",
-                gib * _value_of(nat["per_gib_processed"]),
-            )
-        )
+    lines += _volume_lines(cluster, prices)
+    lines += _nat_lines(cluster, idle_vms, prices)
     if not cluster.private_nodes:
         per_ip = _value_of(prices["external_ip_per_hour"])
         lines.append(
@@ -1005,10 +1037,60 @@ def idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
                 idle_vms * hours * per_ip,
             )
         )
+    lines += _fee_lines("regional" if cluster.regional else "zonal", prices)
+    return IdleCost(lines=tuple(lines), total=sum(line.monthly for line in lines))
+
+
+def _volume_lines(cluster: Cluster, prices: Mapping[str, Any]) -> list[Line]:
+    """KFP's PersistentVolumeClaims, one line per disk type (billed as Compute Engine disks in both modes)."""
+    by_type: dict[str, list[Volume]] = {}
+    for volume in cluster.volumes:
+        by_type.setdefault(volume.disk_type, []).append(volume)
+    lines = []
+    for disk_type, volumes in sorted(by_type.items()):
+        per_gb = _disk_month(disk_type, prices)
+        size = sum(v.size_gib for v in volumes)
+        names = " + ".join(f"{v.name} {_gb(v.size_gib)} GiB" for v in volumes)
+        lines.append(
+            Line(f"KFP volumes ({names}), {disk_type}", f"{_gb(size)} GB", f"{_rate(per_gb)}/GB-month", size * per_gb)
+        )
+    return lines
+
+
+def _nat_lines(cluster: Cluster, vms: int, prices: Mapping[str, Any], whose: str = "") -> list[Line]:
+    """Cloud NAT for `vms` VMs behind it (none unless the nodes are private), its IPs and its idle traffic."""
+    if not cluster.nat_gateways:
+        return []
+    hours = HOURS_PER_MONTH
+    nat = prices["nat"]
+    nat_vms = vms if cluster.private_nodes else 0
+    ips = int(_value_of(nat["auto_ips"])) if nat_vms else 0
+    gateway = _nat_hour(nat_vms, prices) * hours
+    ip_cost = ips * _value_of(nat["per_ip_hour"]) * hours
+    gib = _value_of(nat["idle_gib_per_month"])
+    return [
+        Line(
+            f"Cloud NAT: gateway for {_plural(nat_vms, 'VM')}{whose}, {_plural(ips, 'NAT IP')}",
+            f"{hours} hours",
+            f"{_rate(_value_of(nat['per_vm_hour']))}/VM-hour + {_rate(_value_of(nat['per_ip_hour']))}/IP-hour",
+            gateway + ip_cost,
+        ),
+        Line(
+            "Cloud NAT data processing (idle traffic assumed)",
+            f"{_gb(gib)} GiB",
+            f"{_rate(_value_of(nat['per_gib_processed']))}/GiB",
+            gib * _value_of(nat["per_gib_processed"]),
+        ),
+    ]
+
+
+def _fee_lines(kind: str, prices: Mapping[str, Any]) -> list[Line]:
+    """The cluster management fee of a `kind` ("zonal", "regional" or "autopilot") cluster, and the free tier."""
+    hours = HOURS_PER_MONTH
     fee_hour = _value_of(prices["gke"]["cluster_fee_per_hour"])
     fee = fee_hour * hours
-    kind = "regional" if cluster.regional else "zonal"
-    lines.append(Line(f"GKE cluster management fee ({kind} cluster)", f"{hours} hours", f"{_rate(fee_hour)}/hour", fee))
+    what = "Autopilot cluster" if kind == "autopilot" else f"{kind} cluster"
+    lines = [Line(f"GKE cluster management fee ({what})", f"{hours} hours", f"{_rate(fee_hour)}/hour", fee)]
     if kind in prices["gke"]["free_tier_applies_to"]:
         credit = min(fee, _value_of(prices["gke"]["free_tier_credit_per_month"]))
         lines.append(
@@ -1019,7 +1101,7 @@ def idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
                 -credit,
             )
         )
-    return IdleCost(lines=tuple(lines), total=sum(line.monthly for line in lines))
+    return lines
 
 
 def training_hour_costs(cluster: Cluster, prices: Mapping[str, Any]) -> list[NodeHour]:
@@ -1059,66 +1141,233 @@ def training_hour_costs(cluster: Cluster, prices: Mapping[str, Any]) -> list[Nod
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Autopilot: pods, not nodes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sibling(name: str) -> ModuleType:
+    """infra/cost/<name>.py, imported once under the name the tests give it (microfed_infra_cost_<name>)."""
+    module_name = f"microfed_infra_cost_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).with_name(f"{name}.py"))
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot load infra/cost/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_autopilot = _sibling("autopilot")
+AutopilotRules = _autopilot.AutopilotRules
+ContainerRequests = _autopilot.ContainerRequests
+PodRequests = _autopilot.PodRequests
+billed_requests = _autopilot.billed_requests
+
+_GIB = 1024**3
+
+
 @dataclass(frozen=True)
-class PodRequests:
-    """The summed requests of the pods that run while nothing trains (KFP, the Training Operator, kube-system)."""
+class AutopilotPod:
+    """One always-on workload of the vendored manifests as Autopilot bills it."""
 
-    vcpu: float
-    memory_gib: float
-    ephemeral_gib: float = 0.0
+    name: str  # <kustomization>: <Kind> <namespace>/<name>
+    replicas: int
+    requested: Any  # PodRequests: the app containers' requests (requests.json applied), summed
+    billed: Any  # PodRequests: per replica, after Autopilot's rules
 
 
-def autopilot_idle_monthly_cost(requests: PodRequests, cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
-    """The extension point for `mode = "autopilot"`: Autopilot bills the requests of running pods, not nodes.
+def autopilot_rules(prices: Mapping[str, Any]) -> Any:
+    """Autopilot's request rules from prices.json (autopilot.rules), as infra/cost/autopilot.py applies them."""
+    try:
+        return AutopilotRules.from_prices(prices)
+    except (KeyError, ValueError) as e:
+        raise ModelError(str(e)) from e
 
-    What it needs, and what is not here yet:
-    - `requests`: the sum of the always-on pods' requests (vCPU, memory, ephemeral storage), summed from the
-      vendored manifests (infra/modules/microfed/manifests/) once every KFP and Training Operator container has
-      explicit requests;
-      Autopilot bills a pod without requests at its defaults (0.5 vCPU / 2 GiB) and rounds requests up to its
-      increments and its CPU:memory ratio, so the sum must be taken after those rules. System pods in kube-system
-      are not billed on Autopilot.
-    - `prices["autopilot"]`: europe-west4 prices per vCPU-hour, per GiB-hour of memory and of ephemeral storage
-      for general-purpose Autopilot pods (https://cloud.google.com/kubernetes-engine/pricing, Autopilot section).
-    Priced here as well: KFP's volumes (`cluster.volumes`, as on Standard) and the cluster fee (the free-tier credit
-    covers one Autopilot cluster). Not yet: Cloud NAT, which bills per node and Autopilot chooses the nodes (a
-    `nat_vms` estimate would be needed). Training pods (Spot/GPU compute classes) would be priced per pod-hour from
-    their own requests instead of per node-hour (a `training_pod_hour_costs` beside `training_hour_costs`).
-    """
+
+def autopilot_pods(module_dir: Path, prices: Mapping[str, Any]) -> list[AutopilotPod]:
+    """The KFP and Training Operator workloads of module_dir/manifests with module_dir/requests.json applied (as
+    infra/cost/sizing.py reads them), billed per Autopilot's rules. kube-system is not billed on Autopilot."""
+    sizing = _sibling("sizing")
+    requests_file = module_dir / "requests.json"
+    try:
+        workloads = sizing.vendored_workloads(module_dir / "manifests")
+        patched = sizing.patched_workloads(workloads, sizing.load_explicit_requests(requests_file), requests_file)
+    except sizing.SizingError as e:
+        raise ModelError(str(e)) from e
+    rules = autopilot_rules(prices)
+    pods = []
+    for w in patched:
+        if w.kind == "DaemonSet":
+            raise ModelError(
+                f"{w.source}: DaemonSet {w.name}: Autopilot bills a DaemonSet pod on every node, and the nodes are "
+                "Autopilot's choice: teach the cost model how many (prices.json autopilot.idle_nodes)"
+            )
+        if w.init_containers:
+            raise ModelError(f"{w.source}: {w.kind} {w.name} has init containers: the Autopilot rules here take none")
+        containers = [ContainerRequests(c.cpu, None if c.memory is None else c.memory / _GIB) for c in w.containers]
+        requested = PodRequests(
+            sum(c.cpu or 0.0 for c in w.containers), sum(c.memory or 0 for c in w.containers) / _GIB
+        )
+        pods.append(
+            AutopilotPod(
+                name=f"{w.source}: {w.kind} {w.namespace}/{w.name}",
+                replicas=w.replicas,
+                requested=requested,
+                billed=billed_requests(containers, rules),
+            )
+        )
+    return pods
+
+
+def _autopilot_prices(prices: Mapping[str, Any]) -> Mapping[str, Any]:
     autopilot = prices.get("autopilot")
     if not autopilot:
         raise ModelError(
             "prices.json has no 'autopilot' section (per vCPU-hour, GiB-hour of memory and of ephemeral storage "
-            'for general-purpose pods in the region): add it, with its source, to price mode = "autopilot"'
+            "for general-purpose pods in the region, and the rules): add it, with its sources, to price "
+            'mode = "autopilot"'
         )
+    section: Mapping[str, Any] = autopilot
+    return section
+
+
+def _pod_hour(requests: Any, spot: bool, prices: Mapping[str, Any]) -> tuple[float, float]:
+    """(vCPU + memory, ephemeral storage) of one pod-hour of `requests` (PodRequests) at general-purpose prices."""
+    ap = _autopilot_prices(prices)
+    gp = ap["general_purpose"]
+    vcpu = _value_of(gp["spot_vcpu_hour" if spot else "vcpu_hour"])
+    memory = _value_of(gp["spot_memory_gib_hour" if spot else "memory_gib_hour"])
+    return requests.vcpu * vcpu + requests.memory_gib * memory, requests.ephemeral_gib * _value_of(
+        ap["ephemeral_gib_hour"]
+    )
+
+
+def autopilot_idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
+    """The month (730 h) of an Autopilot cluster with no run in progress. Autopilot bills the requests of running pods
+    after its rules (infra/cost/autopilot.py), not nodes, and not kube-system's pods: the always-on pods of KFP and the
+    Training Operator (manifests + requests.json, replicas counted; the training pods scale to zero with nothing
+    left), their ephemeral storage, KFP's volumes, Cloud NAT for the nodes Autopilot runs them on (how many is its
+    choice: prices.json autopilot.idle_nodes, an estimate), and the cluster fee after the free tier (which covers one
+    Autopilot cluster)."""
+    ap = _autopilot_prices(prices)
     hours = HOURS_PER_MONTH
+    pods = autopilot_pods(cluster.module_dir, prices)
+    total = PodRequests(0.0, 0.0, 0.0)
+    for pod in pods:
+        total = total + pod.billed.times(pod.replicas)
+    count = sum(p.replicas for p in pods)
+    gp = ap["general_purpose"]
+    rate_vcpu, rate_memory = _value_of(gp["vcpu_hour"]), _value_of(gp["memory_gib_hour"])
+    rate_ephemeral = _value_of(ap["ephemeral_gib_hour"])
     lines = [
         Line(
-            "Always-on pods' requests (Autopilot general-purpose)",
-            f"{requests.vcpu:g} vCPU, {requests.memory_gib:g} GiB, {requests.ephemeral_gib:g} GiB ephemeral",
-            "per prices.json autopilot",
-            hours
-            * (
-                requests.vcpu * _value_of(autopilot["vcpu_hour"])
-                + requests.memory_gib * _value_of(autopilot["memory_gib_hour"])
-                + requests.ephemeral_gib * _value_of(autopilot["ephemeral_gib_hour"])
-            ),
-        )
+            f"Pods' CPU: {count} pods of KFP and the Training Operator, as billed",
+            f"{total.vcpu:.3f} vCPU",
+            f"{_rate(rate_vcpu)}/vCPU-hour",
+            total.vcpu * rate_vcpu * hours,
+        ),
+        Line(
+            "Pods' memory, as billed",
+            f"{total.memory_gib:.2f} GiB",
+            f"{_rate(rate_memory)}/GiB-hour",
+            total.memory_gib * rate_memory * hours,
+        ),
+        Line(
+            "Pods' ephemeral storage (Autopilot's default per container)",
+            f"{_gb(total.ephemeral_gib)} GiB",
+            f"${rate_ephemeral:.7f}/GiB-hour",
+            total.ephemeral_gib * rate_ephemeral * hours,
+        ),
     ]
-    for volume in cluster.volumes:
-        per_gb = _disk_month(volume.disk_type, prices)
-        lines.append(
-            Line(
-                f"KFP volume {volume.name}",
-                f"{_gb(volume.size_gib)} GB",
-                f"{_rate(per_gb)}/GB-month",
-                volume.size_gib * per_gb,
+    lines += _volume_lines(cluster, prices)
+    nodes = int(_value_of(ap["idle_nodes"]))
+    lines += _nat_lines(cluster, nodes, prices, " (Autopilot's nodes, estimated)")
+    lines += _fee_lines("autopilot", prices)
+    return IdleCost(lines=tuple(lines), total=sum(line.monthly for line in lines))
+
+
+@dataclass(frozen=True)
+class PodHour:
+    """One hour of a training replica as an Autopilot pod the size of a Standard pool's node."""
+
+    replica: str  # the pool it stands for
+    shape: str
+    billed_as: str  # "Spot" or "on demand"
+    compute: float  # vCPU + memory (general-purpose), or the node's machine (Accelerator class)
+    gpu: float | None  # None: in the machine's price, or no GPU (0.0)
+    ephemeral: float
+    network: float  # the node's Cloud NAT share (one node per replica assumed)
+    total: float
+    on_demand_total: float
+    lower_bound: bool = False  # a GPU pod whose Autopilot premium is unknown
+    optional: bool = False
+
+
+def autopilot_training_hour_costs(cluster: Cluster, prices: Mapping[str, Any]) -> list[PodHour]:
+    """One pod-hour per training replica kind on Autopilot, each the size of the node its Standard pool would use
+    (cluster.training, read from the variables): a CPU replica is a general-purpose pod with the machine type's vCPUs
+    and memory (prices.json machines), Spot Pods when training_spot is; a GPU replica runs in the Accelerator compute
+    class, billed per node: the Compute Engine price of machine and GPU plus Autopilot premiums that no stored source
+    gives (prices.json autopilot.accelerator_premium), hence a lower bound unless they are known."""
+    ap = _autopilot_prices(prices)
+    rules = autopilot_rules(prices)
+    network = _value_of(prices["nat"]["per_vm_hour"]) if cluster.private_nodes and cluster.nat_gateways else 0.0
+    premium = ap["accelerator_premium"]
+    out = []
+    for shape in cluster.training:
+        machine = prices["machines"].get(shape.machine_type)
+        if machine is None:
+            raise ModelError(f"prices.json has no price or size for machine type {shape.machine_type}")
+        billed_as = "Spot" if shape.spot else "on demand"
+        if shape.gpu_type is None:
+            requested = ContainerRequests(float(machine["vcpus"]), float(machine["memory_gb"]))
+            pod = billed_requests([requested], rules)
+            compute, ephemeral = _pod_hour(pod, shape.spot, prices)
+            on_demand = sum(_pod_hour(pod, False, prices))
+            what = f"{pod.vcpu:g} vCPU, {pod.memory_gib:g} GiB ({shape.machine_type}'s)"
+            out.append(
+                PodHour(
+                    shape.name,
+                    what,
+                    billed_as,
+                    compute,
+                    0.0,
+                    ephemeral,
+                    network,
+                    compute + ephemeral + network,
+                    on_demand + network,
+                    optional=shape.optional,
+                )
+            )
+            continue
+        pool = NodePool(shape.name, shape.machine_type, "", 0.0, shape.spot, shape.gpu_type, shape.gpu_count, 0)
+        extra = (
+            float(machine["vcpus"]) * float(premium["vcpu_hour"])
+            + float(machine["memory_gb"]) * float(premium["memory_gib_hour"])
+            + shape.gpu_count * float(premium["gpu_hour"])
+        )
+        node = _machine_price(shape.machine_type, shape.spot, prices) + extra
+        gpu = _gpu_price(pool, shape.spot, prices)
+        on_demand = _machine_price(shape.machine_type, False, prices) + extra + (_gpu_price(pool, False, prices) or 0.0)
+        out.append(
+            PodHour(
+                shape.name,
+                f"{shape.machine_type} + {shape.gpu_count} x {shape.gpu_type} node (Accelerator class)",
+                billed_as,
+                node,
+                gpu,
+                0.0,
+                network,
+                node + (gpu or 0.0) + network,
+                on_demand + network,
+                lower_bound=not premium.get("known", False),
+                optional=shape.optional,
             )
         )
-    fee = _value_of(prices["gke"]["cluster_fee_per_hour"]) * hours
-    credit = min(fee, _value_of(prices["gke"]["free_tier_credit_per_month"]))
-    lines.append(Line("GKE cluster fee (Autopilot)", f"{hours} hours", "", fee - credit))
-    return IdleCost(lines=tuple(lines), total=sum(line.monthly for line in lines))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1138,15 +1387,10 @@ def _estimates(prices: Mapping[str, Any]) -> Iterator[str]:
     yield from walk(prices, "")
 
 
-def render_markdown(cluster: Cluster, prices: Mapping[str, Any], variants: Mapping[str, float] | None = None) -> str:
-    """The generated part of infra/README.md's Cost section."""
+def _standard_markdown(cluster: Cluster, prices: Mapping[str, Any], variants: Mapping[str, float] | None) -> list[str]:
     idle = idle_monthly_cost(cluster, prices)
     hours = training_hour_costs(cluster, prices)
-    zonal = "regional" if cluster.regional else "zonal"
     out = [
-        f"Mode `{cluster.mode}`, {zonal} cluster in `{cluster.location}`, list prices in {prices['currency']} from "
-        f"[`cost/prices.json`](cost/prices.json) (read {prices['read_on']}; every figure there names its source).",
-        "",
         f"**Idle: {_money(idle.total)} per month** ({HOURS_PER_MONTH} hours) with no run in progress:",
         "",
         "| Item | Quantity | Unit price | Per month |",
@@ -1175,30 +1419,157 @@ def render_markdown(cluster: Cluster, prices: Mapping[str, Any], variants: Mappi
     ]
     if variants:
         out += [""] + [f"- With {name}: {_money(total)} per month idle." for name, total in variants.items()]
+    return out
+
+
+def _bound(x: float, lower_bound: bool) -> str:
+    return ("≥ " if lower_bound else "") + _rate(x)
+
+
+def _autopilot_markdown(cluster: Cluster, prices: Mapping[str, Any]) -> list[str]:
+    idle = autopilot_idle_monthly_cost(cluster, prices)
+    pods = autopilot_pods(cluster.module_dir, prices)
+    hours = autopilot_training_hour_costs(cluster, prices)
+    rules = autopilot_rules(prices)
+    out = [
+        f"**Idle: {_money(idle.total)} per month** ({HOURS_PER_MONTH} hours) with no run in progress. Autopilot bills "
+        "the requests of running pods, not nodes, and not GKE's own pods; the training pods are gone between runs:",
+        "",
+        "| Item | Quantity | Unit price | Per month |",
+        "| --- | --- | --- | ---: |",
+    ]
+    out += [f"| {ln.item} | {ln.quantity} | {ln.unit_price} | {_money(ln.monthly)} |" for ln in idle.lines]
+    out += [f"| **Idle total** | | | **{_money(idle.total)}** |", ""]
+    out += [
+        "The pods, requests as the manifests and [`modules/microfed/requests.json`](modules/microfed/requests.json) "
+        f"set them, and as Autopilot bills them: at least {rules.min_vcpu * 1000:g}m CPU and "
+        f"{rules.min_memory_gib * 1024:g} MiB a pod, {rules.min_gib_per_vcpu:g} to {rules.max_gib_per_vcpu:g} GiB of "
+        "memory per vCPU (the smaller raised), "
+        f"{rules.default_ephemeral_gib:g} GiB of ephemeral storage per container that asks for none:",
+        "",
+        "| Pod | Replicas | Requests | Billed per replica |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for pod in pods:
+        out.append(
+            f"| {pod.name} | {pod.replicas} | {pod.requested.vcpu * 1000:.0f}m, "
+            f"{pod.requested.memory_gib * 1024:.0f} MiB | {pod.billed.vcpu * 1000:.0f}m, "
+            f"{pod.billed.memory_gib * 1024:.0f} MiB, "
+            f"{_gb(pod.billed.ephemeral_gib)} GiB ephemeral |"
+        )
+    out += [
+        "",
+        "**Training: per pod-hour**, one pod per PyTorchJob replica, priced the size of the node the Standard pool "
+        "would give it (the machine type's vCPUs and memory, a general-purpose pod, Spot Pods when "
+        "`training_spot = true`; a GPU replica in the Accelerator compute class, which bills the node it gets):",
+        "",
+        "| Replica (Standard pool) | Pod priced | Billed as | CPU + memory or node | GPU | Ephemeral | Network "
+        "| **Pod-hour** | On demand |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for h in hours:
+        gpu = "incl." if h.gpu is None else ("-" if not h.gpu else _rate(h.gpu))
+        replica = f"`{h.replica}`" + (" (optional)" if h.optional else "")
+        out.append(
+            f"| {replica} | {h.shape} | {h.billed_as} | {_rate(h.compute)} | {gpu} | {_rate(h.ephemeral)} | "
+            f"{_rate(h.network)} | **{_bound(h.total, h.lower_bound)}** | {_bound(h.on_demand_total, h.lower_bound)} |"
+        )
+    out += [
+        "",
+        "Network: the Cloud NAT share of the node Autopilot starts for the pod (one node per replica assumed). "
+        "≥: a lower bound, the node's Compute Engine price without the Accelerator class's Autopilot premium, for "
+        "which no figure was found (see the estimates below).",
+    ]
+    return out
+
+
+def other_mode(
+    infra_dir: Path,
+    cluster: Cluster,
+    prices: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    var_files: Sequence[Path] = (),
+) -> Cluster | None:
+    """The same configuration (`overrides`, `var_files`) in the other mode, when infra/ has the `mode` variable."""
+    if "mode" not in load_terraform(infra_dir).variables:
+        return None
+    other = "autopilot" if cluster.mode == "standard" else "standard"
+    return read_cluster(infra_dir, {**(overrides or {}), "mode": other}, var_files, prices)
+
+
+def render_markdown(
+    cluster: Cluster,
+    prices: Mapping[str, Any],
+    variants: Mapping[str, float] | None = None,
+    other: Cluster | None = None,
+) -> str:
+    """The generated part of infra/README.md's Cost section: `cluster`'s mode, and `other` (the other mode) when
+    given, each under its own heading."""
+    clusters = sorted([c for c in (cluster, other) if c is not None], key=lambda c: c.mode != "standard")
+    out = [
+        f"List prices in {prices['currency']} from [`cost/prices.json`](cost/prices.json) (read {prices['read_on']}; "
+        "every figure there names its source or says it is an estimate).",
+    ]
+    for c in clusters:
+        where = "regional" if c.regional else "zonal"
+        default = " (the default)" if c is cluster else ""
+        out += ["", f'#### `mode = "{c.mode}"`{default}: {where} cluster in `{c.location}`', ""]
+        if c.mode == "standard":
+            out += _standard_markdown(c, prices, variants if c is cluster else None)
+        else:
+            out += _autopilot_markdown(c, prices)
     out += ["", f"KFP's volumes: {cluster.volumes_source}.", "", "Estimates (not list prices read from a source):", ""]
     out += [f"- {line}" for line in _estimates(prices)]
     return "\n".join(out)
 
 
-def render_summary(cluster: Cluster, prices: Mapping[str, Any]) -> str:
-    """One sentence for the top-level README."""
+def _summary(cluster: Cluster, prices: Mapping[str, Any], default: bool) -> str:
     idle = idle_monthly_cost(cluster, prices)
-    hours = [h for h in training_hour_costs(cluster, prices) if not h.optional]
-    parts = ", ".join(f"{_money(h.total)} per `{h.pool}` node-hour ({h.billed_as})" for h in hours)
     where = "regional" if cluster.regional else "zonal"
-    return f"about {_money(idle.total)} a month idle (defaults: {where}, {cluster.region}), plus {parts} while training"
+    if cluster.mode == "standard":
+        hours = [h for h in training_hour_costs(cluster, prices) if not h.optional]
+        parts = [f"{_money(h.total)} per `{h.pool}` node-hour ({h.billed_as})" for h in hours]
+    else:
+        pods = [h for h in autopilot_training_hour_costs(cluster, prices) if not h.optional]
+        parts = [
+            ("at least " if h.lower_bound else "") + f"{_money(h.total)} per `{h.replica}` pod-hour ({h.billed_as})"
+            for h in pods
+        ]
+    head = f'`mode = "{cluster.mode}"`' + (" (the default)" if default else "")
+    return f"{head}: about {_money(idle.total)} a month idle ({where}, {cluster.region}), plus {', '.join(parts)}"
+
+
+def render_summary(cluster: Cluster, prices: Mapping[str, Any], other: Cluster | None = None) -> str:
+    """One sentence for the top-level README: `cluster`'s mode (the default), then `other`'s, training included."""
+    text = _summary(cluster, prices, default=True) + " while training"
+    if other is not None:
+        text += "; " + _summary(other, prices, default=False)
+    return text
 
 
 def render_text(cluster: Cluster, prices: Mapping[str, Any]) -> str:
     """A plain-text table for the terminal."""
     idle = idle_monthly_cost(cluster, prices)
     width = max(len(ln.item) for ln in idle.lines)
-    rows = [f"Idle cluster, per month ({HOURS_PER_MONTH} h), {prices['currency']}:"]
+    rows = [f"Idle cluster ({cluster.mode}), per month ({HOURS_PER_MONTH} h), {prices['currency']}:"]
     rows += [f"  {ln.item:<{width}}  {ln.monthly:>9.2f}" for ln in idle.lines]
-    rows += [f"  {'TOTAL':<{width}}  {idle.total:>9.2f}", "", "Training, per node-hour:"]
-    for h in training_hour_costs(cluster, prices):
-        pool = h.pool + (" (optional)" if h.optional else "")
-        rows.append(f"  {pool:<24} {h.node:<38} {h.billed_as:<9} {h.total:>8.4f}  (on demand {h.on_demand_total:.4f})")
+    rows += [f"  {'TOTAL':<{width}}  {idle.total:>9.2f}", ""]
+    if cluster.mode == "standard":
+        rows.append("Training, per node-hour:")
+        for h in training_hour_costs(cluster, prices):
+            pool = h.pool + (" (optional)" if h.optional else "")
+            rows.append(
+                f"  {pool:<24} {h.node:<38} {h.billed_as:<9} {h.total:>8.4f}  (on demand {h.on_demand_total:.4f})"
+            )
+    else:
+        rows.append("Training, per pod-hour (>=: lower bound):")
+        for p in autopilot_training_hour_costs(cluster, prices):
+            replica = p.replica + (" (optional)" if p.optional else "")
+            bound = ">=" if p.lower_bound else "  "
+            rows.append(
+                f"  {replica:<24} {p.shape:<60} {p.billed_as:<9} {bound}{p.total:>8.4f}  "
+                f"(on demand {bound}{p.on_demand_total:.4f})"
+            )
     return "\n".join(rows)
 
 
@@ -1213,21 +1584,24 @@ def replace_block(text: str, begin: str, end: str, content: str) -> str:
 
 def readme_updates(infra_dir: Path, cluster: Cluster, prices: Mapping[str, Any]) -> dict[Path, str]:
     """The text each README should have: its generated blocks recomputed (infra/README.md, and the top-level
-    README.md's one-line summary when it has the markers)."""
+    README.md's one-line summary when it has the markers), for `cluster` (infra_dir's defaults) and the same
+    configuration in the other mode."""
     variants: dict[str, float] = {}
-    if not cluster.regional and "regional_cluster" in load_terraform(infra_dir).variables:
+    if (
+        cluster.mode == "standard"
+        and not cluster.regional
+        and "regional_cluster" in load_terraform(infra_dir).variables
+    ):
         regional = read_cluster(infra_dir, {"regional_cluster": True}, prices=prices)
         variants["`regional_cluster = true` (three zones, no free tier)"] = idle_monthly_cost(regional, prices).total
+    other = other_mode(infra_dir, cluster, prices)
     infra_readme = infra_dir / "README.md"
     top_readme = infra_dir.parent / "README.md"
-    out = {
-        infra_readme: replace_block(
-            infra_readme.read_text(), README_BEGIN, README_END, "\n" + render_markdown(cluster, prices, variants) + "\n"
-        )
-    }
+    block = "\n" + render_markdown(cluster, prices, variants, other) + "\n"
+    out = {infra_readme: replace_block(infra_readme.read_text(), README_BEGIN, README_END, block)}
     if top_readme.exists() and SUMMARY_BEGIN in top_readme.read_text():
         out[top_readme] = replace_block(
-            top_readme.read_text(), SUMMARY_BEGIN, SUMMARY_END, render_summary(cluster, prices)
+            top_readme.read_text(), SUMMARY_BEGIN, SUMMARY_END, render_summary(cluster, prices, other)
         )
     return out
 
@@ -1268,7 +1642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in stale:
                 path.write_text(updated[path])
             return 0
-        print(render_markdown(cluster, prices) if args.markdown else render_text(cluster, prices))
+        if args.markdown:
+            other = other_mode(args.infra, cluster, prices, overrides, args.var_file)
+            print(render_markdown(cluster, prices, other=other))
+        else:
+            print(render_text(cluster, prices))
     except ModelError as e:
         print(f"cost model: {e}", file=sys.stderr)
         return 2

@@ -10,13 +10,20 @@ What is summed, for one system node (`system_min_nodes = 1`, the idle cluster):
    containers (plus restartable "sidecar" init containers) and (b) the largest init container (plus the sidecars
    started before it); init containers run one at a time, so they count as a max, never a sum. A DaemonSet runs
    once per node: once here.
-2. An allowance for each container that sets no request (`ALLOWANCES`): the scheduler counts it as 0, but it
-   uses memory. The allowances are stated estimates, not measurements (see each one's basis).
+2. The explicit requests infra/ sets on the containers that declare none (infra/modules/microfed/requests.json,
+   applied by kustomize patches in both modes): what they add to (1). Autopilot bills a container without requests
+   at 0.5 vCPU / 2 GiB, and the scheduler counts it as 0 on Standard, so every such container must have an entry:
+   one without (a re-render that adds a container) raises `SizingError` naming it, and so does an entry that
+   matches no container or one whose container already declares both requests. Each entry's `basis` says on what
+   its figures rest.
 3. GKE's own kube-system pods on a Standard cluster configured as infra/modules/microfed/cluster.tf configures
    it (private nodes, Calico network policy, Workload Identity, system and workload logging, system monitoring):
    per node, `microfed.training.capacity.DAEMONSET_CPU` / `DAEMONSET_MEMORY` (the figure the capacity check of
    the training pools already uses; `GKE_DAEMONSETS` itemizes it and a test keeps the items under it), and once
    per cluster `GKE_CLUSTER_PODS`. Every figure names its source (`SOURCES`) or says it is an estimate.
+
+The same pods, with requests.json applied (`patched_workloads`), are what infra/cost/model.py prices for
+`mode = "autopilot"`.
 
 A machine type fits when sum x (1 + headroom) <= its allocatable (`microfed.training.capacity.gke_allocatable`,
 Google's published reservation formula; shared-core E2 types keep 1060 millicores instead, see
@@ -30,7 +37,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,19 +47,19 @@ import yaml
 from microfed.training.capacity import DAEMONSET_CPU, DAEMONSET_MEMORY, MACHINE_TYPES, gke_allocatable
 
 __all__ = [
-    "ALLOWANCES",
     "CPU_HEADROOM",
-    "DEFAULT_ALLOWANCE",
     "GKE_CLUSTER_PODS",
     "GKE_DAEMONSETS",
     "MANIFESTS_DIR",
     "MEMORY_HEADROOM",
+    "MODULE_DIR",
     "MIB",
     "PRICES_FILE",
+    "REQUESTS_FILE",
     "SHARED_CORE_ALLOCATABLE_CPU",
     "SOURCES",
-    "Allowance",
     "Container",
+    "ExplicitRequest",
     "Fit",
     "KubeSystemPod",
     "Resources",
@@ -62,11 +69,14 @@ __all__ = [
     "candidate_machine_types",
     "cheapest_fitting",
     "effective_pod_requests",
+    "container_key",
     "fit",
+    "load_explicit_requests",
     "main",
     "node_allocatable",
     "parse_cpu",
     "parse_memory",
+    "patched_workloads",
     "read_workloads",
     "render_text",
     "system_load",
@@ -74,13 +84,15 @@ __all__ = [
 ]
 
 MIB = 1024**2
-MANIFESTS_DIR = Path(__file__).resolve().parents[1] / "modules" / "microfed" / "manifests"
+MODULE_DIR = Path(__file__).resolve().parents[1] / "modules" / "microfed"
+MANIFESTS_DIR = MODULE_DIR / "manifests"
+REQUESTS_FILE = MODULE_DIR / "requests.json"
 PRICES_FILE = Path(__file__).resolve().with_name("prices.json")
 
 CPU_HEADROOM = 0.10
 """Spare CPU on top of the summed requests: requests are not use, and step pods of a run land on this pool too."""
 MEMORY_HEADROOM = 0.20
-"""Spare memory on top of the summed requests and allowances (memory, unlike CPU, cannot be throttled)."""
+"""Spare memory on top of the summed requests (memory, unlike CPU, cannot be throttled)."""
 
 _WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 
@@ -257,7 +269,7 @@ def vendored_workloads(manifests_dir: Path = MANIFESTS_DIR) -> list[Workload]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What the manifests do not say: allowances, GKE's kube-system
+# What the manifests do not say: GKE's kube-system, and the requests infra/ adds (requests.json)
 # ---------------------------------------------------------------------------------------------------------------
 
 SOURCES: dict[str, str] = {
@@ -400,35 +412,83 @@ GKE_CLUSTER_PODS: tuple[KubeSystemPod, ...] = (
 
 
 @dataclass(frozen=True)
-class Allowance:
-    """What a container without requests is assumed to use."""
+class ExplicitRequest:
+    """One entry of infra/modules/microfed/requests.json: the requests infra/ sets on a container that declares
+    none (a kustomize patch, in both modes), and on what the figures rest."""
 
-    cpu_m: int
-    memory_mib: int
+    key: str
+    """`<kustomization>/<Kind>/<name>/<container>`, the kustomization being the vendored render's directory."""
+    cpu: float
+    """Cores."""
+    memory: int
+    """Bytes."""
     basis: str
 
     @property
     def resources(self) -> Resources:
-        return Resources(self.cpu_m / 1000, self.memory_mib * MIB)
+        return Resources(self.cpu, self.memory)
 
 
-DEFAULT_ALLOWANCE = Allowance(
-    10,
-    256,
-    "estimate: an idle Go controller or small server (cache-server, the viewer and scheduled-workflow "
-    "controllers, envoy, the Training Operator) uses tens of MiB; 256 MiB leaves several times that, and 10m "
-    "of CPU is what an idle control loop spends",
-)
-ALLOWANCES: dict[str, Allowance] = {
-    "metadata-grpc-deployment/container": Allowance(
-        10, 512, "kubeflow-testing-997: OOMKilled at a 512Mi limit under test load; 512 MiB assumed at rest"
-    ),
-}
-"""Per `<workload>/<container>` without requests; any other such container gets DEFAULT_ALLOWANCE."""
+def load_explicit_requests(path: Path = REQUESTS_FILE) -> dict[str, ExplicitRequest]:
+    """requests.json's entries by key; a malformed entry raises SizingError naming it."""
+    try:
+        doc = json.loads(path.read_text())
+        entries = doc["containers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SizingError(f"{path}: expected a JSON object with a 'containers' object ({e})") from e
+    out: dict[str, ExplicitRequest] = {}
+    for key, entry in entries.items():
+        if key.count("/") != 3 or not isinstance(entry, Mapping):
+            raise SizingError(f"{path}: {key!r} is not <kustomization>/<Kind>/<name>/<container> -> {{cpu, memory}}")
+        missing = [field for field in ("cpu", "memory", "basis") if not entry.get(field)]
+        if missing:
+            raise SizingError(f"{path}: {key} lacks {', '.join(missing)}")
+        out[key] = ExplicitRequest(key, parse_cpu(entry["cpu"]), parse_memory(entry["memory"]), str(entry["basis"]))
+    return out
 
 
-def _allowance(workload: Workload, container: Container) -> Allowance:
-    return ALLOWANCES.get(f"{workload.name}/{container.name}", DEFAULT_ALLOWANCE)
+def container_key(workload: Workload, container: Container) -> str:
+    """The key requests.json files a container under."""
+    return f"{workload.source}/{workload.kind}/{workload.name}/{container.name}"
+
+
+def patched_workloads(
+    workloads: Sequence[Workload], requests: Mapping[str, ExplicitRequest], where: Path = REQUESTS_FILE
+) -> list[Workload]:
+    """The workloads as infra/ runs them: every app container that lacks a CPU or a memory request gets both from its
+    requests.json entry. A container without requests and without an entry, an entry whose container declares both
+    requests already, and an entry that matches no container raise SizingError, naming what to change."""
+    unused = dict(requests)
+    out = []
+    missing: list[str] = []
+    for w in workloads:
+        containers = []
+        for c in w.containers:
+            key = container_key(w, c)
+            entry = unused.pop(key, None)
+            if entry is not None and c.cpu is not None and c.memory is not None:
+                raise SizingError(
+                    f"{where}: {key} declares its own requests in the vendored manifests; requests.json is for "
+                    "containers that declare none: remove the entry"
+                )
+            if entry is None and (c.cpu is None or c.memory is None):
+                missing.append(key)
+                containers.append(c)
+                continue
+            containers.append(c if entry is None else replace(c, cpu=entry.cpu, memory=entry.memory))
+        out.append(replace(w, containers=tuple(containers)))
+    if missing:
+        raise SizingError(
+            f"{len(missing)} container(s) of the vendored manifests set no CPU or memory request and have no entry in "
+            f"{where}: {', '.join(missing)}. Add one each (cpu, memory, basis): Autopilot would bill them at 0.5 vCPU "
+            "/ 2 GiB, and the system node's size would not count them"
+        )
+    if unused:
+        raise SizingError(
+            f"{where}: {', '.join(sorted(unused))} match(es) no container of the vendored manifests (renamed or gone "
+            "in a re-render?): correct or remove the entry"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,18 +501,24 @@ class SystemLoad:
     """Everything one idle system node holds, by origin."""
 
     workloads: tuple[Workload, ...]
+    """The vendored workloads with requests.json applied (what runs)."""
     manifests: Resources
-    """The vendored workloads' requests (a container without requests counts 0, as the scheduler counts it)."""
-    allowances: tuple[tuple[str, Allowance], ...]
-    """(`<kind>/<namespace>/<name>/<container>`, its allowance) for every container without requests."""
+    """The requests the vendored manifests declare (a container without requests counts 0, as the scheduler counts
+    it)."""
+    explicit: tuple[tuple[str, ExplicitRequest], ...]
+    """(`<kustomization>/<Kind>/<name>/<container>`, its requests.json entry) for every patched container, once per
+    replica."""
     daemonsets: Resources
     """GKE's per-node DaemonSets (capacity.DAEMONSET_CPU / DAEMONSET_MEMORY)."""
     cluster_pods: Resources
     """GKE's once-per-cluster kube-system pods (GKE_CLUSTER_PODS)."""
+    patched: Resources = Resources()
+    """The workloads' requests with requests.json applied."""
 
     @property
-    def allowance(self) -> Resources:
-        return Resources.total(a.resources for _, a in self.allowances)
+    def requests_json(self) -> Resources:
+        """What requests.json adds to the manifests' own requests."""
+        return Resources(self.patched.cpu - self.manifests.cpu, self.patched.memory - self.manifests.memory)
 
     @property
     def kube_system(self) -> Resources:
@@ -460,28 +526,36 @@ class SystemLoad:
 
     @property
     def total(self) -> Resources:
-        return self.manifests + self.allowance + self.kube_system
+        return self.manifests + self.requests_json + self.kube_system
 
 
 def system_load(
     workloads: Sequence[Workload] | None = None,
     cluster_pods: Sequence[KubeSystemPod] = GKE_CLUSTER_PODS,
     daemonsets: Resources | None = None,
+    requests: Mapping[str, ExplicitRequest] | None = None,
 ) -> SystemLoad:
-    """The load of the idle system node: the vendored workloads (by default), allowances, GKE's kube-system."""
-    workloads = vendored_workloads() if workloads is None else workloads
-    allowances = tuple(
-        (f"{w.kind}/{w.namespace}/{w.name}/{c.name}", _allowance(w, c))
+    """The load of the idle system node: the vendored workloads with requests.json applied (both by default; with
+    `workloads` given, `requests` defaults to none), and GKE's kube-system."""
+    if workloads is None:
+        workloads = vendored_workloads()
+        requests = load_explicit_requests() if requests is None else requests
+    requests = {} if requests is None else requests
+    patched = patched_workloads(workloads, requests)
+    explicit = tuple(
+        (container_key(w, c), requests[container_key(w, c)])
         for w in workloads
-        for c in w.without_requests()
+        for c in w.containers
+        if container_key(w, c) in requests
         for _ in range(w.replicas)
     )
     return SystemLoad(
-        workloads=tuple(workloads),
+        workloads=tuple(patched),
         manifests=Resources.total(w.requests for w in workloads),
-        allowances=allowances,
+        explicit=explicit,
         daemonsets=daemonsets if daemonsets is not None else Resources(DAEMONSET_CPU, DAEMONSET_MEMORY),
         cluster_pods=Resources.total(p.requests for p in cluster_pods),
+        patched=Resources.total(w.requests for w in patched),
     )
 
 
@@ -573,16 +647,17 @@ def cheapest_fitting(load: SystemLoad | None = None, prices: Mapping[str, Any] |
 
 
 def _lines(load: SystemLoad, prices: Mapping[str, Any]) -> Iterator[str]:
-    yield "Vendored workloads (requests per pod x replicas):"
+    yield "Vendored workloads (requests per pod x replicas, requests.json applied):"
+    patched = {key for key, _ in load.explicit}
     for w in load.workloads:
-        missing = ", ".join(c.name for c in w.without_requests())
-        suffix = f"   [no requests: {missing}]" if missing else ""
+        from_json = ", ".join(c.name for c in w.containers if container_key(w, c) in patched)
+        suffix = f"   [requests.json: {from_json}]" if from_json else ""
         yield f"  {w.source}: {w.kind} {w.namespace}/{w.name} x{w.replicas}: {w.requests}{suffix}"
-    yield f"  sum: {load.manifests}"
-    yield "Allowances for containers without requests:"
-    for name, allowance in load.allowances:
-        yield f"  {name}: {allowance.resources}"
-    yield f"  sum: {load.allowance}"
+    yield f"  sum: {load.patched}, of which the manifests declare {load.manifests}"
+    yield "Explicit requests infra/ sets on the containers that declare none (modules/microfed/requests.json):"
+    for name, entry in load.explicit:
+        yield f"  {name}: {entry.resources}"
+    yield f"  adds: {load.requests_json}"
     yield f"GKE per-node DaemonSets (capacity.DAEMONSET_CPU/MEMORY): {load.daemonsets}; itemized:"
     for pod in GKE_DAEMONSETS:
         yield f"  {pod.name}: {pod.requests} [{pod.source or 'estimate'}]{' (estimate)' if pod.estimate else ''}"

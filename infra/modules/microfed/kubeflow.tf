@@ -6,7 +6,9 @@
 #      ml-pipeline-ui are bound to their Google service accounts (iam.tf, ui_identity.tf);
 #   2. kubectl_manifest applies every object server-side, in kustomize's priority order: CRDs first, then the
 #      rest, then admission webhooks;
-#   3. the launcher's RBAC (rbac.yaml) goes into the KFP namespace.
+#   3. the launcher's RBAC (rbac.yaml) goes into the KFP namespace, with the microfed-cluster ConfigMap that tells
+#      the train step what cluster it runs on.
+# Every container of KFP and the operator gets explicit resource requests (requests.tf) in both modes.
 # Both upstreams also declare the kubeflow Namespace; it is created once, here, and filtered out of both.
 # Moving a version: change it in manifests/render.py, re-render, review the diff (see infra/README.md).
 
@@ -68,10 +70,34 @@ data "kustomization_overlay" "kfp" {
       }
     })
   }
+
+  # Resource requests for the containers that declare none (requests.tf): one patch per workload.
+  dynamic "patches" {
+    for_each = { for workload, p in local.request_patches : workload => p if p.kustomization == "kfp" }
+    content {
+      target {
+        kind = patches.value.kind
+        name = patches.value.name
+      }
+      patch = patches.value.patch
+    }
+  }
 }
 
 data "kustomization_overlay" "training_operator" {
   resources = ["${path.module}/manifests/training-operator"]
+
+  # Resource requests for the containers that declare none (requests.tf): one patch per workload.
+  dynamic "patches" {
+    for_each = { for workload, p in local.request_patches : workload => p if p.kustomization == "training-operator" }
+    content {
+      target {
+        kind = patches.value.kind
+        name = patches.value.name
+      }
+      patch = patches.value.patch
+    }
+  }
 }
 
 locals {
@@ -130,7 +156,9 @@ resource "kubectl_manifest" "namespace" {
   })
   server_side_apply = true
 
-  depends_on = [google_container_node_pool.system]
+  # On Standard, after the system pool (whose node every Kubeflow Deployment below is scheduled on, and whose
+  # rollout they wait for); on Autopilot, which has no pool and creates nodes for pending pods, after the cluster.
+  depends_on = [google_container_cluster.this, google_container_node_pool.system]
 }
 
 resource "kubectl_manifest" "crds" {
@@ -176,4 +204,38 @@ resource "kubectl_manifest" "launcher_rbac" {
   server_side_apply = true
 
   depends_on = [kubectl_manifest.crds, kubectl_manifest.resources]
+}
+
+# What the train step needs to know about the cluster it runs on, read at run time (the launcher's Role may get this
+# one ConfigMap, rbac.yaml): on Standard it selects the declared pools; on Autopilot, which has no pools, it asks for
+# Spot and GPU nodes with node selectors of its own. The keys and their types are a contract with that reader
+# (tests/test_infra_autopilot.py pins them): mode (string), training_spot (bool), cpu_machine_type (string),
+# cpu_max_nodes (number), gpu_types (list of strings), gpu_machine_types (accelerator => machine type, for the types
+# in gpu_types only), gpu_max_nodes (number).
+locals {
+  cluster_info = {
+    mode              = var.mode
+    training_spot     = var.training_spot
+    cpu_machine_type  = var.cpu_machine_type
+    cpu_max_nodes     = var.cpu_max_nodes
+    gpu_types         = var.gpu_types
+    gpu_machine_types = { for type in var.gpu_types : type => local.gpu_machine_types[type] }
+    gpu_max_nodes     = var.gpu_max_nodes
+  }
+}
+
+resource "kubectl_manifest" "cluster_info" {
+  yaml_body = yamlencode({
+    apiVersion = "v1"
+    kind       = "ConfigMap"
+    metadata = {
+      name      = "microfed-cluster"
+      namespace = local.kfp_namespace
+      labels    = { "app.kubernetes.io/name" = "microfed" }
+    }
+    data = { "cluster.json" = jsonencode(local.cluster_info) }
+  })
+  server_side_apply = true
+
+  depends_on = [kubectl_manifest.namespace]
 }

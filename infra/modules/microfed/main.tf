@@ -39,7 +39,12 @@ locals {
   }
   gpu_machine_types = merge(local.default_gpu_machine_types, var.gpu_machine_types)
 
-  cluster_location = var.regional_cluster ? var.region : var.zone
+  # GKE's mode of operation (variable mode). Standard: this module declares the node pools (node_pools.tf).
+  # Autopilot: GKE creates and sizes the nodes from the pods' requests, so there is no node pool here, and the
+  # cluster is always regional (location availability "Pre-configured: Regional" in GKE's "Compare features in
+  # Autopilot and Standard clusters"; links in infra/README.md, Standard or Autopilot).
+  autopilot        = var.mode == "autopilot"
+  cluster_location = var.regional_cluster || local.autopilot ? var.region : var.zone
   labels           = merge({ app = "microfed" }, var.labels)
 
   bucket_name = coalesce(var.bucket_name, "${var.project_id}-${var.name}-pipelines")

@@ -1,8 +1,13 @@
-# Three kinds of pool:
+# Three kinds of pool, on GKE Standard only:
 #   system     always on (min >= 1), untainted: kube-system, Kubeflow Pipelines, the Training Operator, step pods.
 #   training   CPU, and one pool per GPU type; autoscaled from 0, tainted so only PyTorchJob replicas (which
 #              tolerate the taint and select the pool by label, see training/pytorchjob.py) land there.
 # Labels and taints come from training/cluster.json through local.contract (main.tf).
+#
+# With mode = "autopilot" there is no pool at all (count 0, an empty for_each): GKE creates nodes for the pods it
+# is given, and the train step asks for Spot or GPU nodes with node selectors of its own, read from the
+# microfed-cluster ConfigMap (kubeflow.tf). moved.tf carries the pools of a state from before `count` existed to
+# their [0] instances.
 
 locals {
   node_scopes = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -15,6 +20,8 @@ locals {
 }
 
 resource "google_container_node_pool" "system" {
+  count = local.autopilot ? 0 : 1
+
   name     = "system"
   project  = var.project_id
   location = local.cluster_location
@@ -67,6 +74,8 @@ resource "google_container_node_pool" "system" {
 }
 
 resource "google_container_node_pool" "training_cpu" {
+  count = local.autopilot ? 0 : 1
+
   name     = local.contract.cpu_pool
   project  = var.project_id
   location = local.cluster_location
@@ -121,7 +130,7 @@ resource "google_container_node_pool" "training_cpu" {
 }
 
 resource "google_container_node_pool" "training_gpu" {
-  for_each = toset(var.gpu_types)
+  for_each = local.autopilot ? toset([]) : toset(var.gpu_types)
 
   name           = local.contract.gpu_pools[each.key]
   project        = var.project_id

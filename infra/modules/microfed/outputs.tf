@@ -1,3 +1,8 @@
+output "mode" {
+  description = "GKE mode of the cluster: standard (node pools declared here) or autopilot (GKE manages the nodes). The train step reads the same value from the microfed-cluster ConfigMap."
+  value       = var.mode
+}
+
 output "cluster_name" {
   description = "Name of the GKE cluster."
   value       = google_container_cluster.this.name
@@ -54,9 +59,9 @@ output "pipeline_service_account" {
 }
 
 output "training_node_pools" {
-  description = "Training node pools by accelerator (none = CPU): the value of the node label training/cluster.json names, which the PyTorchJob builder selects."
+  description = "Training node pools by accelerator (none = CPU): the value of the node label training/cluster.json names, which the PyTorchJob builder selects. Empty with mode = autopilot (no node pools)."
   value = merge(
-    { none = google_container_node_pool.training_cpu.name },
+    { for pool in google_container_node_pool.training_cpu : "none" => pool.name },
     { for type, pool in google_container_node_pool.training_gpu : type => pool.name },
   )
 }

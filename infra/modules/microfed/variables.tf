@@ -24,7 +24,7 @@ variable "region" {
 }
 
 variable "zone" {
-  description = "Zone of a zonal cluster's control plane and nodes (ignored when regional_cluster is true). It must lie in region and offer the GPU types in gpu_types."
+  description = "Zone of a zonal cluster's control plane and nodes (ignored when regional_cluster is true, and with mode = autopilot, whose clusters are always regional). It must lie in region and offer the GPU types in gpu_types."
   type        = string
   default     = "europe-west4-a"
 
@@ -35,7 +35,7 @@ variable "zone" {
 }
 
 variable "regional_cluster" {
-  description = "Create a regional cluster (control plane and nodes in three zones) instead of a zonal one. Regional costs more: the system pool keeps system_min_nodes nodes in every zone, and GKE's free tier covers one zonal cluster only."
+  description = "Create a regional cluster (control plane and nodes in three zones) instead of a zonal one. Regional costs more: the system pool keeps system_min_nodes nodes in every zone, and GKE's free tier covers one zonal cluster only. With mode = autopilot the cluster is regional whatever this says (GKE creates Autopilot clusters in a region only)."
   type        = bool
   default     = false
 }
@@ -61,6 +61,17 @@ variable "enable_apis" {
   description = "Enable the Google Cloud APIs this configuration uses (artifactregistry, cloudresourcemanager, compute, container, iam, storage). Turn off when the project's APIs are managed elsewhere."
   type        = bool
   default     = true
+}
+
+variable "mode" {
+  description = "GKE mode of operation. standard (the default): the node pools declared here, a system node always on, training pools that scale to zero. autopilot: no node pools; GKE creates nodes for the pods it is given and bills their requests, the cluster is regional, and training replicas ask for Spot or GPU nodes through node selectors that the train step sets from the microfed-cluster ConfigMap. Fixed at creation: changing it replaces the cluster (and everything on it)."
+  type        = string
+  default     = "standard"
+
+  validation {
+    condition     = contains(["standard", "autopilot"], var.mode)
+    error_message = "mode must be standard or autopilot."
+  }
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,13 +173,13 @@ variable "allow_google_cloud_ips" {
 # ---------------------------------------------------------------------------------------------------------------
 
 variable "system_machine_type" {
-  description = "Machine type of the system pool (kube-system, Kubeflow Pipelines, the Training Operator and the pipeline's own step pods). The default is the cheapest priced type whose allocatable holds their summed requests with 10% CPU and 20% memory headroom (infra/cost/sizing.py; tests/test_system_sizing.py keeps it so)."
+  description = "Machine type of the system pool (kube-system, Kubeflow Pipelines, the Training Operator and the pipeline's own step pods). The default is the cheapest priced type whose allocatable holds their summed requests with 10% CPU and 20% memory headroom (infra/cost/sizing.py; tests/test_system_sizing.py keeps it so). Standard only: unused with mode = autopilot, which has no node pools."
   type        = string
   default     = "e2-standard-4"
 }
 
 variable "system_min_nodes" {
-  description = "Minimum nodes of the system pool (per zone for a regional cluster). At least 1: Kubeflow's control plane lives there."
+  description = "Minimum nodes of the system pool (per zone for a regional cluster). At least 1: Kubeflow's control plane lives there. Standard only: unused with mode = autopilot, which has no node pools."
   type        = number
   default     = 1
 
@@ -179,7 +190,7 @@ variable "system_min_nodes" {
 }
 
 variable "system_max_nodes" {
-  description = "Maximum nodes of the system pool (per zone for a regional cluster)."
+  description = "Maximum nodes of the system pool (per zone for a regional cluster). Standard only: unused with mode = autopilot, which has no node pools."
   type        = number
   default     = 3
 
@@ -190,13 +201,13 @@ variable "system_max_nodes" {
 }
 
 variable "cpu_machine_type" {
-  description = "Machine type of the CPU training pool (PyTorchJob replicas that need no GPU)."
+  description = "Machine type of the CPU training pool (PyTorchJob replicas that need no GPU). Standard only: with mode = autopilot there is no pool; Autopilot sizes a node for each replica's requests, and the train step checks a replica against Autopilot's per-pod maximum instead."
   type        = string
   default     = "e2-standard-8"
 }
 
 variable "cpu_max_nodes" {
-  description = "Maximum nodes of the CPU training pool, summed over its zones. The pool scales to zero when no replica needs it."
+  description = "Maximum nodes of the CPU training pool, summed over its zones. The pool scales to zero when no replica needs it. Standard only: with mode = autopilot there is no pool; Autopilot sizes a node for each replica's requests, and the train step checks a replica against Autopilot's per-pod maximum instead."
   type        = number
   default     = 8
 
@@ -207,7 +218,7 @@ variable "cpu_max_nodes" {
 }
 
 variable "gpu_types" {
-  description = "Accelerator types (GKE names) that get a training pool with one GPU per node. nvidia-tesla-t4 is always present; add nvidia-l4 and/or nvidia-tesla-a100 (the types training/cluster.json knows). Check that zone (or gpu_node_locations) offers them and that the project has GPU quota."
+  description = "Accelerator types (GKE names) that get a training pool with one GPU per node. nvidia-tesla-t4 is always present; add nvidia-l4 and/or nvidia-tesla-a100 (the types training/cluster.json knows). Check that zone (or gpu_node_locations) offers them and that the project has GPU quota. With mode = autopilot: the GPU types the train step may ask Autopilot for (it refuses the others before creating a job)."
   type        = list(string)
   default     = ["nvidia-tesla-t4"]
 
@@ -223,7 +234,7 @@ variable "gpu_types" {
 }
 
 variable "gpu_machine_types" {
-  description = "Machine type per accelerator type, overriding the defaults (nvidia-tesla-t4: n1-standard-8, nvidia-l4: g2-standard-8, nvidia-tesla-a100: a2-highgpu-1g)."
+  description = "Machine type per accelerator type, overriding the defaults (nvidia-tesla-t4: n1-standard-8, nvidia-l4: g2-standard-8, nvidia-tesla-a100: a2-highgpu-1g). Standard only: with mode = autopilot there is no pool; Autopilot sizes a node for each replica's requests, and the train step checks a replica against Autopilot's per-pod maximum instead."
   type        = map(string)
   default     = {}
 
@@ -234,7 +245,7 @@ variable "gpu_machine_types" {
 }
 
 variable "gpu_max_nodes" {
-  description = "Maximum nodes of each GPU training pool, summed over its zones. The pools scale to zero when no replica needs them."
+  description = "Maximum nodes of each GPU training pool, summed over its zones. The pools scale to zero when no replica needs them. Standard only: with mode = autopilot there is no pool; Autopilot sizes a node for each replica's requests, and the train step checks a replica against Autopilot's per-pod maximum instead."
   type        = number
   default     = 4
 
@@ -245,7 +256,7 @@ variable "gpu_max_nodes" {
 }
 
 variable "gpu_node_locations" {
-  description = "Zones of the GPU pools when they differ from the cluster's (for example the zones of a regional cluster that offer the accelerator). Empty: the cluster's zones."
+  description = "Zones of the GPU pools when they differ from the cluster's (for example the zones of a regional cluster that offer the accelerator). Empty: the cluster's zones. Standard only: unused with mode = autopilot, which has no node pools."
   type        = list(string)
   default     = []
 
@@ -253,10 +264,17 @@ variable "gpu_node_locations" {
     condition     = alltrue([for z in var.gpu_node_locations : startswith(z, "${var.region}-")])
     error_message = "gpu_node_locations must be zones of region."
   }
+
+  # Autopilot has no GPU pool to place; GKE picks the zone of a GPU node itself. Refused rather than ignored, so that
+  # nobody believes their GPUs are pinned to these zones.
+  validation {
+    condition     = var.mode != "autopilot" || length(var.gpu_node_locations) == 0
+    error_message = "gpu_node_locations places the GPU node pools of mode = standard; with mode = autopilot there are none (GKE chooses the zone of each GPU node): leave gpu_node_locations empty."
+  }
 }
 
 variable "gpu_driver_version" {
-  description = "NVIDIA driver GKE installs on GPU nodes: LATEST or DEFAULT for the node's GKE version. The CUDA 12.8 image (TORCH_VARIANT=cu128) needs a recent driver, hence LATEST."
+  description = "NVIDIA driver GKE installs on GPU nodes: LATEST or DEFAULT for the node's GKE version. The CUDA 12.8 image (TORCH_VARIANT=cu128) needs a recent driver, hence LATEST. Standard only: unused with mode = autopilot, which has no node pools."
   type        = string
   default     = "LATEST"
 
@@ -267,13 +285,13 @@ variable "gpu_driver_version" {
 }
 
 variable "training_spot" {
-  description = "Run the training pools on Spot VMs (60-90% cheaper; GKE may reclaim a node at any time, and the PyTorchJob restarts replicas on preemption). The autoscaler then uses location_policy ANY to find capacity in any zone."
+  description = "Run training on Spot capacity (60-90% cheaper; GKE may reclaim a node at any time, and the PyTorchJob restarts replicas on preemption). Standard: the training pools are Spot, and the autoscaler uses location_policy ANY to find capacity in any zone. Autopilot: the train step reads this from the microfed-cluster ConfigMap and asks for Spot Pods (node selector cloud.google.com/gke-spot)."
   type        = bool
   default     = true
 }
 
 variable "training_disk_size_gb" {
-  description = "Boot disk of a training node in GB (the CUDA image alone is several GB)."
+  description = "Boot disk of a training node in GB (the CUDA image alone is several GB). Standard only: unused with mode = autopilot, which has no node pools."
   type        = number
   default     = 100
 
