@@ -1,7 +1,9 @@
-"""The four KFP v2 components. Each is a typed signature, a docstring and one call into microfed.training.
+"""The five KFP v2 components. Each is a typed signature, a docstring and one call into microfed.training.
 
 Bodies import inside the function because KFP ships a lightweight component's source to the executor on
-its own; the image (or, locally, this Python environment) provides microfed.
+its own; the image (or, locally, this Python environment) provides microfed. The call runs inside
+`reported_errors()`, which hands a failure's own message to `microfed run` (training/errors.py); a decorator
+could not do it, since KFP ships the function's body without its decorators.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -41,27 +43,29 @@ def split_dataset(
     val_fraction: share of the training examples held out (stratified) as the validation split that selects
     the best round (0 = none; then the last round is kept).
     """
+    from microfed.training.errors import reported_errors
     from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.steps import SplitOptions, split_step
 
-    summary = split_step(
-        SplitOptions(
-            source=dataset,
-            image_size=(image_size, image_size) if image_size else None,
-            train_limit=train_limit,
-            test_limit=test_limit,
-            bad_images=bad_images,
-        ),
-        SplitConfig(
-            num_shards=workers,
-            strategy=strategy,
-            ratios=parse_ratios(split_ratios),
-            alpha=alpha,
-            seed=seed,
-            val_fraction=val_fraction,
-        ),
-        shards.path,
-    )
+    with reported_errors():
+        summary = split_step(
+            SplitOptions(
+                source=dataset,
+                image_size=(image_size, image_size) if image_size else None,
+                train_limit=train_limit,
+                test_limit=test_limit,
+                bad_images=bad_images,
+            ),
+            SplitConfig(
+                num_shards=workers,
+                strategy=strategy,
+                ratios=parse_ratios(split_ratios),
+                alpha=alpha,
+                seed=seed,
+                val_fraction=val_fraction,
+            ),
+            shards.path,
+        )
     shards.metadata.update(
         {
             "num_shards": workers,
@@ -125,39 +129,41 @@ def train(
     for the slowest) before it counts its peer as lost; 0 = from the plan's round time (x 4, at least 30).
     """
     from microfed.training.aggregation import Strategy
+    from microfed.training.errors import reported_errors
     from microfed.training.steps import train_component_step
     from microfed.training.train import OptimConfig
 
-    record = train_component_step(
-        shards=(shards.path, shards.uri),
-        out=(micro_models.path, micro_models.uri),
-        launcher=launcher,
-        model=model,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        seed=seed,
-        strategy=Strategy(name=strategy, mu=mu, server_momentum=server_momentum, server_lr=server_lr, fedbn=fedbn),
-        patience=patience,
-        optim=OptimConfig(
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            augment=augment,
-            batch_size=batch_size,
-            precision=precision,
-        ),
-        worker_image=worker_image,
-        namespace=namespace,
-        accelerators=accelerators,
-        timeout_minutes=timeout_minutes,
-        service_account=service_account,
-        pool_max_nodes=pool_max_nodes,
-        collective_timeout_minutes=collective_timeout_minutes,
-        run_id=run_id,
-        task_name=task_name,
-        usage_cache=usage_cache,
-    )
+    with reported_errors():
+        record = train_component_step(
+            shards=(shards.path, shards.uri),
+            out=(micro_models.path, micro_models.uri),
+            launcher=launcher,
+            model=model,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            seed=seed,
+            strategy=Strategy(name=strategy, mu=mu, server_momentum=server_momentum, server_lr=server_lr, fedbn=fedbn),
+            patience=patience,
+            optim=OptimConfig(
+                optimizer=optimizer,
+                lr=lr,
+                weight_decay=weight_decay,
+                schedule=schedule,
+                augment=augment,
+                batch_size=batch_size,
+                precision=precision,
+            ),
+            worker_image=worker_image,
+            namespace=namespace,
+            accelerators=accelerators,
+            timeout_minutes=timeout_minutes,
+            service_account=service_account,
+            pool_max_nodes=pool_max_nodes,
+            collective_timeout_minutes=collective_timeout_minutes,
+            run_id=run_id,
+            task_name=task_name,
+            usage_cache=usage_cache,
+        )
     micro_models.metadata.update({"workers": record["world_size"], "n_k": [w["n_k"] for w in record["workers"]]})
 
 
@@ -167,9 +173,11 @@ def aggregate(micro_models: Input[Model], shards: Input[Dataset], global_model: 
     tensors, BatchNorm statistics included; integer buffers kept integer), fedavgm's last server update, or
     ddp's single model. With a validation split, keeps the round with the best validation accuracy. Writes
     model.safetensors and model_config.json."""
+    from microfed.training.errors import reported_errors
     from microfed.training.steps import aggregate_step
 
-    record = aggregate_step(micro_models.path, global_model.path, shards.path)
+    with reported_errors():
+        record = aggregate_step(micro_models.path, global_model.path, shards.path)
     global_model.metadata.update(
         {
             "num_examples": record["num_examples"],
@@ -196,9 +204,11 @@ def evaluate(
     import re
     import shutil
 
+    from microfed.training.errors import reported_errors
     from microfed.training.steps import evaluate_step
 
-    m = evaluate_step(global_model.path, shards.path, micro_models.path, report.path)
+    with reported_errors():
+        m = evaluate_step(global_model.path, shards.path, micro_models.path, report.path)
     shutil.copyfile(f"{report.path}/report.html", report_html.path)
     metrics.log_metric("accuracy", m["accuracy"])
     metrics.log_metric("loss", m["loss"])
@@ -228,16 +238,18 @@ def export(
 ) -> None:
     """The global model as ONNX (or TorchScript) taking uint8 NCHW images, normalisation inside, with model.json
     (class names, input size); fails unless its logits match eager PyTorch within `tolerance` on test images."""
+    from microfed.training.errors import reported_errors
     from microfed.training.steps import export_step
 
-    r = export_step(
-        global_model.path,
-        shards.path,
-        exported.path,
-        fmt=export_format,
-        parity_images=parity_images,
-        tolerance=tolerance,
-    )
+    with reported_errors():
+        r = export_step(
+            global_model.path,
+            shards.path,
+            exported.path,
+            fmt=export_format,
+            parity_images=parity_images,
+            tolerance=tolerance,
+        )
     exported.metadata.update(
         {
             "format": export_format,

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from microfed.training.errors import MicrofedError
+from microfed.training.text import printable
 
 __all__ = ["build_parser", "main", "pipeline_arguments"]
 
@@ -65,6 +67,46 @@ _PARAMS: dict[str, tuple[type, str]] = {
 }
 
 
+# The numbers each pipeline parameter accepts, checked before anything runs: a value outside them would fail a
+# step minutes later, or (nan, inf) fail KFP's serialisation of the parameters with a protobuf traceback.
+# KFP carries parameters as JSON / protobuf numbers, i.e. doubles: integers beyond 2**53 change on the way.
+_KFP_MAX_INT = 2**53 - 1
+# The learning rate, weight decay, mu and server learning rate become float32 scalars of torch operations.
+_FLOAT32_MAX = 3.4028234663852886e38
+# Shard, worker-log, micro-model and round-checkpoint files are numbered with five digits.
+_MAX_NUMBERED = 99_999
+_KFP_EXACT = "larger integers change on their way through KFP, which carries numbers as doubles"
+# name → (least, most, why) for integers (--image-size is checked on its own: 0, or a range).
+_INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "workers": (1, _MAX_NUMBERED, "one shard per worker; shard, log and model files are numbered with five digits"),
+    "rounds": (1, _MAX_NUMBERED, "round checkpoints are numbered with five digits"),
+    "local_epochs": (1, _KFP_MAX_INT, _KFP_EXACT),
+    "batch_size": (1, _KFP_MAX_INT, _KFP_EXACT),
+    "seed": (0, _KFP_MAX_INT, f"numpy takes no negative seed; {_KFP_EXACT}"),
+    "train_limit": (0, _KFP_MAX_INT, f"0 uses every example; {_KFP_EXACT}"),
+    "test_limit": (0, _KFP_MAX_INT, f"0 uses every example; {_KFP_EXACT}"),
+    "patience": (0, _KFP_MAX_INT, f"0 runs every round; {_KFP_EXACT}"),
+}
+# name → (least, whether the least is allowed, most, whether the most is allowed); every float must be finite.
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "lr": (0.0, False, _FLOAT32_MAX, True),
+    "weight_decay": (0.0, True, _FLOAT32_MAX, True),
+    "alpha": (0.0, False, sys.float_info.max, True),
+    "val_fraction": (0.0, True, 0.5, False),
+    "mu": (0.0, True, _FLOAT32_MAX, True),
+    "server_momentum": (0.0, True, 1.0, False),
+    "server_lr": (0.0, False, _FLOAT32_MAX, True),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, reporting a bad command line as the CLI reports every user error: one error line (values
+    escaped) and a hint, exit code 2; not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"microfed: error: {printable(message)}\nmicrofed: hint: `{self.prog} --help` lists the options\n")
+
+
 def _pipeline_defaults() -> dict[str, Any]:
     import inspect
 
@@ -75,9 +117,7 @@ def _pipeline_defaults() -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="microfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="microfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on this machine with kfp.local")
@@ -101,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
     exp.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
     exp.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference (default: 1e-4)")
+    exp.add_argument(
+        "--model-code",
+        default=None,
+        metavar="FILE",
+        help="for a model built by your own factory: the .py file (or package.module) to rebuild it with. "
+        "model_config.json names it, but code a run folder names never runs unless you name it here; "
+        "a file must have the sha256 recorded at training",
+    )
+    exp.add_argument(
+        "--allow-changed-model-code",
+        action="store_true",
+        help="load --model-code even when its sha256 (or module) differs from what training recorded",
+    )
     # handled in main() before this parser is built (no torch needed); listed here for --help
     sub.add_parser("predict", help="classify images with an exported ONNX model: predict MODEL IMAGE... (no torch)")
     return parser
@@ -171,11 +224,27 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}
-    if check_source(values["dataset"]) != "name" and not values["dataset"].startswith("gs://"):
-        # the steps run elsewhere (another process, or a pod): give them an absolute path
-        values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
+    _check_values(values)
+    dataset = values["dataset"]
+    try:
+        kind = check_source(dataset)
+        if kind != "name" and not dataset.startswith("gs://"):
+            # the steps run elsewhere (another process, or a pod): give them an absolute path
+            path = Path(dataset).expanduser().resolve()
+            if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+                raise MicrofedError(f"--dataset {dataset!r}: cannot read {path}", hint="check its permissions")
+            values["dataset"] = str(path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: Path.expanduser of an unknown ~user
+        raise MicrofedError(
+            f"--dataset {dataset!r}: {getattr(e, 'strerror', None) or e}", hint="check the path (or dataset name)"
+        ) from None
     # likewise a factory file (path/file.py:function) for the workers; checked to exist here
-    values["model"] = absolute_factory_path(values["model"])
+    try:
+        values["model"] = absolute_factory_path(values["model"])
+    except (OSError, RuntimeError) as e:
+        raise MicrofedError(
+            f"--model {values['model']!r}: {getattr(e, 'strerror', None) or e}", hint="check the factory file's path"
+        ) from None
     SplitConfig(
         num_shards=values["workers"],
         strategy=values["split"],
@@ -202,20 +271,62 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     )
     if values["bad_images"] not in ("fail", "skip"):
         raise MicrofedError(f"--bad-images must be fail or skip, got {values['bad_images']!r}")
-    for name in ("rounds", "local_epochs"):
-        if values[name] < 1:
-            raise MicrofedError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
-    for name in ("image_size", "train_limit", "test_limit", "patience"):
-        if values[name] < 0:
-            raise MicrofedError(f"--{name.replace('_', '-')} must be 0 or more, got {values[name]}")
     return values
+
+
+def _check_values(values: dict[str, Any]) -> None:
+    """Types and ranges of the pipeline arguments (_INT_RANGES, _FLOAT_RANGES, --image-size), before the
+    dataclasses that check their own fields' meaning."""
+    from microfed.training.datasets import DatasetLimits
+    from microfed.training.models import MIN_IMAGE_SIDE
+
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, str) and "\0" in value:
+            raise MicrofedError(f"{flag} {value!r} holds a NUL character", hint=f"check the value of {flag}")
+    for name in ("dataset", "model"):
+        if not values[name].strip():
+            raise MicrofedError(f"--{name} is empty", hint=f"`microfed run --help` lists what --{name} accepts")
+    for name, (least, most, why) in _INT_RANGES.items():
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+            raise MicrofedError(
+                f"--{name.replace('_', '-')} must be an integer from {least} to {most:,}, got {value!r}", hint=why
+            )
+    # 0 keeps the images' size; else the side of the square images: as large as one image may be when decoded
+    most_side = math.isqrt(DatasetLimits().max_image_pixels)
+    size = values["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not (size == 0 or MIN_IMAGE_SIDE <= size <= most_side):
+        raise MicrofedError(
+            f"--image-size must be 0 (keep the images' size) or from {MIN_IMAGE_SIDE} to {most_side}, got {size!r}",
+            hint=f"the models need at least {MIN_IMAGE_SIDE} pixels a side; one image may have at most "
+            f"{DatasetLimits().max_image_pixels:,} pixels",
+        )
+    for name, (lower, lower_ok, upper, upper_ok) in _FLOAT_RANGES.items():
+        value = values[name]
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (lower <= value if lower_ok else lower < value)
+            and (value <= upper if upper_ok else value < upper)
+        )
+        if not ok:
+            low = f"at least {lower:g}" if lower_ok else f"greater than {lower:g}"
+            high = f"at most {upper:g}" if upper_ok else f"less than {upper:g}"
+            raise MicrofedError(
+                f"--{name.replace('_', '-')} must be a finite number {low} and {high}, got {value!r}",
+                hint=f"pass a number such as --{name.replace('_', '-')} {_pipeline_defaults()[name]}",
+            )
 
 
 def _summary(result: Any) -> str:
     m = result.metrics
     t = m["timings"]
     names = m["class_names"]
-    width = max(len(n) for n in names)
+    # class names come from the data (folder names, a CSV's labels): escaped, so none can forge a line
+    shown = {n: printable(n, max_chars=60) for n in names}
+    width = max(len(s) for s in shown.values())
     lines = [
         "",
         f"test accuracy   {m['accuracy']:.4f}  (loss {m['loss']:.4f}, {m['num_test_examples']} test images)",
@@ -227,11 +338,11 @@ def _summary(result: Any) -> str:
         + ("  (* kept)" if m.get("selected_round") else ""),
         "shard sizes     " + ", ".join(str(n) for n in m["shard_sizes"]),
         "per class       "
-        + "\n                ".join(f"{n:<{width}}  {m['per_class_accuracy'][n]:.4f}" for n in names),
+        + "\n                ".join(f"{shown[n]:<{width}}  {m['per_class_accuracy'][n]:.4f}" for n in names),
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
-        f"model           {result.run_dir / 'model.safetensors'} (+ model_config.json)",
-        f"metrics         {result.run_dir / 'metrics.json'}",
-        f"report          {result.run_dir / 'report.html'}",
+        f"model           {printable(result.run_dir / 'model.safetensors')} (+ model_config.json)",
+        f"metrics         {printable(result.run_dir / 'metrics.json')}",
+        f"report          {printable(result.run_dir / 'report.html')}",
     ]
     return "\n".join(lines)
 
@@ -322,7 +433,13 @@ def _export(args: argparse.Namespace) -> int:
     test = next(run_dir.glob("kfp/*/split-dataset/shards/test.safetensors"), None)
     images = parity_images_from_shards(test.parent, 64) if test else None
     r = export_model(
-        run_dir, args.out or run_dir / "export", fmt=args.fmt, parity_images=images, tolerance=args.tolerance
+        run_dir,
+        args.out or run_dir / "export",
+        fmt=args.fmt,
+        parity_images=images,
+        tolerance=args.tolerance,
+        model_code=args.model_code,
+        allow_changed_model_code=args.allow_changed_model_code,
     )
     print(
         f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB); parity: max |logit difference| "
@@ -338,17 +455,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         from microfed.training.predict import main as predict_main
 
         return predict_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # while torch and kfp load, the slowest moment of a start
+        print("microfed: interrupted", file=sys.stderr)
+        return 130
     try:
         commands = {"run": _run, "compile": _compile, "submit": _submit, "export": _export}
         return commands[args.command](args)
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        run_dir = getattr(e, "run_dir", None)  # local_run.RunInterrupted: its steps and workers have stopped
+        where = f"; the run folder {run_dir} is left as it was" if run_dir is not None else ""
+        print(f"microfed: interrupted{printable(where)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     except MicrofedError as e:
         if args.debug:
             raise
-        print(f"microfed: error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"microfed: hint: {e.hint}", file=sys.stderr)
-        return 2
+        return _error(e.message, e.hint, e.exit_code)
+    except OSError as e:  # the machine's, not a bug: a full disk, a permission, a path that vanished
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}", "run again with --debug for the traceback", 2)
+    except Exception as e:
+        if args.debug:
+            raise
+        return _error(f"unexpected {type(e).__name__}: {e}", "this is likely a bug; --debug shows the traceback", 1)
+
+
+def _error(message: str, hint: str, code: int) -> int:
+    """Print a user-facing error as one line (and a hint): data it quotes escaped, never a traceback."""
+    print(f"microfed: error: {printable(message)}", file=sys.stderr)
+    if hint:
+        print(f"microfed: hint: {printable(hint)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,34 +1,59 @@
-"""`microfed run`: the pipeline through kfp.local on this machine, collected into a run folder."""
+"""`microfed run`: the pipeline through kfp.local on this machine, collected into a run folder.
+
+What can be checked before the pipeline starts is checked first (`check_run`): the run folder and its name,
+the usage cache's folder, and whether this machine can hold the worker processes. Once it runs, a failing step's
+own error reaches the caller as one MicrofedError line (see `_StepProcesses` and training/errors.py), and Ctrl-C
+stops the steps and their workers before `RunInterrupted` is raised.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TextIO
 
 import yaml
 
 from microfed.pipelines.progress import Display, make_display
-from microfed.training.errors import MicrofedError
+from microfed.training.errors import ERROR_FILE_ENV, MicrofedError, read_error_records
 from microfed.training.io import read_json, write_json
 from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
 from microfed.training.report import render_report, write_report
+from microfed.training.text import is_printable
 
-__all__ = ["RunResult", "run_local"]
+__all__ = ["RunInterrupted", "RunResult", "StepFailed", "check_run", "run_local"]
 
-# The last line of a failing step's traceback that names one of our errors: what the user should read.
-# A worker's own error line, when present, comes after WorkerFailed's (it is in the log tail) and wins.
-_ERROR_LINE = re.compile(
-    r"^(?:microfed\.training\.\w+\.)?(MicrofedError|WorkerFailed|\[microfed worker\] error): (.*)$"
-)
+MIB = 1024**2
+# The least memory one local worker process holds of its own: torch and the worker's modules imported, before
+# any data or model (measured: 300 MiB private per process on Linux, torch 2.14 CPU; a cnn-small worker peaks at
+# 710 MiB). More workers than the machine's memory holds at this rate cannot all start.
+WORKER_PROCESS_MEMORY = 256 * MIB
+# Most file systems limit one name (one path component) to 255 bytes.
+MAX_NAME_BYTES = 255
+# After Ctrl-C: how long a step may take to stop its workers (training/launch.py gives them 5 s, then kills).
+_STEP_STOP_SECONDS = 15.0
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Fallback when a step recorded no error (it died before its body ran): the last exception line of its log.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Failed)): (.+)$")
+# A worker's own MicrofedError, as it prints it (training/worker.py) in the log tail a WorkerFailed carries.
+_WORKER_ERROR = re.compile(r"\[microfed worker\] error: (.+)$")
+# An exception line in a worker's log tail, after torch's `[rank0]: ` prefix, if any.
+_TAIL_EXCEPTION = re.compile(r"(?<![\w.])(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Failed|Interrupt): .+$")
+_FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'")
 
 
 @dataclass(frozen=True)
@@ -37,9 +62,361 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+class StepFailed(MicrofedError):
+    """A step failed with something other than a MicrofedError or an OSError: a bug, not the user's input."""
+
+    exit_code = 1
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after its steps and workers have stopped; `run_dir` is left as it was."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+# ------------------------------------------------------------------------------------------- pre-flight
+
+
+def check_run(arguments: dict[str, Any], runs_dir: str | Path = "runs", name: str | None = None) -> Path:
+    """Everything about a local run that can be checked before it starts; returns the run folder it would write.
+
+    The run folder: `runs_dir` a folder or creatable inside one you can write to, `name` a single folder name,
+    and no non-empty folder of that name there yet. The usage cache (`usage_cache`, when a local path): inside
+    a folder. The workers (`workers`): no more processes than this machine's memory holds.
+    """
+    run_dir = check_run_folder(runs_dir, name)
+    cache = str(arguments.get("usage_cache") or "")
+    if cache and cache != "off" and not cache.startswith("gs://"):
+        folder = Path(cache) if not cache.lower().endswith(".json") else Path(cache).parent
+        _check_folder(folder, "--usage-cache", cache)
+    if isinstance(arguments.get("workers"), int):  # else the pipeline's default (or the pipeline's own error)
+        check_workers_fit(arguments["workers"])
+    return run_dir
+
+
+def check_run_folder(runs_dir: str | Path, name: str | None) -> Path:
+    """`runs_dir / name` (a timestamp when `name` is None), refused when it cannot be created or is in use."""
+    text = str(runs_dir)
+    if not text.strip():
+        raise MicrofedError("--runs-dir is empty", hint="name the folder that holds the run folders (default: runs)")
+    if not is_printable(text):
+        raise MicrofedError(
+            f"--runs-dir {text!r} holds control or invisible characters",
+            hint="choose a folder name made of visible characters and spaces",
+        )
+    if name is not None:
+        check_run_name(name)
+    run_dir = Path(runs_dir) / (name or time.strftime("%Y%m%d-%H%M%S"))
+    _check_folder(Path(runs_dir), "--runs-dir", text)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MicrofedError(f"run folder {run_dir} exists and is a file", hint="choose another --name")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise MicrofedError(f"run folder {run_dir} already exists and is not empty", hint="choose another --name")
+    except OSError as e:
+        raise MicrofedError(f"run folder {run_dir}: {e.strerror or e}", hint="choose another --name") from None
+    return run_dir
+
+
+def check_run_name(name: str) -> None:
+    """`name` must be one folder name: the run folder is created inside --runs-dir, never elsewhere."""
+    separators = {"/", os.sep, *([os.altsep] if os.altsep else [])}
+    bad = (
+        name in ("", ".", "..")
+        or any(s in name for s in separators)
+        or not is_printable(name)
+        or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
+    )
+    if bad:
+        raise MicrofedError(
+            f"--name {name!r} is not a single folder name",
+            hint=f"use a name such as exp-1: no '/', not '.' or '..', no control characters, "
+            f"at most {MAX_NAME_BYTES} bytes (the run folder is created inside --runs-dir)",
+        )
+
+
+def check_workers_fit(workers: int) -> None:
+    """Refuse more local worker processes than this machine's memory can hold (WORKER_PROCESS_MEMORY each)."""
+    memory = _physical_memory()
+    if memory is None:
+        return
+    most = max(1, memory // WORKER_PROCESS_MEMORY)
+    if workers > most:
+        raise MicrofedError(
+            f"--workers {workers}: this machine's {memory / 1024**3:.1f} GiB of memory holds at most {most} "
+            f"worker processes ({WORKER_PROCESS_MEMORY // MIB} MiB each before any data)",
+            hint=f"use at most {most} workers here, or run on a cluster (microfed submit)",
+        )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
+        return None
+
+
+def _check_folder(folder: Path, flag: str, given: str) -> None:
+    """`folder` exists as a folder we can write in, or can be created: its nearest existing ancestor is one."""
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            where = f"{flag} {given!r}" + ("" if existing == Path(given) else f": {existing}")
+            raise MicrofedError(
+                f"{where} is a file, not a folder", hint=f"pass a folder for {flag} (created when missing)"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise MicrofedError(f"{flag} {given!r}: cannot write in {existing}", hint="pass a folder you can write to")
+    except OSError as e:
+        raise MicrofedError(f"{flag} {given!r}: {e.strerror or e}", hint=f"pass another folder for {flag}") from None
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_local(
+    arguments: dict[str, Any],
+    runs_dir: str | Path = "runs",
+    name: str | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Compile the pipeline, run it with kfp.local (workers as local processes), collect the run folder.
+
+    Raises MicrofedError (a step's own error, one line; or a pre-flight check's), StepFailed (a step failed
+    otherwise), or RunInterrupted (Ctrl-C; the steps and their workers have stopped).
+    """
+    run_dir = check_run(arguments, runs_dir, name)
+    try:
+        return _execute(arguments, run_dir, Path(runs_dir), verbose=verbose, quiet=quiet)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+
+
+def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbose: bool, quiet: bool) -> RunResult:
+    from kfp import local
+
+    from microfed.pipelines.pipeline import compile_pipeline, microfed_pipeline
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MicrofedError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    compile_pipeline(run_dir / "pipeline.yaml")
+    # No venv per step: the steps run in this Python environment, which has microfed installed.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
+    start = time.perf_counter()
+    tasks = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
+    display = make_display(sys.stdout, verbose=verbose, quiet=quiet, steps=len(tasks))
+    with (
+        tempfile.TemporaryDirectory(prefix="microfed-run-") as tmp,
+        _StepProcesses(Path(tmp) / "errors.jsonl") as steps,
+        _capture(run_dir / "kfp.log", display) as tee,
+        warnings.catch_warnings(),
+    ):
+        # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        try:
+            # Locally the train step starts the workers as processes; compiled YAML defaults to PyTorchJob.
+            # The measured-usage cache outlives a run: beside the run folders, unless the caller chose one.
+            cache = arguments.get("usage_cache") or str(runs_dir.resolve() / "usage-cache.json")
+            task = microfed_pipeline(**{**arguments, "launcher": "local", "usage_cache": cache})
+        except RuntimeError as e:
+            raise _step_error(str(e), steps, tee.error, run_dir / "kfp.log") from None
+    total = time.perf_counter() - start
+    model_dir = Path(task.outputs["global_model"].path)
+    report_dir = Path(task.outputs["report"].path)
+    for f in (MODEL_FILE, MODEL_CONFIG_FILE):
+        shutil.copy2(model_dir / f, run_dir / f)
+    # the ONNX model and its sidecar (class names, input size), for `microfed predict` without torch
+    exported = Path(task.outputs["exported"].path)
+    for f in ("model.onnx", "model.json"):
+        shutil.copy2(exported / f, run_dir / f)
+    metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
+    steps_seconds = sum(metrics["timings"].values())
+    metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps_seconds), "total": total}
+    metrics["config"] = {**arguments, "launcher": "local"}
+    write_json(run_dir / "metrics.json", metrics)
+    # the evaluate step's report, again with what only the whole run knows: total time, the CLI's arguments
+    job, dataset = read_json(report_dir / "job.json"), read_json(report_dir / "dataset.json")
+    html = render_report(metrics, config=metrics["config"], dataset=dataset, workers=job["workers"])
+    write_report(run_dir / "report.html", html)
+    return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------- the steps' processes
+
+
+class _StepProcesses:
+    """Starts kfp.local's step processes in place of kfp 2.16's `subprocess_task_handler.run_local_subprocess`
+    (kubeflow/pipelines sdk-2.16.1, sdk/python/kfp/local/subprocess_task_handler.py): the same command, its
+    output and errors merged and printed line by line, the same return code. It adds what `microfed run` needs:
+
+    - ERROR_FILE_ENV in the step's environment: a failing step records its own error there
+      (`training.errors.reported_errors`), which `_step_error` turns into the run's one-line error;
+    - output that is not UTF-8 shown with replacement characters, where kfp's strict decoding would end the
+      run with a UnicodeDecodeError;
+    - the process kept, so that after Ctrl-C `stop` can wait for the step to stop its workers, or stop it.
+
+    kfp.local runs a pipeline without control flow (ours) one step at a time, in this thread.
+    """
+
+    def __init__(self, error_file: Path) -> None:
+        self.error_file = error_file
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> _StepProcesses:
+        from kfp.local import subprocess_task_handler
+
+        self._module = subprocess_task_handler
+        self._original = subprocess_task_handler.run_local_subprocess
+        subprocess_task_handler.run_local_subprocess = self.run
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._module.run_local_subprocess = self._original
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.stop()
+
+    def run(self, full_command: list[str]) -> int:
+        env = {**os.environ, ERROR_FILE_ENV: str(self.error_file)}
+        with subprocess.Popen(
+            full_command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            env=env,
+        ) as process:
+            self.process = process
+            assert process.stdout is not None
+            for line in process.stdout:
+                print(line, end="")
+            print("\n")  # kfp's separation of one step's output from the next line
+        return process.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    def stop(self) -> None:
+        """After Ctrl-C: let the running step stop its workers, then make sure all of it has exited.
+
+        A Ctrl-C at a terminal reaches every process of the foreground group: kfp's `sh -c` around the step, the
+        step, and its workers; the step then stops its workers itself (training/launch.py) and exits. Any other
+        SIGINT (sent to this process alone) is passed on to those processes the same way. What still runs after
+        _STEP_STOP_SECONDS gets SIGTERM (on which the launcher stops its workers too), then SIGKILL.
+        """
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            if not _terminal_interrupted_our_group():
+                _signal_tree(process, signal.SIGINT)
+            try:
+                process.wait(_STEP_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                _signal_tree(process, signal.SIGTERM)
+                process.wait(5)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a step that ignores SIGTERM
+            _signal_tree(process, signal.SIGKILL)
+            process.wait()
+
+
+def _terminal_interrupted_our_group() -> bool:
+    """Whether this process belongs to its terminal's foreground group, which a Ctrl-C there signals whole."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError, AttributeError):
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+    return False
+
+
+def _signal_tree(process: subprocess.Popen[str], signum: int) -> None:
+    """Send `signum` to every process below `process` (Linux /proc; elsewhere none), then to `process`."""
+    for pid in [*_descendants(process.pid), process.pid]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # the command name, in parentheses, may hold spaces: the fields after its closing parenthesis
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+# --------------------------------------------------------------------------------------- a step's failure
+
+
+def _step_error(kfp_message: str, steps: _StepProcesses, log_error: str | None, log: Path) -> MicrofedError:
+    """The run's error when kfp.local reports a failed step: the step's own error, as one line."""
+    plain = _ANSI.sub("", kfp_message)
+    task = m.group(1) if (m := _FAILED_TASK.search(plain)) else None
+    records = read_error_records(steps.error_file)
+    if task is None and not records:  # kfp.local itself failed, not a step
+        return StepFailed(f"kfp.local failed: {plain}", hint=f"the full log is {log}")
+    if records:
+        record = records[-1]
+        message = _one_line(str(record.get("message") or ""))
+        own_hint = str(record.get("hint") or "")
+        if record.get("user"):
+            hint = f"{own_hint}; the full log is {log}" if own_hint else f"the full log is {log}"
+            return MicrofedError(message, hint=hint)
+        what = f"{record.get('type')}: {message}"
+    else:  # the step recorded nothing: it was killed, or failed before its body ran
+        what = log_error or _describe_exit(steps.returncode)
+    return StepFailed(
+        f"step {task or 'unknown'!r} failed with {what}",
+        hint=f"not an input error microfed knows of, so likely a bug; the full log is {log}",
+    )
+
+
+def _one_line(message: str) -> str:
+    """A step's error message as one line. A multi-line one is a failed worker's (its first line, then its log
+    tail): the worker's own error when the tail holds one, else the first line and the tail's last exception
+    line (where a traceback names the exception), else its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    if len(lines) == 1:
+        return lines[0]
+    own = [m.group(1) for line in lines[1:] if (m := _WORKER_ERROR.search(line))]
+    if own:
+        return own[-1]
+    raised = [m.group(0) for line in lines[1:] if (m := _TAIL_EXCEPTION.search(line))]
+    return f"{lines[0]} … {raised[-1] if raised else lines[-1]}"
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"its process killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"its process killed by signal {-code}"
+    return f"exit code {code}"
+
+
+# -------------------------------------------------------------------------------------------- the log
+
+
 class _Tee(io.TextIOBase):
-    """Write everything to the run's log file, pass each line to the display, and remember the last error
-    line of our own exception types."""
+    """Write everything to the run's log file, pass each line to the display, and remember the last exception
+    line (the fallback for a step that could not record its error)."""
 
     def __init__(self, display: Display, log: TextIO) -> None:
         self.display, self.log = display, log
@@ -52,9 +429,9 @@ class _Tee(io.TextIOBase):
         self._partial = lines.pop()
         for line in lines:
             self.display.line(line)
-            m = _ERROR_LINE.match(line.strip())
+            m = _EXCEPTION_LINE.match(_ANSI.sub("", line).strip())
             if m:
-                self.error = m.group(2)
+                self.error = f"{m.group(1)}: {m.group(2)}"
         return len(s)
 
     def flush(self) -> None:
@@ -63,63 +440,10 @@ class _Tee(io.TextIOBase):
 
 @contextlib.contextmanager
 def _capture(log_path: Path, display: Display) -> Iterator[_Tee]:
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8", errors="replace") as log:
         tee = _Tee(display, log)
         try:
             with contextlib.redirect_stdout(tee):
                 yield tee
         finally:
             display.close()
-
-
-def run_local(
-    arguments: dict[str, Any],
-    runs_dir: str | Path = "runs",
-    name: str | None = None,
-    verbose: bool = False,
-    quiet: bool = False,
-) -> RunResult:
-    """Compile the pipeline, run it with kfp.local (workers as local processes), collect the run folder."""
-    from kfp import local
-
-    from microfed.pipelines.pipeline import compile_pipeline, microfed_pipeline
-
-    run_dir = Path(runs_dir) / (name or time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise MicrofedError(f"run folder {run_dir} already exists and is not empty", hint="choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(run_dir / "pipeline.yaml")
-    # No venv per step: the steps run in this Python environment, which has microfed installed.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
-    start = time.perf_counter()
-    tasks = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
-    display = make_display(sys.stdout, verbose=verbose, quiet=quiet, steps=len(tasks))
-    with _capture(run_dir / "kfp.log", display) as tee, warnings.catch_warnings():
-        # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        try:
-            # Locally the train step starts the workers as processes; compiled YAML defaults to PyTorchJob.
-            # The measured-usage cache outlives a run: beside the run folders, unless the caller chose one.
-            cache = arguments.get("usage_cache") or str(Path(runs_dir).resolve() / "usage-cache.json")
-            task = microfed_pipeline(**{**arguments, "launcher": "local", "usage_cache": cache})
-        except RuntimeError as e:
-            raise MicrofedError(tee.error or str(e), hint=f"the full log is {run_dir / 'kfp.log'}") from None
-    total = time.perf_counter() - start
-    model_dir = Path(task.outputs["global_model"].path)
-    report_dir = Path(task.outputs["report"].path)
-    for f in (MODEL_FILE, MODEL_CONFIG_FILE):
-        shutil.copy2(model_dir / f, run_dir / f)
-    # the ONNX model and its sidecar (class names, input size), for `microfed predict` without torch
-    exported = Path(task.outputs["exported"].path)
-    for f in ("model.onnx", "model.json"):
-        shutil.copy2(exported / f, run_dir / f)
-    metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
-    steps = sum(metrics["timings"].values())
-    metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps), "total": total}
-    metrics["config"] = {**arguments, "launcher": "local"}
-    write_json(run_dir / "metrics.json", metrics)
-    # the evaluate step's report, again with what only the whole run knows: total time, the CLI's arguments
-    job, dataset = read_json(report_dir / "job.json"), read_json(report_dir / "dataset.json")
-    html = render_report(metrics, config=metrics["config"], dataset=dataset, workers=job["workers"])
-    write_report(run_dir / "report.html", html)
-    return RunResult(run_dir=run_dir, metrics=metrics)

@@ -2,6 +2,9 @@
 
 The steps and workers print plain marker lines (`[microfed] ...`, `[microfed worker] round r/R epoch e/E ...`);
 a display turns them into something a person can follow. Everything is also in the run's kfp.log.
+
+A line can quote data (a class name, a file name from an upload): displays drop kfp's colour codes and show
+every other control character escaped (training/text.py), so no line can restyle or retitle the terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from microfed.training.text import printable
 
 __all__ = ["Display", "LinesDisplay", "QuietDisplay", "RichDisplay", "make_display"]
 
@@ -55,8 +60,9 @@ class LinesDisplay:
         self.out, self.verbose = out, verbose
 
     def line(self, text: str) -> None:
-        if self.verbose or _SHOW.search(_ANSI.sub("", text)):
-            self.out.write(text + "\n")
+        plain = _ANSI.sub("", text)
+        if self.verbose or _SHOW.search(plain):
+            self.out.write(printable(plain) + "\n")
             self.out.flush()
 
     def close(self) -> None:
@@ -95,7 +101,7 @@ class RichDisplay:
                 self.training, advance=1, description=f"round {r}/{rounds}, rank 0 loss {loss}, train acc {acc}"
             )
         elif plain.startswith("[microfed") or _SHOW.search(plain):
-            self.progress.console.print(plain, markup=False, highlight=False)
+            self.progress.console.print(printable(plain), markup=False, highlight=False, emoji=False)
 
     def close(self) -> None:
         self.progress.stop()

@@ -326,3 +326,25 @@ def test_predict_falls_back_to_the_sidecar(gray_onnx: Path, tmp_path: Path) -> N
     [prediction] = predict(tmp_path / "model.onnx", [path])
 
     assert isinstance(prediction, Prediction) and prediction.label in CLASSES
+
+
+def test_predict_runs_no_factory_a_run_folder_names(gray_onnx: Path, tmp_path: Path) -> None:
+    # A run folder someone sent: a good model.onnx beside a model_config.json naming a file that would run code.
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef make(**kw): ...\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.onnx").write_bytes(gray_onnx.read_bytes())
+    card = ModelCard(
+        architecture=ModelConfig(name=f"{evil}:make", num_classes=3, in_channels=1, image_size=(16, 16)),
+        class_names=CLASSES,
+        mean=(0.5,),
+        std=(0.25,),
+    )
+    (run / "model_config.json").write_text(json.dumps(card.to_dict()))
+    path = write_pngs(tmp_path / "images", random_images(GRAY, 1))[0]
+
+    [prediction] = predict(run, [path])
+
+    assert prediction.label in CLASSES and not marker.exists()

@@ -76,6 +76,28 @@ def test_the_step_bar_counts_every_step_of_the_pipeline(tmp_path: Path) -> None:
     display.close()
 
 
+# Data a step can quote in its lines (a class folder's name): a window title (OSC ... BEL) and a colour.
+TITLE = "\x1b]0;pwned\x07cat"
+COLOUR = "\x1b[31mred"
+
+
+def test_progress_lines_escape_data_and_drop_kfps_colours() -> None:
+    line = f"    [microfed] split: class {TITLE} {COLOUR}"
+    for verbose in (False, True):
+        out = io.StringIO()
+        LinesDisplay(out, verbose=verbose).line(line)
+        # a colour code is dropped like kfp's own (the display cannot tell them apart); the rest is escaped
+        assert out.getvalue() == "    [microfed] split: class \\x1b]0;pwned\\x07cat red\n"
+    colours = io.StringIO()
+    LinesDisplay(colours, verbose=True).line("Executing task \x1b[96m'train'\x1b[0m")
+    assert colours.getvalue() == "Executing task 'train'\n"
+    out = io.StringIO()
+    display = RichDisplay(out, steps=1)
+    display.line(line)
+    display.close()
+    assert "\x07" not in out.getvalue() and "\x1b" not in out.getvalue() and "\\x1b]0;pwned" in out.getvalue()
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

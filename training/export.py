@@ -83,6 +83,9 @@ def export_model(
     fmt: str = "onnx",
     parity_images: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    model_code: str | None = None,
+    allow_changed_model_code: bool = False,
+    trust_recorded_code: bool = False,
 ) -> dict[str, Any]:
     """Export the model in `model_dir` (model.safetensors + model_config.json) to `out_dir` as `fmt`.
 
@@ -91,6 +94,9 @@ def export_model(
     the exported model with eager PyTorch on (e.g. `parity_images_from_shards`); None uses a fixed random
     batch. Raises MicrofedError, writing nothing, when the max absolute logit difference exceeds `tolerance`.
 
+    A model built by a user factory exports only when the caller names its code (`model_code`) or trusts the
+    folder's record (`trust_recorded_code`, the pipeline's own export step): see `model_files.load_model`.
+
     Returns this format's sidecar entry (file, sha256, bytes, opset, parity) plus `path` and `sidecar`.
     """
     if fmt not in EXPORT_FORMATS:
@@ -98,7 +104,12 @@ def export_model(
     if not (tolerance >= 0 and np.isfinite(tolerance)):
         raise MicrofedError(f"parity tolerance must be a finite number >= 0, got {tolerance}")
     model_dir, out = Path(model_dir), Path(out_dir)
-    net, card = load_model(model_dir)
+    net, card = load_model(
+        model_dir,
+        model_code=model_code,
+        allow_changed_model_code=allow_changed_model_code,
+        trust_recorded_code=trust_recorded_code,
+    )
     # Whatever the training used (channels_last, bf16 autocast), the export is plain fp32 NCHW in eval mode.
     net = net.float().to(memory_format=torch.contiguous_format)
     wrapped = _WithPreprocessing(net, card).eval()

@@ -13,7 +13,9 @@ Besides the built-in names, a model can be a user factory, in one of three forms
   cluster, where the file ships through the bucket rather than the image).
 
 The function is called as ``function(num_classes=, in_channels=, image_size=)`` and returns an ``nn.Module``.
-A factory file runs with the worker's privileges, like the command line that names it.
+A factory file runs with the worker's privileges, like the command line that names it. A model folder names its
+factory too (model_config.json), but a folder is data: `model_files.load_model` decides whether to run what it
+names; `build_model` runs what it is given.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import importlib.util
 import re
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -38,12 +40,15 @@ from .errors import MicrofedError
 
 __all__ = [
     "MODEL_NAMES",
+    "FactoryDigestError",
     "ModelConfig",
     "absolute_factory_path",
     "build_model",
     "check_model_name",
     "count_parameters",
     "factory_file",
+    "factory_parts",
+    "factory_sha256",
 ]
 
 MODEL_NAMES: tuple[str, ...] = (
@@ -145,7 +150,7 @@ def check_model_name(name: object) -> None:
     Only the form is checked: whether a factory's module or file exists is for `build_model` to find out, on the
     machine that builds the model.
     """
-    if isinstance(name, str) and (name in MODEL_NAMES or _factory_parts(name) is not None):
+    if isinstance(name, str) and (name in MODEL_NAMES or factory_parts(name) is not None):
         return
     if isinstance(name, str) and (":" in name or name.strip().endswith(".py")):
         raise MicrofedError(
@@ -161,7 +166,7 @@ def check_model_name(name: object) -> None:
 
 def factory_file(name: str) -> str | None:
     """The Python file a `file.py:function` or `gs://.../file.py:function` factory loads, else None."""
-    parts = _factory_parts(name)
+    parts = factory_parts(name)
     return parts[0] if parts is not None and parts[0].endswith(".py") else None
 
 
@@ -183,7 +188,34 @@ def absolute_factory_path(name: str) -> str:
     return f"{path}:{name.rpartition(':')[2]}"
 
 
-def _factory_parts(name: str) -> tuple[str, str] | None:
+def factory_sha256(name: str) -> str | None:
+    """sha256 of the content of the file a `file.py:function` or `gs://.../file.py:function` factory loads (read
+    now, nothing run); None for built-in models and `package.module:function` factories.
+
+    Training records it in model_config.json, so that a later load can tell whether the file is still the one
+    the weights were trained with.
+    """
+    file = factory_file(name)
+    if file is None:
+        return None
+    with _staged_factory_file(name, file) as path:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FactoryDigestError(MicrofedError):
+    """A factory file's content does not have the sha256 the caller expected; nothing of it ran."""
+
+    def __init__(self, name: str, file: str, *, expected: str, found: str) -> None:
+        super().__init__(
+            f"model factory {name!r}: {file} has sha256 {found}, expected {expected}",
+            hint="load the file the model was trained with",
+        )
+        self.file = file
+        self.expected = expected
+        self.found = found
+
+
+def factory_parts(name: str) -> tuple[str, str] | None:
     """(module or .py file, attribute path) of a well-formed factory name, else None."""
     where, colon, attribute = name.rpartition(":")
     if not colon or not _DOTTED.fullmatch(attribute):
@@ -222,8 +254,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig, *, factory_sha256: str | None = None) -> nn.Module:
     """Build the network `config` names, with freshly initialised weights drawn from torch's global RNG.
+
+    `factory_sha256`: for a factory file, the sha256 its content must have. It is compared on the bytes that
+    then run, so a file that differs (or changes between a check and the load) raises FactoryDigestError before
+    any of it runs. Ignored for built-in models and module factories.
 
     Every model maps a float batch (N, in_channels, H, W) to logits (N, num_classes).
 
@@ -246,7 +282,7 @@ def build_model(config: ModelConfig) -> nn.Module:
       `nn.Module`.
     """
     if ":" in config.name:
-        return _build_from_factory(config)
+        return _build_from_factory(config, factory_sha256)
     builder = _BUILDERS.get(config.name)
     if builder is None:  # Only reachable by bypassing ModelConfig's checks; keep the message helpful anyway.
         raise MicrofedError(
@@ -406,12 +442,12 @@ def _upsample_if_small(net: nn.Module, image_size: tuple[int, int]) -> nn.Module
     return nn.Sequential(OrderedDict(resize=resize, net=net))
 
 
-def _build_from_factory(config: ModelConfig) -> nn.Module:
-    parts = _factory_parts(config.name)
+def _build_from_factory(config: ModelConfig, sha256: str | None) -> nn.Module:
+    parts = factory_parts(config.name)
     assert parts is not None  # ModelConfig checked the name (internal invariant)
     module_name, attribute_path = parts
     if module_name.endswith(".py"):
-        module = _load_factory_file(config.name, module_name)
+        module = _load_factory_file(config.name, module_name, sha256)
     else:
         try:
             module = importlib.import_module(module_name)
@@ -442,12 +478,42 @@ def _build_from_factory(config: ModelConfig) -> nn.Module:
     return model
 
 
-def _load_factory_file(name: str, file: str) -> ModuleType:
+def _load_factory_file(name: str, file: str, sha256: str | None) -> ModuleType:
     """The module of a factory file (local or gs://), executed once per process and content.
 
     It is registered in sys.modules under a name derived from its content's hash, so loading the same file again
-    (every build_model call of a worker) reuses it, and a changed file is a new module.
+    (every build_model call of a worker) reuses it, and a changed file is a new module. With `sha256`, content
+    with another digest raises FactoryDigestError before it runs: the bytes compared are the bytes executed.
     """
+    with _staged_factory_file(name, file) as path:
+        source = path.read_bytes()
+        digest = hashlib.sha256(source).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise FactoryDigestError(name, file, expected=sha256, found=digest)
+        module_name = _FACTORY_MODULE_PREFIX + digest[:24]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None:
+            return loaded
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None:  # a .py path always gets a spec; be explicit anyway
+            raise MicrofedError(f"model factory {name!r}: {file} cannot be loaded as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it, as `import` does (dataclasses look it up)
+        try:
+            # What the loader's exec_module would do, but on the bytes hashed above rather than a second read.
+            exec(compile(source, str(path), "exec"), module.__dict__)
+        except Exception as err:  # the user's code: any error in it means the factory is unusable
+            del sys.modules[module_name]
+            raise MicrofedError(
+                f"model factory {name!r}: running {file} failed: {type(err).__name__}: {err}",
+                hint="fix the file; it runs as a module of its own and can import installed packages only",
+            ) from err
+        return module
+
+
+@contextlib.contextmanager
+def _staged_factory_file(name: str, file: str) -> Iterator[Path]:
+    """A local path to a factory file: the file itself, or a download of a gs:// one (removed afterwards)."""
     from .storage import staged_file  # google-cloud-storage is imported only when a factory file is used
 
     if not file.startswith("gs://") and not Path(file).expanduser().is_file():
@@ -461,24 +527,7 @@ def _load_factory_file(name: str, file: str) -> ModuleType:
             path = stack.enter_context(staged_file(file if file.startswith("gs://") else Path(file).expanduser()))
         except MicrofedError as err:  # storage's errors name the URI (not found, access denied); add the flag's
             raise MicrofedError(f"model factory {name!r}: {err.message}", hint=err.hint) from None
-        module_name = _FACTORY_MODULE_PREFIX + hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-        loaded = sys.modules.get(module_name)
-        if loaded is not None:
-            return loaded
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:  # a .py path always gets a source loader; be explicit anyway
-            raise MicrofedError(f"model factory {name!r}: {file} cannot be loaded as a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it, as `import` does (dataclasses look it up)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # the user's code: any error in it means the factory is unusable
-            del sys.modules[module_name]
-            raise MicrofedError(
-                f"model factory {name!r}: running {file} failed: {type(err).__name__}: {err}",
-                hint="fix the file; it runs as a module of its own and can import installed packages only",
-            ) from err
-        return module
+        yield path
 
 
 _BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {

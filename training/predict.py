@@ -9,7 +9,8 @@ RGB; alpha dropped, 16-bit scaled), resized bilinearly to the model's input size
 normalisation is inside the graph.
 
 This module must not import torch (a test blocks it): a device that only predicts installs onnxruntime,
-numpy and Pillow.
+numpy and Pillow. Nor does it read model_config.json or load a model factory: the ONNX graph is the whole
+model, so predicting with a run folder someone sent runs none of the Python code it names.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from microfed.training.errors import MicrofedError
+from microfed.training.text import printable
 
 __all__ = ["Prediction", "Predictor", "add_arguments", "main", "predict", "run"]
 
@@ -230,9 +232,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print `path<TAB>label<TAB>probability` per image (more label/probability pairs with --top-k)."""
+    """Print `path<TAB>label<TAB>probability` per image (more label/probability pairs with --top-k).
+
+    Paths and class names are printed escaped (training/text.py): a class name comes from whoever trained the
+    model, and one holding a tab, a newline or a terminal escape would otherwise forge columns and lines.
+    """
     for p in predict(args.model, args.images, top_k=args.top_k):
-        print("\t".join([p.path, *(f"{label}\t{prob:.4f}" for label, prob in p.top)]))
+        print("\t".join([printable(p.path), *(f"{printable(label)}\t{prob:.4f}" for label, prob in p.top)]))
     return 0
 
 
@@ -241,10 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
+    except KeyboardInterrupt:
+        print("microfed predict: interrupted", file=sys.stderr)
+        return 130
     except MicrofedError as e:
-        print(f"microfed predict: error: {e.message}", file=sys.stderr)
+        print(f"microfed predict: error: {printable(e.message)}", file=sys.stderr)
         if e.hint:
-            print(f"microfed predict: hint: {e.hint}", file=sys.stderr)
+            print(f"microfed predict: hint: {printable(e.hint)}", file=sys.stderr)
         return 2
 
 

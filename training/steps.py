@@ -633,7 +633,8 @@ def evaluate_step(
 
 
 def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> dict[str, Any]:
-    model, card = load_model(model_dir)
+    # this run's own model, written from its --model: the factory it names is the one the run was given
+    model, card = load_model(model_dir, trust_recorded_code=True)
     test = load_test_set(shards)
     pre = Preprocess(list(card.mean), list(card.std), device=torch.device("cpu"))
     classes = card.architecture.num_classes
@@ -703,7 +704,9 @@ def export_step(
         staged_output(out_dir) as out,
     ):
         images = parity_images_from_shards(shards, parity_images)
-        record = export_model(model_path, out, fmt=fmt, parity_images=images, tolerance=tolerance)
+        record = export_model(
+            model_path, out, fmt=fmt, parity_images=images, tolerance=tolerance, trust_recorded_code=True
+        )
     _log(
         f"export: {record['file']} ({record['bytes'] / 1e6:.1f} MB), max |logit difference| "
         f"{record['parity']['max_abs_diff']:.1e} on {record['parity']['images']} test images"
