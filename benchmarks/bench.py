@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,11 +67,13 @@ def _png_folder(data: Any, root: Path) -> Path:
         folder = root / "train" / data.class_names[int(y)].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0].numpy(), mode="L").save(folder / f"{i:06d}.png")
-    # the layout needs a test/ split; one image per class keeps it from costing anything
-    for name in data.class_names:
+    # the layout needs a test/ split; one image per class keeps it from costing anything. Not a training image:
+    # the loader refuses a test image that is a copy of a training one (it would leak the test set).
+    for k, name in enumerate(data.class_names):
         folder = root / "test" / name.replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(data.images[0][0].numpy(), mode="L").save(folder / "0.png")
+        flat = np.full(data.images[0][0].shape, 7 + 23 * k, dtype=np.uint8)
+        Image.fromarray(flat, mode="L").save(folder / "0.png")
     return root
 
 

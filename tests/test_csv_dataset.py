@@ -7,6 +7,7 @@ same tensors as the folder itself; errors name the CSV, the row and the column.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,13 @@ import torch
 from PIL import Image
 
 from microfed.training import storage
-from microfed.training.datasets import DatasetLimits, SkippedImagesWarning, check_source, load_dataset
+from microfed.training.datasets import (
+    DatasetLimits,
+    DuplicateImagesWarning,
+    SkippedImagesWarning,
+    check_source,
+    load_dataset,
+)
 from microfed.training.errors import MicrofedError
 from microfed.training.shards import SplitConfig
 from microfed.training.steps import SplitOptions, split_step
@@ -101,8 +108,8 @@ def test_path_column_absolute_paths_bom_extra_columns_and_image_size(tmp_path: P
 
 
 def test_labels_are_class_names_sorted_like_class_folders(tmp_path: Path) -> None:
-    for name in ("b.png", "a.png", "c.png", "d.png"):
-        Image.new("L", (8, 8), 100).save(tmp_path / name)
+    for value, name in enumerate(("b.png", "a.png", "c.png", "d.png")):
+        Image.new("L", (8, 8), 100 + value).save(tmp_path / name)  # distinct: a copy across splits is refused
     csv_path = write_csv(
         tmp_path / "l.csv", "filename,label,split", ["b.png,zebra,train", "a.png,ant,train", "c.png,zebra,test"]
     )
@@ -227,6 +234,99 @@ def test_dataset_limits_apply_to_a_csv(tmp_path: Path) -> None:
         load_dataset(csv_path, limits=DatasetLimits(max_files=2))
     with pytest.raises(MicrofedError, match="over the limit of 10"):
         load_dataset(csv_path, limits=DatasetLimits(max_image_pixels=10))
+
+
+def test_the_same_image_spelled_two_ways_cannot_be_in_train_and_test(tmp_path: Path) -> None:
+    """Issue 14: train/a/../a/3.png as a test row beside train/a/3.png as a training row was accepted, and the
+    reported test accuracy was 0.83 against 0.38 on the real test set."""
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8), 10 * i).save(tmp_path / "train" / "a" / f"{i}.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "train" / "a" / "3.png")
+    rows = ["train/a/3.png,a,train", "train/a/0.png,a,train"]
+
+    for spelled in ("train/a/../a/3.png", "./train//a/3.png", "link.png", str(tmp_path / "train/a/3.png")):
+        csv_path = write_csv(tmp_path / "l.csv", "image,label,split", [*rows, f"{spelled},a,test"])
+        with pytest.raises(MicrofedError) as caught:
+            load_dataset(csv_path)
+        assert caught.value.message == (
+            f"l.csv row 4, column 'image': image {spelled} is also listed in row 2 (as train/a/3.png), as test here "
+            "and train there"
+        )
+        assert "leaks the test set" in caught.value.hint
+
+    shutil.copy(tmp_path / "train" / "a" / "3.png", tmp_path / "copy.png")  # a copy: caught by its content
+    csv_path = write_csv(tmp_path / "l.csv", "image,label,split", [*rows, "copy.png,a,test"])
+    with pytest.raises(
+        MicrofedError,
+        match=r"^l\.csv: test image copy\.png \(row 4\) has the same content as training image train/a/3\.png "
+        r"\(row 2\) \(an image in both train and test leaks the test set",
+    ):
+        load_dataset(csv_path)
+
+    # within one split: the same file twice is refused, a copy is kept with a warning
+    csv_path = write_csv(tmp_path / "l.csv", "image,label,split", [*rows, "link.png,a,train", "train/a/1.png,a,test"])
+    with pytest.raises(MicrofedError, match=r"row 4, column 'image': image link\.png is also listed in row 2 "):
+        load_dataset(csv_path)
+    csv_path = write_csv(tmp_path / "l.csv", "image,label,split", [*rows, "copy.png,a,train", "train/a/1.png,a,test"])
+    with pytest.warns(DuplicateImagesWarning, match=r"copy\.png \(row 4\) of train/a/3\.png \(row 2\)"):
+        assert len(load_dataset(csv_path).train.labels) == 3
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of `size` bytes that takes no disk space (a hole), like the issue's sparse 3 GB ".png"."""
+    with path.open("wb") as file:
+        file.truncate(size)
+    return path
+
+
+def test_a_csv_or_a_listed_image_over_the_size_limits_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    huge_csv = sparse_file(tmp_path / "huge.csv", 300 << 20)
+    with pytest.raises(MicrofedError) as caught:
+        load_dataset(huge_csv)
+    assert str(caught.value) == (
+        "huge.csv: the CSV is 300.0 MiB, over the limit of 256.0 MiB (a CSV may be at most 256.0 MiB "
+        "(DatasetLimits.max_csv_bytes); split the list, or leave out columns it does not need)"
+    )
+
+    Image.new("L", (8, 8), 10).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 20).save(tmp_path / "b.png")
+    sparse_file(tmp_path / "huge.png", 3 * 10**9)
+    csv_path = write_csv(tmp_path / "l.csv", "image,label,split", ["a.png,x,train", "huge.png,x,train", "b.png,x,test"])
+    with pytest.raises(
+        MicrofedError,
+        match=r"^l\.csv: image file huge\.png \(row 3\) is 2\.8 GiB, over the limit of 256\.0 MiB per image file "
+        r"\(image files may be at most 256\.0 MiB \(DatasetLimits\.max_file_bytes\)",
+    ):
+        load_dataset(csv_path)
+    with pytest.warns(SkippedImagesWarning, match="huge.png"):
+        assert len(load_dataset(csv_path, bad_images="skip").train.labels) == 1
+    with pytest.raises(
+        MicrofedError, match=rf"l\.csv: the CSV is {csv_path.stat().st_size} bytes, over the limit of 20 "
+    ):
+        load_dataset(csv_path, limits=DatasetLimits(max_csv_bytes=20))
+
+
+def test_gs_csvs_and_images_are_held_to_the_same_limits_and_spellings(
+    gcs: GcsEmulator,  # noqa: F811
+) -> None:
+    storage.write_bytes(gcs.uri("d/a.png"), png(np.full((8, 8), 10, np.uint8)))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    storage.write_bytes(gcs.uri("d/b.png"), png(noise))
+    table = b"image,label,split\na.png,x,train\nb.png,x,test\n"
+    storage.write_bytes(gcs.uri("d/l.csv"), table)
+
+    with pytest.raises(
+        MicrofedError, match=r"^l\.csv: image file b\.png \(row 3\) is 4\.\d KiB, over the limit of 1000 bytes"
+    ):
+        load_dataset(gcs.uri("d/l.csv"), limits=DatasetLimits(max_file_bytes=1000))
+    with pytest.raises(MicrofedError, match=rf"^l\.csv: the CSV is {len(table)} bytes, over the limit of 20 bytes"):
+        load_dataset(gcs.uri("d/l.csv"), limits=DatasetLimits(max_csv_bytes=20))
+
+    twice = f"image,label,split\na.png,x,train\n{gcs.uri('d/sub/../a.png')},x,test\n"
+    storage.write_bytes(gcs.uri("d/twice.csv"), twice.encode())
+    with pytest.raises(MicrofedError, match=r"row 3, column 'image': image gs://.*/d/sub/\.\./a\.png is also listed"):
+        load_dataset(gcs.uri("d/twice.csv"))
 
 
 def test_gs_csv_with_relative_paths_and_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811

@@ -294,6 +294,32 @@ def test_zip_mixed_modes_and_sizes(tmp_path: Path) -> None:
     assert loaded.test.images[1, :, 0, 0].tolist() == [1, 2, 3]  # alpha dropped
 
 
+def encoded(array: np.ndarray, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_real_images_pass_the_per_image_limits(tmp_path: Path) -> None:
+    """Pixels per byte of file is checked on every image, however small: photos, noise and flat synthetic images
+    stay under the default (the figures measured for it are beside datasets.MAX_PIXELS_PER_BYTE)."""
+    y, x = np.mgrid[0:768, 0:1024]
+    photo = np.stack([x / 4, y / 3, (x + y) / 7], axis=-1).astype(np.uint8)  # smooth, like a photo of the sky
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    files = {
+        "train/photo/0.jpg": encoded(photo, "JPEG", quality=75),
+        "train/photo/1.webp": encoded(photo, "WEBP", quality=80),
+        "train/photo/2.png": encoded(photo, "PNG"),
+        "train/flat/0.png": png("L", (64, 64), 128),
+        "train/flat/1.png": png("L", (1000, 1000), 255),  # a blank page: 338 pixels per byte
+        "test/photo/3.png": encoded(noise, "PNG"),
+        "test/flat/2.png": png("RGB", (28, 28), (9, 9, 9)),
+    }
+    loaded = load_dataset(str(write_zip(tmp_path / "real.zip", files)), image_size=(32, 32))
+
+    assert loaded.train.images.shape == (5, 3, 32, 32) and loaded.test.images.shape == (2, 3, 32, 32)
+
+
 def test_folder_matches_zip(tmp_path: Path) -> None:
     from_zip = load_dataset(str(write_zip(tmp_path / "pets.zip", mixed_upload())))
     from_folder = load_dataset(write_tree(tmp_path / "upload", mixed_upload()))

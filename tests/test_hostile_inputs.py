@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -26,9 +27,12 @@ import pytest
 import torch
 from PIL import Image
 
+from microfed.training import datasets
 from microfed.training.aggregation import ARCHITECTURE_KEY, check_same_architecture
 from microfed.training.datasets import (
+    COMPRESSION_RATIO_MIN_BYTES,
     DatasetLimits,
+    DuplicateImagesWarning,
     SkippedImagesWarning,
     display_name,
     load_dataset,
@@ -68,6 +72,14 @@ def png_declaring(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
     )
+
+
+def webp_bomb(side: int) -> bytes:
+    """A lossless WebP of one colour: a few hundred bytes to a few KB for side x side pixels. Issue 14's is 9400²
+    (3.4 KB); 30 copies in a 15 KB zip cost 38 s of CPU and 265 MB per image in the split step."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (0, 0, 0)).save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue()
 
 
 def good_files(top: str = "pets/") -> dict[str, bytes]:
@@ -202,6 +214,41 @@ HOSTILE: dict[str, tuple[dict[str, bytes], Callable[[zipfile.ZipFile], None] | N
         DatasetLimits(max_decoded_bytes=300),
         r"6 images of 1x8x8 need 384 bytes decoded, over the limit of 300 bytes.*smaller image_size",
     ),
+    "too deep": (
+        {**good_files(), "pets/train/cat/" + "d/" * 40 + "x.png": png()},
+        None,
+        None,
+        r"entry pets/train/cat/(d/){40}x\.png is 44 levels deep, over the limit of 32.*at most 32 components",
+    ),
+    "image file over the size limit": (
+        {**good_files(), "pets/train/dog/big.jpg": jpeg()},
+        None,
+        DatasetLimits(max_file_bytes=1000),
+        r"image file pets/train/dog/big\.jpg is \d+\.\d KiB, over the limit of 1000 bytes per image file.*"
+        r"at most 1000 bytes \(DatasetLimits\.max_file_bytes\)",
+    ),
+    "WebP bomb (pixels per byte)": (
+        {**good_files(), **{f"pets/train/dog/bomb{i}.webp": webp_bomb(2000) for i in range(3)}},
+        None,
+        None,
+        r"image pets/train/dog/bomb0\.webp declares 2000x2000 = 4,000,000 pixels in a file of [\d,]+ bytes, "
+        r"[\d,]+ pixels per byte, over the limit of 1,024 \(a decompression bomb\?\).*"
+        r"at most 1,024 pixels per byte of file \(DatasetLimits\.max_pixels_per_byte",
+    ),
+    "over the total pixel budget": (
+        good_files(),
+        None,
+        DatasetLimits(max_total_pixels=300),
+        r"the images declare more than 300 pixels in all \(320 by image 5 of 6, pets/test/cat/4\.png\).*"
+        r"at most 300 pixels before resizing \(DatasetLimits\.max_total_pixels\)",
+    ),
+    "copy across splits": (
+        {**good_files(), "pets/test/dog/6.png": png(value=210)},
+        None,
+        None,
+        r"test image pets/test/dog/6\.png has the same content as training image pets/train/dog/3\.png.*"
+        r"leaks the test set into training",
+    ),
 }
 
 
@@ -223,6 +270,7 @@ def test_a_hostile_zip_gives_its_own_error(hostile_zip: tuple[Path, DatasetLimit
 
     assert str(caught.value).startswith("upload.zip: ")  # every message names the archive ...
     assert caught.value.hint  # ... and says what is allowed or what to do
+    assert "\n" not in str(caught.value)  # on one line
 
 
 @pytest.mark.parametrize("hostile_zip", list(HOSTILE), indirect=True)
@@ -260,6 +308,33 @@ def test_an_entry_whose_header_understates_its_size_is_refused(tmp_path: Path) -
         load_dataset(str(path))
 
 
+def test_issue_14s_webp_bomb_is_refused_from_its_header_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = webp_bomb(9400)
+    files = {**good_files(), **{f"pets/train/dog/bomb{i:02d}.webp": bomb for i in range(30)}}
+    path = make_zip(tmp_path / "upload.zip", files)
+    assert len(bomb) < 5000 and path.stat().st_size < 30_000  # the issue's 3.4 KB image and 15 KB zip
+    decoded: list[tuple[int, int]] = []
+    to_mode = datasets._to_mode
+    monkeypatch.setattr(
+        datasets, "_to_mode", lambda image, channels: decoded.append(image.size) or to_mode(image, channels)
+    )
+
+    with pytest.raises(MicrofedError) as caught:
+        load_dataset(str(path))
+    assert re.fullmatch(
+        r"upload\.zip: image pets/train/dog/bomb00\.webp declares 9400x9400 = 88,360,000 pixels in a file of "
+        r"[\d,]+ bytes, [\d,]+ pixels per byte, over the limit of 1,024 \(a decompression bomb\?\) \(images may "
+        r"hold at most 1,024 pixels per byte of file .*; or pass bad_images='skip' .*\)",
+        str(caught.value),
+    )
+    with pytest.warns(SkippedImagesWarning, match=r"skipped 30 unreadable image\(s\): pets/train/dog/bomb00\.webp"):
+        data = load_dataset(str(path), bad_images="skip")
+    assert len(data.train.labels) == 4
+    assert decoded == [(8, 8)] * 6  # the good images only: not one pixel of a bomb was decoded
+
+
 # --------------------------------------------------------------------------------------------- folders
 
 
@@ -295,6 +370,124 @@ def test_a_fifo_in_a_folder_dataset_is_refused_without_blocking(tmp_path: Path) 
 
     with pytest.raises(MicrofedError, match=r"train/cat/pipe\.png is not a regular file"):
         load_dataset(root)
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of `size` bytes that takes no disk space (a hole), like the issue's 3 GB ".png"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+        file.truncate(size)
+    return path
+
+
+def test_a_sparse_3_gb_png_is_refused_by_its_size_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_tree(tmp_path / "upload", good_files(top=""))
+    huge = sparse_file(root / "train" / "cat" / "huge.png", 3 * 10**9)
+    read = []
+    real_read = datasets._read_file
+    monkeypatch.setattr(datasets, "_read_file", lambda path, limit: read.append(str(path)) or real_read(path, limit))
+    message = (
+        r"upload: image file train/cat/huge\.png is 2\.8 GiB, over the limit of 256\.0 MiB per image file "
+        r"\(image files may be at most 256\.0 MiB \(DatasetLimits\.max_file_bytes\); .*\)"
+    )
+
+    with pytest.raises(MicrofedError) as caught:
+        load_dataset(root)
+    assert re.fullmatch(message, str(caught.value))
+    out = tmp_path / "shards"
+    with pytest.raises(MicrofedError, match=message):  # the split step fails with the same line, not MemoryError
+        split_step(SplitOptions(source=str(root)), SplitConfig(num_shards=2), out)
+    assert not list(out.rglob("*"))
+    with pytest.warns(SkippedImagesWarning, match="huge.png"):
+        data = load_dataset(root, bad_images="skip")
+    assert [f.file for f in data.train.skipped] == ["train/cat/huge.png"]
+    assert str(huge) not in read  # not one byte of it was read
+
+
+def test_a_file_that_grows_past_the_limit_after_listing_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_tree(tmp_path / "upload", good_files(top=""))
+    listed = datasets._list_folder
+
+    def list_then_grow(source: str, folder: Path, limits: DatasetLimits) -> list:
+        entries = listed(source, folder, limits)
+        with (folder / "train" / "cat" / "0.png").open("ab") as file:
+            file.write(bytes(2000))
+        return entries
+
+    monkeypatch.setattr(datasets, "_list_folder", list_then_grow)
+    with pytest.raises(MicrofedError, match=r"image file train/cat/0\.png is more than 1000 bytes, over the limit"):
+        load_dataset(root, limits=DatasetLimits(max_file_bytes=1000))
+
+
+def test_a_hard_link_from_test_to_train_is_refused_naming_both(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "upload", good_files(top=""))
+    os.link(root / "train" / "dog" / "3.png", root / "test" / "dog" / "6.png")
+
+    with pytest.raises(
+        MicrofedError,
+        match=r"^upload: test image test/dog/6\.png has the same content as training image train/dog/3\.png "
+        r"\(an image in both train and test leaks the test set into training and inflates the test accuracy",
+    ):
+        load_dataset(root)
+
+
+def test_copies_within_one_split_are_kept_with_a_warning(tmp_path: Path) -> None:
+    files = {**good_files(), "pets/train/cat/copy.png": png(value=10), "pets/test/dog/copy.png": png(value=205)}
+
+    with pytest.warns(
+        DuplicateImagesWarning,
+        match=r"2 image\(s\) are byte-identical copies of another image of the same split, e\.g\. "
+        r"pets/train/cat/copy\.png of pets/train/cat/0\.png",
+    ):
+        data = load_dataset(str(make_zip(tmp_path / "upload.zip", files)))
+    assert len(data.train.labels) == 5 and len(data.test.labels) == 3
+
+
+def test_an_image_that_changes_between_check_and_decode_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_tree(tmp_path / "upload", good_files(top=""))
+    reads: dict[str, int] = {}
+    real_read = datasets._read_file
+
+    def swapped_on_second_read(path: str, limit: int) -> bytes:
+        reads[path] = reads.get(path, 0) + 1
+        return png(value=210) if path.endswith("4.png") and reads[path] == 2 else real_read(path, limit)
+
+    monkeypatch.setattr(datasets, "_read_file", swapped_on_second_read)
+    with pytest.raises(MicrofedError, match=r"image test/cat/4\.png changed while the dataset was being read"):
+        load_dataset(root)
+
+
+def test_a_deep_folder_is_refused_before_it_is_walked_further(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "upload", good_files(top=""))
+    deep = root.joinpath("train", "cat", *["d"] * 40)
+    deep.mkdir(parents=True)
+    (deep / "x.png").write_bytes(png())
+
+    with pytest.raises(
+        MicrofedError, match=r"upload: path train/cat/(d/){30}d is 33 levels deep, over the limit of 32"
+    ):
+        load_dataset(root)
+
+
+def test_the_readme_lists_every_limit_with_its_default() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("**Untrusted uploads**") : text.index("**Faults**")]
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", section, flags=re.MULTILINE))
+
+    def figure(shown: str) -> float:
+        number, _, unit = shown.partition(" ")
+        return float(number.replace(",", "")) * {"": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
+
+    assert sorted(table) == sorted(field.name for field in dataclasses.fields(DatasetLimits))
+    defaults = DatasetLimits()
+    assert {name: figure(shown) for name, shown in table.items()} == {name: getattr(defaults, name) for name in table}
+    assert f"over {COMPRESSION_RATIO_MIN_BYTES // 1024**2} MiB" in section
 
 
 # ------------------------------------------------------------------------------- skipping bad images
@@ -351,6 +544,8 @@ def test_archive_level_problems_are_not_skipped(tmp_path: Path) -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(MicrofedError, match=r"DatasetLimits\.max_image_pixels must be a positive number"):
         DatasetLimits(max_image_pixels=0)
+    with pytest.raises(MicrofedError, match=r"DatasetLimits\.max_depth must be a positive number, got True"):
+        DatasetLimits(max_depth=True)
 
 
 # ------------------------------------------------------------------------------------ class folder names

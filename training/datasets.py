@@ -20,13 +20,17 @@ Sources (`load_dataset`):
 
 Named datasets are looked up in `default_data_dirs` and, when missing and allowed, downloaded.
 
-Zips and folders come from users and are read as hostile. Nothing is ever extracted to disk: entries are read
-into memory one at a time. Entries with absolute paths or '..', symbolic links (in a zip's attributes or on
-disk), special files and duplicate names are refused; so are archives over the `DatasetLimits` (expanded size,
-per-entry compression ratio, file count) and images whose header declares more pixels than allowed, checked
-before anything is decoded. An image that cannot be decoded (truncated, not an image) is an error naming it,
-or with bad_images='skip' it is left out, warned about and recorded for the shard manifest. Class folder names
-are kept exactly (labels, manifests) and shown through `display_name` in messages.
+Zips, folders and CSVs come from users and are read as hostile. Nothing is ever extracted to disk: entries are
+read into memory one at a time. Entries with absolute paths or '..', symbolic links (in a zip's attributes or on
+disk), special files and duplicate names are refused; so is anything over the `DatasetLimits` (file count, path
+depth, what a zip expands to and each entry's compression ratio, the size of each image file and of a CSV, each
+image's pixels and pixels per byte of file, all images' pixels together, the decoded tensors), each checked on
+declared sizes and image headers before the bytes or pixels it bounds are read or decoded. An image listed in
+both train and test (the same file however its path is spelled, or a byte-identical copy: every image's sha256 is
+taken from the bytes read for its header) is refused, naming both. An image that cannot be decoded (truncated,
+not an image) or breaks a per-image limit is an error naming it, or with bad_images='skip' it is left out, warned
+about and recorded for the shard manifest. Class folder names are kept exactly (labels, manifests) and shown
+through `display_name` in messages.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import posixpath
@@ -50,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 
 import numpy as np
 import torch
@@ -60,11 +65,23 @@ from microfed.training.errors import MicrofedError
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
+    "COMPRESSION_RATIO_MIN_BYTES",
     "CSV_IMAGE_COLUMNS",
     "DATASET_NAMES",
     "DatasetLimits",
+    "DuplicateImagesWarning",
     "ImageData",
     "LoadedDataset",
+    "MAX_COMPRESSION_RATIO",
+    "MAX_CSV_BYTES",
+    "MAX_DECODED_BYTES",
+    "MAX_DEPTH",
+    "MAX_FILES",
+    "MAX_FILE_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_PIXELS_PER_BYTE",
+    "MAX_TOTAL_BYTES",
+    "MAX_TOTAL_PIXELS",
     "SYSTEM_DATA_DIR",
     "SkippedFile",
     "SkippedImagesWarning",
@@ -139,6 +156,12 @@ class SkippedImagesWarning(UserWarning):
     """Some images could not be read and were left out (bad_images='skip'); the manifest lists them."""
 
 
+class DuplicateImagesWarning(UserWarning):
+    """Some images are byte-identical copies of others in the same split: each copy is one more example.
+
+    (A copy across train and test is an error, not a warning: it would leak the test set into training.)"""
+
+
 @dataclass(frozen=True)
 class ImageData:
     """One split of a dataset, fully decoded."""
@@ -166,39 +189,114 @@ class LoadedDataset:
 
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
-# Entries smaller than this are not held to the compression-ratio limit: a small file of flat colour
-# compresses well and harms no one; the ratio matters where the expanded size does.
-_RATIO_MIN_BYTES = 1 << 20
+
+# ---------------------------------------------------------------------------------------------- limits
+# The defaults of `DatasetLimits`, one constant each so that the README's table can be checked against them
+# (tests/test_hostile_inputs.py). Each is generous for real datasets (Fashion-MNIST or CIFAR as PNG files, a
+# few hundred thousand ImageNet-like JPEGs) and strict for bombs. Figures measured on this project's 2-core
+# machine (Pillow 12, the 70,000 Fashion-MNIST images saved as PNG):
+#   pixels per byte of file: Fashion-MNIST PNGs 1.5 (median) to 4.9 (max); a 512x600 photo (matplotlib's sample
+#   grace_hopper.jpg) 0.7 (PNG), 3.6-10 (JPEG q90-q50), 6.8 (lossy WebP); the photo upscaled to 2048x2400: 14
+#   (JPEG), 28 (WebP); noise 0.3 (PNG);
+#   one-colour images 0.1-1.7 at 8x8, 20-90 at 64x64, 35-1,100 at 224x224 (JPEG lowest, lossless WebP highest);
+#   a synthetic scanned page (2550x3300, text lines on white) 13 (JPEG), 170 (PNG), 310 (1-bit PNG). The
+#   decompression bomb of issue 14, a one-colour 9400x9400 lossless WebP of 3,436 bytes: 25,716.
+#   decode speed on one core: 183 megapixels/s (JPEG), 128 megapixels/s (lossless WebP).
+
+MAX_FILES = 1_000_000
+"""Default of `DatasetLimits.max_files`: entries of a zip, files and folders of a folder, rows of a CSV. Room for
+a few hundred thousand images with their folders (Fashion-MNIST has 70,000, CIFAR-10 60,000); the listing of a
+million entries takes a few hundred MB of memory."""
+
+MAX_DEPTH = 32
+"""Default of `DatasetLimits.max_depth`: path components of an entry (`pets/train/cat/0.png` has 4). The layout
+needs 4; images may sit in sub-folders of their class folder, as ImageFolder allows, and 32 leaves room for
+any real tree while refusing the 10,000-level paths that only exist to exhaust a walker."""
+
+MAX_TOTAL_BYTES = 4 * 1024**3
+"""Default of `DatasetLimits.max_total_bytes` (4 GiB): what a zip expands to. Twenty times the 200 MB the
+platform we replace accepted per upload; zips of PNG or JPEG files barely compress, so an honest upload expands
+to little more than its own size."""
+
+MAX_COMPRESSION_RATIO = 100.0
+"""Default of `DatasetLimits.max_compression_ratio`: how many times a zip entry may expand. PNG and JPEG files
+shrink by a few percent in a zip; a zip bomb's entries expand about 1000 times."""
+
+COMPRESSION_RATIO_MIN_BYTES = 1 << 20
+"""Zip entries up to this size (1 MiB) are not held to the compression ratio: a small file of flat colour
+compresses well and harms no one, and the total (`max_total_bytes`) bounds what many of them expand to."""
+
+MAX_FILE_BYTES = 256 * 1024**2
+"""Default of `DatasetLimits.max_file_bytes` (256 MiB): one image file, in a folder, a zip or a bucket, checked
+before it is read. An image within the pixel limit needs at most this much even uncompressed (89,478,485
+pixels x 3 bytes of RGB is 2^28 - 1 bytes); real photos are a few MiB. A larger file is not an image worth
+reading (issue 14: a sparse 3 GB ".png" took 3.7 GB of memory)."""
+
+MAX_CSV_BYTES = 256 * 1024**2
+"""Default of `DatasetLimits.max_csv_bytes` (256 MiB): a CSV listing images, checked before it is read. The
+`max_files` rows at 268 bytes each (long gs:// paths and a few extra columns included)."""
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default of `DatasetLimits.max_image_pixels`: width x height of one image, from its header. Pillow's own
+default (a quarter gigabyte of RGB); a 12,000 x 7,400 panorama passes."""
+
+MAX_PIXELS_PER_BYTE = 1024
+"""Default of `DatasetLimits.max_pixels_per_byte`: an image's pixels per byte of its file, for every image.
+Real images stay far below (Fashion-MNIST PNGs at most 4.9, photos under 30, scanned pages up to about 300;
+see the figures above); images of one flat colour reach it from about 210x210 as lossless WebP and 2000x2000 as
+GIF, and not even at the pixel limit as PNG (815 at 9000x9000), JPEG (64) or lossy WebP (561). Decompression
+bombs are far above (25,716 for issue 14's WebP). So a hostile upload buys at most 1024 decoded pixels with each
+byte it sends."""
+
+MAX_TOTAL_PIXELS = 100_000_000_000
+"""Default of `DatasetLimits.max_total_pixels`: the pixels of all images together (train and test), summed from
+their headers before any is decoded: the decoding work of the split step, each pixel being decoded once (about
+10 minutes on one core at the speeds above). Holds 500,000 photos of 0.2 megapixels (ImageNet's average is
+about 0.18) before resizing; a hostile upload needs about 100 MB of image files to reach it (see
+`MAX_PIXELS_PER_BYTE`), no less than an honest dataset of the same cost."""
+
+MAX_DECODED_BYTES = 4 * 1024**3
+"""Default of `DatasetLimits.max_decoded_bytes` (4 GiB): the decoded uint8 tensors (N x C x H x W, train and
+test, after resizing) that the split step holds in memory and writes as shards. Fashion-MNIST needs 55 MB,
+CIFAR-10 184 MB, 300,000 RGB images at 64x64 3.7 GB."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetLimits:
-    """Limits on an image zip or folder, which come from users and are read as hostile input.
+    """Limits on an image zip, folder or CSV, which come from users and are read as hostile input.
 
-    The platform we replace capped uploads at 200 MB at its ingress. Zips of PNG or JPEG files barely
-    compress (the images are compressed already), so an honest 200 MB upload expands to little more; the
-    defaults leave an order of magnitude of room above that and stop zip bombs (which expand about 1000
-    times per entry, or nest) and decompression bombs (an image header declaring billions of pixels) before
-    they fill a disk or memory. Named datasets (our own parsers over known files) are not subject to them.
+    Every limit is checked on what headers, the file system or the bucket declare, before the bytes or pixels
+    it bounds are read or decoded, and a refusal names the file, what it holds and the limit. The defaults are
+    the MAX_* constants of this module (each says why its value). Named datasets (our own parsers over known
+    files) are not subject to them.
     """
 
-    max_total_bytes: int = 4 * 1024**3
-    """Zip archives: the sum of the entries' uncompressed sizes, i.e. what the archive expands to (4 GiB)."""
-    max_compression_ratio: float = 100.0
-    """Zip archives: uncompressed over compressed size of any entry larger than 1 MiB."""
-    max_files: int = 1_000_000
-    """Entries of a zip or files and folders of a folder."""
-    max_image_pixels: int = 89_478_485
-    """Width x height of one image, read from its header before any pixel is decoded (Pillow's own default
-    of a quarter gigabyte of RGB)."""
-    max_decoded_bytes: int = 4 * 1024**3
+    max_files: int = MAX_FILES
+    """Entries of a zip, files and folders of a folder, rows of a CSV."""
+    max_depth: int = MAX_DEPTH
+    """Path components of a zip entry or of a file or folder under a dataset folder."""
+    max_total_bytes: int = MAX_TOTAL_BYTES
+    """Zip archives: the sum of the entries' uncompressed sizes, i.e. what the archive expands to."""
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO
+    """Zip archives: uncompressed over compressed size of any entry larger than COMPRESSION_RATIO_MIN_BYTES."""
+    max_file_bytes: int = MAX_FILE_BYTES
+    """Size of one image file (a file of a folder, a zip entry, an image a CSV lists)."""
+    max_csv_bytes: int = MAX_CSV_BYTES
+    """Size of a CSV file."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Width x height of one image, read from its header before any pixel is decoded."""
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE
+    """Width x height of one image over the size of its file: how much decoding each byte of input may cost."""
+    max_total_pixels: int = MAX_TOTAL_PIXELS
+    """Width x height summed over all images, train and test, before resizing: the split step's decoding work."""
+    max_decoded_bytes: int = MAX_DECODED_BYTES
     """The decoded uint8 tensors (N x C x H x W, train and test together) the split step holds in memory."""
 
     def __post_init__(self) -> None:
-        for name in ("max_total_bytes", "max_compression_ratio", "max_files", "max_image_pixels", "max_decoded_bytes"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value > 0):
-                raise MicrofedError(f"DatasetLimits.{name} must be a positive number, got {value!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+                raise MicrofedError(f"DatasetLimits.{field.name} must be a positive number, got {value!r}")
 
 
 def display_name(name: str, max_chars: int = 120) -> str:
@@ -268,11 +366,11 @@ def load_dataset(
     image_size: (height, width) to resize every image to (bilinear). Without it a named dataset keeps
         its native size and a zip/folder uses the size all its images share, or else the most common one.
     download: fetch a named dataset that is not found locally (needs network access).
-    limits: what a zip or folder may hold (`DatasetLimits()` when None). Zip entries with absolute paths or
-        '..', symbolic links, and anything over a limit are errors that name the entry and the limit.
-    bad_images: `fail` (default): an image that cannot be decoded (truncated, not an image, over the pixel
-        limit) is an error naming it; `skip`: it is left out with a SkippedImagesWarning and recorded in
-        `ImageData.skipped`, which the shard manifest lists.
+    limits: what a zip, folder or CSV may hold (`DatasetLimits()` when None). Zip entries with absolute paths
+        or '..', symbolic links, and anything over a limit are errors that name the entry and the limit.
+    bad_images: `fail` (default): an image that cannot be decoded (truncated, not an image, over the file size,
+        pixel or pixels-per-byte limit) is an error naming it; `skip`: it is left out with a
+        SkippedImagesWarning and recorded in `ImageData.skipped`, which the shard manifest lists.
 
     A CSV source is UTF-8 text (a byte-order mark is allowed) with a header row naming its columns
     (case-insensitive; other columns are ignored):
@@ -608,7 +706,7 @@ _SKIP_HINT = "or pass bad_images='skip' to leave unreadable images out (they are
 _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: cheap keys for the reader's digests
 class _Entry:
     """A file or folder inside a zip or directory tree."""
 
@@ -617,7 +715,9 @@ class _Entry:
     name: str
     """Its path as the user sees it in the zip or folder, for messages and the manifest."""
     read: Callable[[], bytes] | None
-    """Returns the file's bytes; None for a folder."""
+    """Returns the file's bytes (at most `DatasetLimits.max_file_bytes` + 1 of them); None for a folder."""
+    size: int = 0
+    """The file's size as its file system, zip header or bucket declares it, checked before it is read."""
     row: int | None = None
     """For an image listed in a CSV: the CSV row that names it (the header is row 1), shown in messages."""
 
@@ -650,6 +750,15 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
+def _check_depth(source: str, what: str, parts: tuple[str, ...], limits: DatasetLimits) -> None:
+    if len(parts) > limits.max_depth:
+        raise MicrofedError(
+            f"{source}: {what} {display_name('/'.join(parts))} is {len(parts)} levels deep, over the limit of "
+            f"{limits.max_depth}",
+            hint=f"paths may have at most {limits.max_depth} components (DatasetLimits.max_depth); expected {_LAYOUT}",
+        )
+
+
 def _check_zip_entry(source: str, info: zipfile.ZipInfo, total: int, limits: DatasetLimits) -> None:
     shown = display_name(info.filename)
     if _is_symlink(info):
@@ -664,12 +773,13 @@ def _check_zip_entry(source: str, info: zipfile.ZipInfo, total: int, limits: Dat
             "(DatasetLimits.max_total_bytes); split the dataset or use smaller images",
         )
     ratio = info.file_size / max(1, info.compress_size)
-    if info.file_size > _RATIO_MIN_BYTES and ratio > limits.max_compression_ratio:
+    if info.file_size > COMPRESSION_RATIO_MIN_BYTES and ratio > limits.max_compression_ratio:
         raise MicrofedError(
             f"{source}: entry {shown} expands {ratio:.0f} times ({_size(info.compress_size)} to "
             f"{_size(info.file_size)}), a zip bomb's ratio",
-            hint=f"entries over {_size(_RATIO_MIN_BYTES)} may expand at most {limits.max_compression_ratio:g} "
-            "times (DatasetLimits.max_compression_ratio); store images as PNG or JPEG",
+            hint=f"entries over {_size(COMPRESSION_RATIO_MIN_BYTES)} may expand at most "
+            f"{limits.max_compression_ratio:g} times (DatasetLimits.max_compression_ratio); "
+            "store images as PNG or JPEG",
         )
 
 
@@ -679,6 +789,7 @@ def _list_zip(source: str, archive: zipfile.ZipFile, limits: DatasetLimits) -> l
     entries, seen, total = [], set(), 0
     for info in infos:
         parts = _zip_parts(source, info.filename)
+        _check_depth(source, "entry", parts, limits)
         total += info.file_size
         _check_zip_entry(source, info, total, limits)
         if not parts or _ignored(parts):
@@ -691,7 +802,7 @@ def _list_zip(source: str, archive: zipfile.ZipFile, limits: DatasetLimits) -> l
                 )
             seen.add(name)
         reader = None if info.is_dir() else functools.partial(_read_member, archive, info)
-        entries.append(_Entry(parts, name, reader))
+        entries.append(_Entry(parts, name, reader, size=info.file_size))
     return entries
 
 
@@ -710,22 +821,28 @@ def _list_folder(source: str, root: Path, limits: DatasetLimits) -> list[_Entry]
     """Every file and folder under root; links and special files are refused, not followed."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        folder = Path(dirpath).relative_to(root).parts
         for name in sorted([*dirnames, *filenames]):
-            path = Path(dirpath, name)
-            parts = path.relative_to(root).parts
+            parts = (*folder, name)
             if _ignored(parts):
                 continue
-            mode = path.lstat().st_mode
-            shown = display_name("/".join(parts))
-            if stat.S_ISLNK(mode):
+            _check_depth(source, "path", parts, limits)
+            path = os.path.join(dirpath, name)
+            status = os.lstat(path)
+            if stat.S_ISLNK(status.st_mode):
                 raise MicrofedError(
-                    f"{source}: {shown} is a symbolic link",
+                    f"{source}: {display_name('/'.join(parts))} is a symbolic link",
                     hint="a dataset folder may hold only regular files and folders; copy the files in instead",
                 )
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise MicrofedError(f"{source}: {shown} is not a regular file", hint=f"expected {_LAYOUT}")
-            is_dir = stat.S_ISDIR(mode)
-            entries.append(_Entry(parts, "/".join(parts), None if is_dir else path.read_bytes))
+            if stat.S_ISDIR(status.st_mode):
+                entries.append(_Entry(parts, "/".join(parts), None))
+            elif stat.S_ISREG(status.st_mode):
+                read = functools.partial(_read_file, path, limits.max_file_bytes)
+                entries.append(_Entry(parts, "/".join(parts), read, size=status.st_size))
+            else:
+                raise MicrofedError(
+                    f"{source}: {display_name('/'.join(parts))} is not a regular file", hint=f"expected {_LAYOUT}"
+                )
             _check_count(source, len(entries), limits)
         dirnames[:] = sorted(d for d in dirnames if not _ignored((d,)))  # walked in a stable order
     return entries
@@ -749,7 +866,7 @@ def _strip_top_folder(entries: list[_Entry]) -> list[_Entry]:
     top_folders = _folders(entries)
     if top_folders & {"train", "test"} or len(top_folders) != 1:
         return entries
-    return [_Entry(entry.parts[1:], entry.name, entry.read) for entry in entries if len(entry.parts) > 1]
+    return [dataclasses.replace(entry, parts=entry.parts[1:]) for entry in entries if len(entry.parts) > 1]
 
 
 def _is_image(entry: _Entry) -> bool:
@@ -781,6 +898,8 @@ class _TreeReader:
         self.limits = limits
         self.skip = bad_images == "skip"
         self.skipped: list[tuple[str, SkippedFile]] = []  # (split, file)
+        self.digests: dict[_Entry, bytes] = {}  # sha256 of each planned file's bytes
+        self.copies: list[tuple[_Entry, _Entry]] = []  # (first, copy): byte-identical images in one split
 
     def bad(self, entry: _Entry, problem: str, hint: str) -> None:
         """Fail naming the file, or (bad_images='skip') remember it and go on."""
@@ -815,34 +934,70 @@ class _TreeReader:
             images.sort(key=lambda entry: entry.parts)  # zip order is arbitrary; labels must not depend on it
         return classes
 
-    def open(self, entry: _Entry) -> Image.Image | None:
-        """The image with only its header read, or None when it was skipped; the pixel limit is checked here,
-        before anything is decoded."""
+    def read(self, entry: _Entry) -> bytes | None:
+        """The file's bytes, or None when it was skipped; its declared size is checked before it is read, and
+        the read itself stops one byte past the limit (a file that grew since it was listed)."""
         assert entry.read is not None  # only files reach here (internal invariant, not user input)
-        shown = entry.shown()
+        limit = self.limits.max_file_bytes
         try:
-            image = Image.open(io.BytesIO(entry.read()))
+            data = entry.read() if entry.size <= limit else None
+        except _DECODE_ERRORS as exc:  # unreadable (permissions), or a zip entry that is not what it declares
+            self.bad(entry, f"cannot read image {entry.shown()} ({_reason(exc)})", hint="replace or remove it")
+            return None
+        if data is not None and len(data) <= limit:
+            return data
+        found = _size(entry.size) if data is None else f"more than {_size(limit)}"
+        self.bad(
+            entry,
+            f"image file {entry.shown()} is {found}, over the limit of {_size(limit)} per image file",
+            hint=f"image files may be at most {_size(limit)} (DatasetLimits.max_file_bytes); store the image "
+            "compressed (PNG, JPEG) or smaller, or remove it",
+        )
+        return None
+
+    def open(self, entry: _Entry, data: bytes) -> Image.Image | None:
+        """The image with only its header read, or None when it was skipped; the per-image pixel limits are
+        checked here, before anything is decoded."""
+        try:
+            image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
             found = re.search(r"\((\d+) pixels\)", str(exc))
             declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow opens"
             self.bad(
                 entry,
-                f"image {shown} declares {declared}, over the limit of {self.limits.max_image_pixels:,} "
+                f"image {entry.shown()} declares {declared}, over the limit of {self.limits.max_image_pixels:,} "
                 "(a decompression bomb?)",
                 hint=self._pixels_hint(),
             )
             return None
         except _DECODE_ERRORS as exc:
-            self.bad(entry, f"cannot decode image {shown} ({_reason(exc)})", hint=f"replace or remove it; {_READABLE}")
+            self.bad(
+                entry,
+                f"cannot decode image {entry.shown()} ({_reason(exc)})",
+                hint=f"replace or remove it; {_READABLE}",
+            )
             return None
         pixels = image.width * image.height
         if pixels > self.limits.max_image_pixels:
             image.close()
             self.bad(
                 entry,
-                f"image {shown} declares {image.width}x{image.height} = {pixels:,} pixels, over the limit of "
-                f"{self.limits.max_image_pixels:,} (a decompression bomb?)",
+                f"image {entry.shown()} declares {image.width}x{image.height} = {pixels:,} pixels, over the limit "
+                f"of {self.limits.max_image_pixels:,} (a decompression bomb?)",
                 hint=self._pixels_hint(),
+            )
+            return None
+        per_byte = pixels / max(1, len(data))
+        if per_byte > self.limits.max_pixels_per_byte:
+            image.close()
+            self.bad(
+                entry,
+                f"image {entry.shown()} declares {image.width}x{image.height} = {pixels:,} pixels in a file of "
+                f"{len(data):,} bytes, {per_byte:,.0f} pixels per byte, over the limit of "
+                f"{self.limits.max_pixels_per_byte:,g} (a decompression bomb?)",
+                hint=f"images may hold at most {self.limits.max_pixels_per_byte:,g} pixels per byte of file "
+                "(DatasetLimits.max_pixels_per_byte; photos hold under 30): an image this compressible is almost "
+                "all one colour; resize or remove it",
             )
             return None
         return image
@@ -862,18 +1017,25 @@ class _TreeReader:
         colour: telling a grey palette apart would mean decoding them here). Without `image_size`, the size
         every image shares, else the most common one (ties: the larger area, then the larger height), so
         that the fewest images are resampled. Train and test are planned together: one model sees both.
+        Each file's sha256 is taken here, from the bytes read for its header, to find copies across splits.
         """
         sizes: Counter[tuple[int, int]] = Counter()
         all_gray = True
         kept = []
-        for entry, label in files:
-            image = self.open(entry)
-            if image is None:
+        total_pixels = 0
+        for number, (entry, label) in enumerate(files, start=1):
+            data = self.read(entry)
+            image = None if data is None else self.open(entry, data)
+            if data is None or image is None:
                 continue
             with image:
                 all_gray = all_gray and image.mode in _GRAY_MODES
                 sizes[(image.height, image.width)] += 1
+                total_pixels += image.width * image.height
+            self._check_total_pixels(total_pixels, entry, number, len(files))
+            self.digests[entry] = hashlib.sha256(data).digest()
             kept.append((entry, label))
+        self._check_copies([entry for entry, _ in kept])
         if image_size is None and sizes:
             image_size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1], hw))
         channels = 1 if all_gray else 3
@@ -887,6 +1049,36 @@ class _TreeReader:
                 "DatasetLimits.max_decoded_bytes",
             )
         return kept, channels, (height, width)
+
+    def _check_total_pixels(self, total: int, entry: _Entry, number: int, count: int) -> None:
+        if total > self.limits.max_total_pixels:
+            raise MicrofedError(
+                f"{self.source}: the images declare more than {self.limits.max_total_pixels:,} pixels in all "
+                f"({total:,} by image {number:,} of {count:,}, {entry.shown()})",
+                hint=f"a dataset may hold at most {self.limits.max_total_pixels:,} pixels before resizing "
+                "(DatasetLimits.max_total_pixels), the decoding work of the split step; use fewer images, or "
+                "store them at a smaller size",
+            )
+
+    def _check_copies(self, entries: Sequence[_Entry]) -> None:
+        """Refuse byte-identical images in train and test, naming both; remember copies within one split."""
+        first: dict[bytes, dict[str, _Entry]] = {}  # digest -> split -> the first image of that content there
+        for entry in entries:
+            seen = first.setdefault(self.digests[entry], {})
+            if entry.parts[0] in seen:
+                self.copies.append((seen[entry.parts[0]], entry))
+            else:
+                seen[entry.parts[0]] = entry
+        leaks = [(seen["test"], seen["train"]) for seen in first.values() if len(seen) == 2]
+        if leaks:
+            test, train = leaks[0]
+            more = f"; {len(leaks) - 1:,} more test image(s) are copies of training images" if len(leaks) > 1 else ""
+            raise MicrofedError(
+                f"{self.source}: test image {test.shown()} has the same content as training image "
+                f"{train.shown()}{more}",
+                hint="an image in both train and test leaks the test set into training and inflates the test "
+                "accuracy; remove one of the copies",
+            )
 
     def decode(
         self, files: Sequence[tuple[_Entry, int]], channels: int, size: tuple[int, int], class_names: tuple[str, ...]
@@ -907,7 +1099,15 @@ class _TreeReader:
         return ImageData(images=torch.from_numpy(images), labels=labels, class_names=class_names)
 
     def _pixels(self, entry: _Entry, channels: int, size: tuple[int, int]) -> np.ndarray | None:
-        image = self.open(entry)
+        data = self.read(entry)
+        if data is None:
+            return None
+        if hashlib.sha256(data).digest() != self.digests[entry]:  # what was checked is what gets decoded
+            raise MicrofedError(
+                f"{self.source}: image {entry.shown()} changed while the dataset was being read",
+                hint="leave the dataset unchanged while the split step runs, and run it again",
+            )
+        image = self.open(entry, data)
         if image is None:
             return None
         height, width = size
@@ -994,6 +1194,14 @@ def _decode_splits(
             SkippedImagesWarning,
             stacklevel=4,  # the caller of load_dataset
         )
+    if reader.copies:
+        first, copy = reader.copies[0]
+        warnings.warn(
+            f"{reader.source}: {len(reader.copies)} image(s) are byte-identical copies of another image of the same "
+            f"split, e.g. {copy.shown()} of {first.shown()}; each copy counts as one more example",
+            DuplicateImagesWarning,
+            stacklevel=4,
+        )
     return LoadedDataset(name=source, train=splits["train"], test=splits["test"])
 
 
@@ -1001,7 +1209,7 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any Pillow mode to 'L' (channels=1) or 'RGB' (channels=3); alpha is dropped."""
     if image.mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert('L') clips 16-bit values at 255 instead of scaling them; scale by hand.
-        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        wide = np.clip(np.asarray(image, dtype=np.int32), 0, 65535)  # 255 * 65535 fits; 4 bytes a pixel, not 8
         image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # the direct P -> RGB conversion warns about the transparency
@@ -1051,9 +1259,11 @@ class _CsvRow:
     written: str
     """The image field as written (messages and the manifest's skipped files show this)."""
     location: str
-    """Where the image is: a local path or a gs:// URI."""
+    """Where the image is: the real path of a local file, or a gs:// URI (see `_csv_location`)."""
     label: str
     split: str
+    size: int | None = None
+    """A local file's size when the CSV was read; None for a gs:// image (known once it is downloaded)."""
 
 
 @dataclass(frozen=True)
@@ -1074,25 +1284,22 @@ def _load_csv(source: str, image_size: tuple[int, int] | None, limits: DatasetLi
     class_names = _csv_class_names(reader.source, table)
     index = {class_name: label for label, class_name in enumerate(class_names)}
     with tempfile.TemporaryDirectory(prefix="microfed-csv-") as tmp:
-        local = _fetch_gcs_images(reader.source, table, Path(tmp))
-        files = [
-            (
-                _Entry(
-                    (row.split, row.label),
-                    row.written,
-                    functools.partial(_read_file, local.get(row.location, Path(row.location))),
-                    row.row,
-                ),
-                index[row.label],
-            )
-            for row in table.rows
-        ]
+        local = _fetch_gcs_images(reader.source, table, Path(tmp), limits.max_file_bytes)
+        files = [(_csv_entry(row, local, limits.max_file_bytes), index[row.label]) for row in table.rows]
         return _decode_splits(reader, name, files, class_names, image_size)
+
+
+def _csv_entry(row: _CsvRow, local: dict[str, tuple[Path, int]], limit: int) -> _Entry:
+    """The image of a CSV row as an entry of its split and class: its file (for a gs:// image, the downloaded
+    copy) and the size declared for it."""
+    path, size = local.get(row.location) or (row.location, row.size or 0)
+    read = functools.partial(_read_file, path, limit)
+    return _Entry((row.split, row.label), row.written, read, size=size, row=row.row)
 
 
 def _read_csv_table(source: str, shown: str, limits: DatasetLimits) -> _CsvTable:
     """Parse and check the CSV: columns, fields, splits, duplicates, and that local images exist."""
-    text = _csv_text(source, shown)
+    text = _csv_text(source, shown, limits.max_csv_bytes)
     lines = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not data
     try:
         header = next(lines, None)
@@ -1101,7 +1308,8 @@ def _read_csv_table(source: str, shown: str, limits: DatasetLimits) -> _CsvTable
         columns = _csv_columns(shown, [field.strip().lower() for field in header])
         base = _csv_base(source)
         rows: list[_CsvRow] = []
-        first_row: dict[str, int] = {}
+        first: dict[str, _CsvRow] = {}  # resolved location -> the first row that lists it
+        folders: dict[str, str] = {}  # real paths of the folders of local images
         for number, fields in enumerate(lines, start=2):
             if not any(field.strip() for field in fields):
                 continue  # blank lines (a trailing newline, spacing) are not rows
@@ -1111,14 +1319,10 @@ def _read_csv_table(source: str, shown: str, limits: DatasetLimits) -> _CsvTable
                     hint="quote fields that contain commas",
                 )
             values = {column: fields[i].strip() if i < len(fields) else "" for column, i in columns.items()}
-            row = _csv_row(shown, number, values, base)
-            if row.location in first_row:
-                raise MicrofedError(
-                    f"{shown} row {number}, column {_image_column(columns)!r}: image {display_name(row.written)} is "
-                    f"also listed in row {first_row[row.location]}",
-                    hint="list every image once (an image in both train and test would leak the test set)",
-                )
-            first_row[row.location] = number
+            row = _csv_row(shown, number, values, base, folders)
+            if row.location in first:
+                _listed_twice(f"{shown} row {number}, column {_image_column(columns)!r}", row, first[row.location])
+            first[row.location] = row
             rows.append(row)
             _check_count(shown, len(rows), limits)
     except csv.Error as exc:
@@ -1130,21 +1334,47 @@ def _read_csv_table(source: str, shown: str, limits: DatasetLimits) -> _CsvTable
     return _CsvTable(rows=rows, image_column=_image_column(columns), has_split="split" in columns)
 
 
+def _listed_twice(where: str, row: _CsvRow, earlier: _CsvRow) -> NoReturn:
+    """Refuse a CSV row naming a file an earlier row names (paths are compared once resolved)."""
+    spelled = f" (as {display_name(earlier.written)})" if earlier.written != row.written else ""
+    if earlier.split == row.split:
+        raise MicrofedError(
+            f"{where}: image {display_name(row.written)} is also listed in row {earlier.row}{spelled}",
+            hint="list every image once",
+        )
+    raise MicrofedError(
+        f"{where}: image {display_name(row.written)} is also listed in row {earlier.row}{spelled}, as {row.split} "
+        f"here and {earlier.split} there",
+        hint="an image in both train and test leaks the test set into training and inflates the test accuracy; "
+        "list every image once, in one split",
+    )
+
+
 def _image_column(columns: Iterable[str]) -> str:
     """The image column's name among the checked columns."""
     return next(column for column in columns if column in CSV_IMAGE_COLUMNS)
 
 
-def _csv_text(source: str, shown: str) -> str:
+def _csv_text(source: str, shown: str, limit: int) -> str:
+    """The CSV's text; its size is checked before it is read (and the read stops one byte past the limit)."""
     if _is_gcs(source):
-        from microfed.training.storage import read_bytes
-
-        data = read_bytes(source)
+        buffer = io.BytesIO()
+        size = _download_gcs(source, buffer, limit)
+        data = buffer.getvalue()
     else:
         try:
-            data = Path(source).read_bytes()
+            size = Path(source).stat().st_size
+            data = _read_file(Path(source), limit) if size <= limit else b""
         except OSError as exc:
             raise MicrofedError(f"{shown}: cannot read the CSV ({exc.strerror or exc})") from None
+        size = max(size, len(data))
+    if size > limit:
+        found = _size(size) if size > limit + 1 else f"more than {_size(limit)}"  # limit + 1: all that was read
+        raise MicrofedError(
+            f"{shown}: the CSV is {found}, over the limit of {_size(limit)}",
+            hint=f"a CSV may be at most {_size(limit)} (DatasetLimits.max_csv_bytes); split the list, or leave out "
+            "columns it does not need",
+        )
     try:
         return data.decode("utf-8-sig")  # spreadsheet programs write a byte-order mark
     except UnicodeDecodeError as exc:
@@ -1186,7 +1416,7 @@ def _csv_base(source: str) -> str:
     return str(Path(source).expanduser().absolute().parent)
 
 
-def _csv_row(shown: str, number: int, values: dict[str, str], base: str) -> _CsvRow:
+def _csv_row(shown: str, number: int, values: dict[str, str], base: str, folders: dict[str, str]) -> _CsvRow:
     column = _image_column(values)
     where = f"{shown} row {number}"
     for name, value in values.items():
@@ -1200,39 +1430,53 @@ def _csv_row(shown: str, number: int, values: dict[str, str], base: str) -> _Csv
             hint="use train or test (a validation set is taken from train by the training itself)",
         )
     written = values[column]
-    return _CsvRow(
-        row=number,
-        written=written,
-        location=_csv_location(f"{where}, column {column!r}", written, base),
-        label=values["label"],
-        split=split,
-    )
+    location, size = _csv_location(f"{where}, column {column!r}", written, base, folders)
+    return _CsvRow(row=number, written=written, location=location, label=values["label"], split=split, size=size)
 
 
-def _csv_location(where: str, written: str, base: str) -> str:
-    """The image a CSV field names: a gs:// URI, or a local path that must be a file."""
+def _csv_location(where: str, written: str, base: str, folders: dict[str, str]) -> tuple[str, int | None]:
+    """The image a CSV field names, spelled one way per file so that two rows naming the same file are found,
+    and its size: a gs:// URI with '.' and '..' resolved (size None), or the real path of a local file (links
+    and '..' resolved; it must exist). `folders` caches the real paths of the folders seen so far."""
     if _is_gcs(written):
         from microfed.training.storage import split_gcs
 
         try:
-            split_gcs(written)
+            bucket, key = split_gcs(written)
         except MicrofedError as exc:
             raise MicrofedError(f"{where}: {exc.message}", hint=exc.hint) from None
-        return written
-    if _is_gcs(base):  # a relative path next to a gs:// CSV (an absolute local path is read as such)
-        if written.startswith("/"):
-            if not Path(written).is_file():
-                _missing(where, written, Path(written))
-            return written
+        return _gcs_object(where, written, f"gs://{bucket}", key, "its bucket"), None
+    if _is_gcs(base) and not written.startswith("/"):  # a relative path next to a gs:// CSV
         bucket_root = "gs://" + base[len("gs://") :].split("/", 1)[0]
-        key = posixpath.normpath(posixpath.join(base[len(bucket_root) :].strip("/"), written))
-        if key == ".." or key.startswith("../") or key == ".":
-            raise MicrofedError(f"{where}: {display_name(written)} points outside the CSV's bucket")
-        return f"{bucket_root}/{key}"
-    path = Path(base, Path(written).expanduser())
-    if not path.is_file():
-        _missing(where, written, path)
-    return str(path)
+        key = posixpath.join(base[len(bucket_root) :].strip("/"), written)
+        return _gcs_object(where, written, bucket_root, key, "the CSV's bucket"), None
+    # A local path: relative to a local CSV's folder, or absolute (also next to a gs:// CSV).
+    # (os.path, not pathlib: this runs once per row, and a CSV may have a million rows)
+    path = written if _is_gcs(base) else os.path.join(base, os.path.expanduser(written))
+    try:
+        status = os.lstat(path)
+        if stat.S_ISLNK(status.st_mode):
+            real = os.path.realpath(path)
+            status = os.stat(real)
+        else:  # os.path.realpath walks every component: resolve each folder once, not once per image
+            folder, name = os.path.split(path)
+            if folder not in folders:
+                folders[folder] = os.path.realpath(folder)
+            real = os.path.join(folders[folder], name)
+    except OSError:
+        _missing(where, written, Path(path))
+    if not stat.S_ISREG(status.st_mode):
+        _missing(where, written, Path(path))
+    return real, status.st_size
+
+
+def _gcs_object(where: str, written: str, bucket_root: str, key: str, bucket: str) -> str:
+    """gs://bucket/key with '.' and '..' resolved as a path would be (as relative CSV paths always were)."""
+    key = posixpath.normpath(key)
+    if key == "." or key == ".." or key.startswith("../"):
+        what = "names no object" if key == "." else f"points outside {bucket}"
+        raise MicrofedError(f"{where}: {display_name(written)} {what}", hint="expected gs://BUCKET/PATH/IMAGE")
+    return f"{bucket_root}/{key}"
 
 
 def _missing(where: str, written: str, path: Path) -> NoReturn:
@@ -1285,33 +1529,60 @@ def _csv_class_names(shown: str, table: _CsvTable) -> tuple[str, ...]:
     return tuple(sorted(train))  # the order class folders get
 
 
-def _fetch_gcs_images(shown: str, table: _CsvTable, folder: Path) -> dict[str, Path]:
-    """Download the gs:// images of the CSV into `folder` (concurrently); returns URI -> local file."""
+def _fetch_gcs_images(shown: str, table: _CsvTable, folder: Path, limit: int) -> dict[str, tuple[Path, int]]:
+    """Download the gs:// images of the CSV into `folder` (concurrently); returns URI -> (local file, size).
+
+    No download goes more than one byte past `limit`; an object over it is not kept (the size returned is the
+    bucket's, so that the refusal, when the image is read, can say how large it is)."""
     remote = [row for row in table.rows if _is_gcs(row.location)]
     if not remote:
         return {}
-    from microfed.training.storage import read_bytes
 
-    def fetch(item: tuple[int, _CsvRow]) -> tuple[str, Path]:
+    def fetch(item: tuple[int, _CsvRow]) -> tuple[str, tuple[Path, int]]:
         index, row = item
+        dest = folder / f"{index:08d}"
+        # A scratch copy in a private temporary folder, read back and deleted within this call: not an output,
+        # so no atomic rename and no fsync per image.
         try:
-            data = read_bytes(row.location)
+            with dest.open("wb") as out:
+                size = _download_gcs(row.location, out, limit)
         except MicrofedError as exc:
             raise MicrofedError(
                 f"{shown} row {row.row}, column {table.image_column!r}: image {exc.message}", hint=exc.hint
             ) from None
-        dest = folder / f"{index:08d}"
-        # A scratch copy in a private temporary folder, read back and deleted within this call: not an output,
-        # so no atomic rename and no fsync per image.
-        dest.write_bytes(data)
-        return row.location, dest
+        if size > limit:
+            dest.unlink()
+        return row.location, (dest, size)
 
     with ThreadPoolExecutor(max_workers=_CSV_FETCH_THREADS) as pool:
         return dict(pool.map(fetch, enumerate(remote)))
 
 
-def _read_file(path: Path) -> bytes:
-    return path.read_bytes()
+def _download_gcs(uri: str, out: BinaryIO, limit: int) -> int:
+    """Copy the gs:// object into `out`, stopping one byte past `limit`; returns the object's size (asked of the
+    bucket when the copy stopped short)."""
+    # storage.py has no bounded read; its private helpers give the same object checks and error messages as
+    # its read_bytes.
+    from microfed.training.storage import _blob, _gcs_errors
+
+    with _gcs_errors(uri):
+        blob = _blob(uri)
+        blob.download_to_file(out, start=0, end=limit)  # `end` is inclusive: at most limit + 1 bytes
+        if out.tell() <= limit:
+            return out.tell()
+        blob.reload()
+        return max(int(blob.size or 0), out.tell())
+
+
+def _read_file(path: str | Path, limit: int) -> bytes:
+    """The file's bytes, but never more than limit + 1 of them (enough to tell that it is over the limit)."""
+    with open(path, "rb") as file:
+        # read(n) allocates n bytes up front: ask for the size the file has, not for the limit.
+        expected = min(os.fstat(file.fileno()).st_size, limit)
+        data = file.read(expected + 1)
+        if len(data) > expected:  # it grew since: read on, up to the limit
+            data += file.read(limit + 1 - len(data))
+        return data
 
 
 # ------------------------------------------------------------------------------------------- resizing
