@@ -217,7 +217,13 @@ def evaluate(
         metrics.log_metric(f"round_{r}_{split}_accuracy", acc)
     if m.get("selected_round"):
         metrics.log_metric("selected_round", m["selected_round"])
+    if m.get("macro_accuracy") is not None:
+        metrics.log_metric("macro_accuracy", m["macro_accuracy"])
+    if m.get("skipped_images"):
+        metrics.log_metric("skipped_images", m["skipped_images"]["total"])
     for name, acc in m["per_class_accuracy"].items():
+        if acc is None:  # a class without test images has no accuracy (metrics.json says null); the UI wants numbers
+            continue
         # Metric names show as table rows in the UI; keep them to one safe token ("T-shirt/top" has a slash).
         metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), acc)
     for i, n in enumerate(m["shard_sizes"]):

@@ -8,11 +8,12 @@ microfed submit --host http://localhost:8080 [--namespace NS] [--experiment NAME
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -337,8 +338,9 @@ def _summary(result: Any) -> str:
         )
         + ("  (* kept)" if m.get("selected_round") else ""),
         "shard sizes     " + ", ".join(str(n) for n in m["shard_sizes"]),
-        "per class       "
-        + "\n                ".join(f"{shown[n]:<{width}}  {m['per_class_accuracy'][n]:.4f}" for n in names),
+        "per class       " + "\n                ".join(f"{shown[n]:<{width}}  {_class_accuracy(m, n)}" for n in names),
+        *_class_mean_line(m),
+        *_skipped_line(m),
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         f"model           {printable(result.run_dir / 'model.safetensors')} (+ model_config.json)",
         f"metrics         {printable(result.run_dir / 'metrics.json')}",
@@ -347,13 +349,45 @@ def _summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _class_accuracy(m: dict[str, Any], name: str) -> str:
+    """A class's test accuracy; null in metrics.json when the test set holds none of its images."""
+    accuracy = m["per_class_accuracy"][name]
+    return "no test images" if accuracy is None else f"{accuracy:.4f}"
+
+
+def _class_mean_line(m: dict[str, Any]) -> list[str]:
+    """The mean class accuracy, over the classes with test images only (a class without any is not a 0)."""
+    if m.get("macro_accuracy") is None:
+        return []
+    absent = sum(1 for a in m["per_class_accuracy"].values() if a is None)
+    note = f"  (leaving out {absent} class{'es' if absent > 1 else ''} without test images)" if absent else ""
+    return [f"class mean      {m['macro_accuracy']:.4f}{note}"]
+
+
+def _skipped_line(m: dict[str, Any]) -> list[str]:
+    """What --bad-images skip left out (metrics' `skipped_images`): counts per split, the first few files."""
+    skipped = m.get("skipped_images") or {}
+    total = int(skipped.get("total") or 0)
+    if not total:
+        return []
+    counts = ", ".join(f"{split} {skipped[split]}" for split in ("train", "test") if skipped.get(split))
+    files = [str(e.get("file")) for e in skipped.get("examples") or []]
+    more = f" and {total - len(files)} more" if total > len(files) and files else ""
+    # the names come from the upload: metrics.json holds them escaped already; printable again costs nothing
+    named = f": {printable(', '.join(files))}{more}" if files else ""
+    return [f"skipped images  {total} unreadable, left out (--bad-images skip; {counts or 'see dataset.json'}){named}"]
+
+
 def _run(args: argparse.Namespace) -> int:
-    from microfed.pipelines.local_run import run_local
+    from microfed.pipelines.local_run import run_local, tool_environment
 
     arguments = pipeline_arguments(args)
-    result = run_local(
-        arguments, runs_dir=args.runs_dir, name=args.name, verbose=args.verbose, quiet=args.quiet or args.json
-    )
+    # This process draws the report too: its matplotlib, imported during the run, keeps to the cache folder as
+    # the steps' does (set for the run only, so that a caller's environment is left as it was).
+    with _environment(tool_environment()):
+        result = run_local(
+            arguments, runs_dir=args.runs_dir, name=args.name, verbose=args.verbose, quiet=args.quiet or args.json
+        )
     if args.json:
         print(json.dumps(result.metrics, indent=2))
     elif args.quiet:
@@ -361,6 +395,20 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(_summary(result))
     return 0
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _cluster_dataset(dataset: str) -> str:

@@ -4,6 +4,12 @@ What can be checked before the pipeline starts is checked first (`check_run`): t
 the usage cache's folder, and whether this machine can hold the worker processes. Once it runs, a failing step's
 own error reaches the caller as one MicrofedError line (see `_StepProcesses` and training/errors.py), and Ctrl-C
 stops the steps and their workers before `RunInterrupted` is raised.
+
+A run leaves its results in the run folder and nothing elsewhere but the cache folder (`cache_dir`): kfp.local's
+workspace and the component files each step writes (`mktemp -d` in kfp's command for lightweight components),
+and whatever the steps and workers put in the temp folder, go into one temporary folder that is removed when
+the run ends, however it ends; matplotlib keeps its configuration and font cache in the cache folder, and ONNX
+Runtime's telemetry, which writes under the home folder, is off (`step_environment`).
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ from microfed.pipelines.progress import Display, make_display
 from microfed.training.errors import ERROR_FILE_ENV, MicrofedError, read_error_records
 from microfed.training.io import read_json, write_json
 from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
-from microfed.training.report import render_report, write_report
+from microfed.training.predict import ORT_TELEMETRY_ENV
 from microfed.training.text import is_printable
 
-__all__ = ["RunInterrupted", "RunResult", "StepFailed", "check_run", "run_local"]
+__all__ = ["RunInterrupted", "RunResult", "StepFailed", "cache_dir", "check_run", "run_local", "tool_environment"]
 
 MIB = 1024**2
 # The least memory one local worker process holds of its own: torch and the worker's modules imported, before
@@ -74,6 +80,36 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(str(run_dir))
         self.run_dir = run_dir
+
+
+# ------------------------------------------------------------------------------------------ where files go
+
+
+def cache_dir() -> Path:
+    """~/.cache/microfed: what a run keeps on this machine between runs, outside its run folder: named datasets
+    torchvision downloads (training/datasets.py), and matplotlib's configuration and font cache (`matplotlib/`)."""
+    return Path.home() / ".cache" / "microfed"
+
+
+def tool_environment() -> dict[str, str]:
+    """Variables that keep the libraries of a run from writing under the home folder (values the user set win).
+
+    MPLCONFIGDIR: matplotlib creates ~/.config/matplotlib when it is imported and writes its font list to
+    ~/.cache/matplotlib; with MPLCONFIGDIR set, both live there instead ("Configuration and cache directory
+    locations" in matplotlib's docs, `matplotlib.get_configdir` / `get_cachedir`), and no matplotlibrc of the
+    user's changes how the report draws. ORT_DISABLE_TELEMETRY: see predict.disable_onnxruntime_telemetry.
+    """
+    return {
+        "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR") or str(cache_dir() / "matplotlib"),
+        ORT_TELEMETRY_ENV: os.environ.get(ORT_TELEMETRY_ENV) or "1",
+    }
+
+
+def step_environment(temp: Path) -> dict[str, str]:
+    """The environment of a step process: this one's, `tool_environment`, and TMPDIR: `temp`, a folder of the
+    run's temporary folder, so that kfp's component files (`program_path=$(mktemp -d)`,
+    kfp/dsl/component_factory.py) and the temp files of the step and its workers are removed with it."""
+    return {**os.environ, **tool_environment(), "TMPDIR": str(temp)}
 
 
 # ------------------------------------------------------------------------------------------- pre-flight
@@ -199,23 +235,33 @@ def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbos
     from kfp import local
 
     from microfed.pipelines.pipeline import compile_pipeline, microfed_pipeline
+    from microfed.training.report import render_report, write_report  # matplotlib: after the CLI set MPLCONFIGDIR
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MicrofedError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
     compile_pipeline(run_dir / "pipeline.yaml")
-    # No venv per step: the steps run in this Python environment, which has microfed installed.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
     start = time.perf_counter()
     tasks = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
     display = make_display(sys.stdout, verbose=verbose, quiet=quiet, steps=len(tasks))
+    # Removed on the way out after _StepProcesses has stopped the steps (a `with` exits in reverse order), even if
+    # a worker left a file it cannot delete behind.
     with (
-        tempfile.TemporaryDirectory(prefix="microfed-run-") as tmp,
-        _StepProcesses(Path(tmp) / "errors.jsonl") as steps,
+        tempfile.TemporaryDirectory(prefix="microfed-run-", ignore_cleanup_errors=True) as tmp,
+        _StepProcesses(Path(tmp) / "errors.jsonl", step_environment(_folder(Path(tmp) / "tmp"))) as steps,
         _capture(run_dir / "kfp.log", display) as tee,
         warnings.catch_warnings(),
     ):
+        # No venv per step: the steps run in this Python environment, which has microfed installed. kfp.local
+        # deletes its workspace after the pipeline (pipeline_orchestrator.run_local_pipeline); without
+        # workspace_root it would be a mkdtemp() of its own, left behind if the run stops before the pipeline starts.
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(run_dir / "kfp"),
+            workspace_root=str(Path(tmp) / "kfp-workspace"),
+            raise_on_error=True,
+        )
         # kfp warns that a non-"python" image may not run in a subprocess; locally this environment is the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
@@ -246,6 +292,11 @@ def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbos
     return RunResult(run_dir=run_dir, metrics=metrics)
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 # ----------------------------------------------------------------------------------- the steps' processes
 
 
@@ -256,6 +307,8 @@ class _StepProcesses:
 
     - ERROR_FILE_ENV in the step's environment: a failing step records its own error there
       (`training.errors.reported_errors`), which `_step_error` turns into the run's one-line error;
+    - the rest of that environment from `env` (`step_environment`: the run's temporary folder as TMPDIR, where
+      kfp's command writes the step's component file), by default this process's;
     - output that is not UTF-8 shown with replacement characters, where kfp's strict decoding would end the
       run with a UnicodeDecodeError;
     - the process kept, so that after Ctrl-C `stop` can wait for the step to stop its workers, or stop it.
@@ -263,8 +316,9 @@ class _StepProcesses:
     kfp.local runs a pipeline without control flow (ours) one step at a time, in this thread.
     """
 
-    def __init__(self, error_file: Path) -> None:
+    def __init__(self, error_file: Path, env: dict[str, str] | None = None) -> None:
         self.error_file = error_file
+        self.env = env
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> _StepProcesses:
@@ -281,7 +335,7 @@ class _StepProcesses:
             self.stop()
 
     def run(self, full_command: list[str]) -> int:
-        env = {**os.environ, ERROR_FILE_ENV: str(self.error_file)}
+        env = {**(os.environ if self.env is None else self.env), ERROR_FILE_ENV: str(self.error_file)}
         with subprocess.Popen(
             full_command,
             stdout=subprocess.PIPE,

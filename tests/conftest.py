@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import torch
 from PIL import Image
 
 from microfed.training.datasets import ImageData, LoadedDataset
+
+# ONNX Runtime's telemetry writes under $HOME and uploads events unless this is set before it starts (its
+# Privacy.md); tests that import onnxruntime directly must not leave those files behind.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 CLASSES = ("circle", "square", "triangle")
 

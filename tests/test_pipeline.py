@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,16 +148,31 @@ def test_more_workers_than_a_class_can_feed_is_refused(tmp_path: Path, capsys: p
     assert "circle" in err and "workers" in err
 
 
-@pytest.mark.slow
-def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def zip_without_test_images_of(source: Path, path: Path, cls: str, extra: dict[str, bytes]) -> Path:
+    """A copy of `source` (a write_zip zip) without test images of class `cls`, plus the `extra` entries."""
     import zipfile
 
-    zip_path = write_zip(tmp_path / "broken.zip")
-    with zipfile.ZipFile(zip_path, "a") as zf:
-        zf.writestr("shapes/train/circle/broken.png", b"\x89PNG not really")
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if not info.filename.startswith(f"shapes/test/{cls}/"):
+                out.writestr(info, src.read(info))
+        for name, data in extra.items():
+            out.writestr(name, data)
+    return path
+
+
+@pytest.mark.slow
+def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # one unreadable image in train/, one in test/, and no test images at all for "triangle"
+    zip_path = zip_without_test_images_of(
+        write_zip(tmp_path / "shapes.zip"),
+        tmp_path / "broken.zip",
+        "triangle",
+        {"shapes/train/circle/broken.png": b"\x89PNG not really", "shapes/test/square/bad.png": b"GIF89a nope"},
+    )
     assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
     assert "broken.png" in error_of(capsys)
-    # asked to, the run skips it and says so in the shards' manifest
+    # asked to, the run skips them and says so: in the shards' manifest, the summary, metrics.json and the report
     assert (
         main(
             [
@@ -177,13 +193,74 @@ def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
                 "1",
                 "--bad-images",
                 "skip",
-                "--quiet",
             ]
         )
         == 0
     )
-    (manifest,) = (tmp_path / "runs" / "skip" / "kfp").glob("*/split-dataset/shards/dataset.json")
-    assert json.loads(manifest.read_text())["num_skipped_files"] == 1
+    summary = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "skip"
+    (manifest,) = (run_dir / "kfp").glob("*/split-dataset/shards/dataset.json")
+    assert json.loads(manifest.read_text())["num_skipped_files"] == 2
+    m = json.loads((run_dir / "metrics.json").read_text())
+    skipped = m["skipped_images"]
+    assert (skipped["total"], skipped["train"], skipped["test"]) == (2, 1, 1)
+    assert [(e["split"], e["file"]) for e in skipped["examples"]] == [
+        ("train", "shapes/train/circle/broken.png"),
+        ("test", "shapes/test/square/bad.png"),
+    ]
+    assert "skipped images  2 unreadable, left out (--bad-images skip; train 1, test 1): " in summary
+    assert "shapes/train/circle/broken.png, shapes/test/square/bad.png" in summary
+    # the class without test images has no accuracy (null), not 0.0, and is left out of the class mean
+    assert m["per_class_accuracy"]["triangle"] is None and m["classes_without_test_images"] == ["triangle"]
+    assert m["macro_accuracy"] == pytest.approx(
+        (m["per_class_accuracy"]["circle"] + m["per_class_accuracy"]["square"]) / 2
+    )
+    assert re.search(r"^ +triangle +no test images$", summary, re.MULTILINE)
+    assert "(leaving out 1 class without test images)" in summary
+    report = (run_dir / "report.html").read_text()
+    assert "Skipped images" in report and "shapes/test/square/bad.png" in report and "train 1, test 1" in report
+    assert "No test images for 1 of 3 classes: triangle" in report
+    assert re.search(r">triangle</td>(<td[^>]*>[^<]*</td>){2}<td[^>]*>no test images</td>", report)
+
+
+def test_the_summary_shows_skipped_images_and_classes_without_test_images_escaped() -> None:
+    from microfed.pipelines.cli import _summary
+    from microfed.pipelines.local_run import RunResult
+
+    names = ["cat", "dog\x1b[2J", "emu"]
+    metrics = {
+        "accuracy": 0.75,
+        "loss": 0.5,
+        "num_test_examples": 8,
+        "round_split": "test",
+        "round_numbers": [1],
+        "round_accuracy": [0.75],
+        "shard_sizes": [10, 10],
+        "class_names": names,
+        "per_class_accuracy": {"cat": 1.0, "dog\x1b[2J": 0.5, "emu": None},
+        "macro_accuracy": 0.75,
+        "skipped_images": {
+            "total": 7,
+            "train": 6,
+            "test": 1,
+            "examples": [
+                {"split": "train", "file": "train/cat/1.png", "reason": "cannot decode image train/cat/1.png"}
+            ],
+        },
+        "timings": {"split": 1.0, "total": 2.0},
+    }
+    text = _summary(RunResult(run_dir=Path("runs/r"), metrics=metrics))
+    assert "\x1b" not in text  # a name from the data cannot clear the terminal
+    assert "dog\\x1b[2J  0.5000" in text and "emu         no test images" in text
+    assert "class mean      0.7500  (leaving out 1 class without test images)" in text
+    assert (
+        "skipped images  7 unreadable, left out (--bad-images skip; train 6, test 1): train/cat/1.png and 6 more"
+        in text
+    )
+    # a run that skipped nothing and has every class in its test set shows neither line's caveat
+    clean = {**metrics, "per_class_accuracy": {n: 0.75 for n in names}, "skipped_images": {"total": 0}}
+    text = _summary(RunResult(run_dir=Path("runs/r"), metrics=clean))
+    assert "skipped images" not in text and "leaving out" not in text and "class mean      0.7500" in text
 
 
 def test_compile_with_an_image_bakes_it_into_every_step_and_the_workers(tmp_path: Path) -> None:

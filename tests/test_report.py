@@ -341,3 +341,78 @@ def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_
     peaks = metrics["resource_usage"]["replicas"]
     assert all(p["memory_peak_bytes"] > 50 * 2**20 for p in peaks)  # a Python process with torch loaded
     assert len(Page(page).images) == 4
+
+
+def test_a_class_without_test_images_has_no_accuracy_and_no_weight_in_the_mean() -> None:
+    """evaluate() on a test set without class 2: its accuracy is None (not 0.0), the macro mean leaves it out."""
+    import torch
+    from torch import nn
+
+    from microfed.training.evaluation import evaluate, macro_average
+    from microfed.training.train import Preprocess
+
+    class FirstPixel(nn.Module):  # predicts the class stored in the first pixel
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(x[:, 0, 0, 0].round().long(), 3).float()
+
+    labels = torch.tensor([0, 0, 1, 1])
+    predicted = torch.tensor([0, 1, 1, 1])
+    images = predicted.view(-1, 1, 1, 1).to(torch.uint8).expand(-1, 1, 2, 2).contiguous()
+    pre = Preprocess([0.0], [1 / 255], torch.device("cpu"))
+    res = evaluate(FirstPixel(), images, labels, preprocess=pre, num_classes=3)
+    assert res.per_class_accuracy == [0.5, 1.0, None]
+    assert res.macro_accuracy == pytest.approx(0.75)  # (0.5 + 1.0) / 2, not (0.5 + 1.0 + 0) / 3
+    assert res.accuracy == pytest.approx(0.75) and res.confusion_matrix[2] == [0, 0, 0]
+    assert macro_average([None, None]) is None
+
+
+def run_without_test_images_of(cls: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    metrics, dataset, workers = fake_run()
+    matrix = metrics["confusion_matrix"]
+    matrix[cls] = [0] * len(matrix)
+    name = metrics["class_names"][cls]
+    metrics["per_class_accuracy"][name] = None
+    known = [a for a in metrics["per_class_accuracy"].values() if a is not None]
+    metrics["macro_accuracy"] = sum(known) / len(known)
+    metrics["classes_without_test_images"] = [name]
+    return metrics, dataset, workers
+
+
+def test_a_class_without_test_images_shows_as_such_not_as_the_weakest() -> None:
+    metrics, dataset, workers = run_without_test_images_of(3)  # "Dress"
+    s = Page(render_report(metrics, config=CONFIG, dataset=dataset, workers=workers)).sections
+    confusion = cells(s["confusion-matrix"])
+    assert confusion[confusion.index("Dress") :][1:4] == ["0", "0", "no test images"]
+    summary = s["summary"]
+    assert "No test images for 1 of 10 classes: Dress" in summary and "leave them out" in summary
+    assert "Weakest class: Dress" not in summary and "strongest: Dress" not in summary
+    shown = cells(summary)
+    assert shown[shown.index("Mean class accuracy") + 1] == f"{metrics['macro_accuracy']:.4f}"
+
+
+def test_skipped_images_are_counted_and_named_on_the_first_screen() -> None:
+    metrics, dataset, workers = fake_run()
+    dataset["num_skipped_files"] = 1203
+    metrics["skipped_images"] = {  # as the evaluate step writes it: names escaped with `printable`
+        "total": 1203,
+        "train": 998,
+        "test": 2,
+        "unlisted": 203,
+        "examples": [
+            {"split": "train", "file": "train/Bag/evil\\x1b[31m.png", "reason": "cannot decode image <b>x</b>"},
+            {"split": "test", "file": "test/Coat/big.png", "reason": "test/Coat/big.png is 90,000,000 pixels"},
+        ],
+    }
+    page = render_report(metrics, config=CONFIG, dataset=dataset, workers=workers)
+    s = Page(page).sections
+    summary = cells(s["summary"])
+    assert summary[summary.index("Skipped images") + 1] == "1,203"
+    note = next(c for c in summary if c.startswith("1,203 image file(s) could not be read"))
+    assert "train 998, test 2, 203 not listed by name" in note
+    assert "train/Bag/evil\\x1b[31m.png: cannot decode image <b>x</b>" in note  # the file leads a reason without it
+    assert "; test/Coat/big.png is 90,000,000 pixels." in note  # a reason naming its file stands alone
+    assert "\x1b" not in page and "<b>x" not in page
+    assert "1,203" in cells(s["configuration"])  # the dataset table's count, from the manifest
+    # nothing skipped: no card, no note
+    clean = Page(render_report(*fake_run()[:1], config=CONFIG)).sections["summary"]
+    assert "Skipped images" not in clean and "could not be read" not in clean

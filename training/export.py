@@ -31,6 +31,7 @@ from torch import nn
 from microfed.training.errors import MicrofedError
 from microfed.training.io import atomic_write_bytes, read_json, sha256_bytes, sha256_file, write_json
 from microfed.training.model_files import MODEL_FILE, ModelCard, load_model
+from microfed.training.predict import disable_onnxruntime_telemetry
 from microfed.training.shards import load_test_set
 
 __all__ = [
@@ -230,6 +231,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, model_info: dict[str, 
 
 
 def _run_onnx(data: bytes, images: torch.Tensor) -> np.ndarray:
+    disable_onnxruntime_telemetry()  # before the import: ONNX Runtime reads it when it initializes
     import onnxruntime as ort
 
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -279,6 +281,7 @@ def _exporter_name(fmt: str) -> str:
 
 def _runtime_name(fmt: str) -> str:
     if fmt == "onnx":
+        disable_onnxruntime_telemetry()
         import onnxruntime
 
         return f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from microfed.training.errors import MicrofedError
 from microfed.training.text import printable
 
-__all__ = ["Prediction", "Predictor", "add_arguments", "main", "predict", "run"]
+__all__ = ["Prediction", "Predictor", "add_arguments", "disable_onnxruntime_telemetry", "main", "predict", "run"]
 
 SIDECAR_FILE = "model.json"  # export.SIDECAR_FILE; not imported from there, which imports torch
 ONNX_METADATA_KEY = "microfed"  # export.ONNX_METADATA_KEY
@@ -39,6 +40,24 @@ _DESCRIPTION = "Classify image files with a model exported by `microfed export` 
 _BATCH = 32
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+# ONNX Runtime's own switch for its telemetry, read once when the runtime initializes.
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def disable_onnxruntime_telemetry() -> None:
+    """Turn ONNX Runtime's telemetry off for this process, unless the user set ORT_DISABLE_TELEMETRY; call it
+    before `import onnxruntime`.
+
+    ONNX Runtime's official Linux and macOS builds start Microsoft's 1DS telemetry when the runtime initializes:
+    it keeps a persistent device id and an offline event store (`onnxruntime.db`) under
+    ~/.cache/Microsoft/DeveloperTools/.onnxruntime, writes a session file (`.ses`) in the temp folder, and uploads
+    events to Microsoft. Its Privacy.md (in the wheel, section "Disabling Telemetry"): "Set
+    `ORT_DISABLE_TELEMETRY=1` before ONNX Runtime initializes. [...] this prevents the uploader, events, and
+    persistent device identifier from being created for the process lifetime". The Python API's
+    `disable_telemetry_events()` is not enough: it suppresses later events only, with the uploader and its files
+    already in place (onnxruntime/core/platform/telemetry_1ds.cc, `OneDsTelemetry::Initialize`).
+    """
+    os.environ.setdefault(ORT_TELEMETRY_ENV, "1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +89,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, *, threads: int = 0) -> None:
         """`model_path`: the .onnx file, or a folder holding model.onnx. `threads`: intra-op threads (0: all)."""
+        disable_onnxruntime_telemetry()
         import onnxruntime as ort  # imported here so `--help` and errors about arguments stay instant
 
         self.path = _resolve_model(Path(model_path))

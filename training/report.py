@@ -6,6 +6,10 @@ Everything is inline (CSS in a <style> element, plots as PNG data URIs, no scrip
 offline, inside the UI's sandboxed iframe, or mailed to a colleague. Every string that comes from the run is
 HTML-escaped: class names are users' folder names.
 
+Nothing is hidden or counted as a failure it is not: images that `--bad-images skip` left out are counted and
+named on the first screen, and a class without test images shows "no test images" (metrics' null), is left out
+of the weakest/strongest class and of the mean class accuracy, and is named.
+
 Plots are drawn on matplotlib's Agg canvas without pyplot, so rendering a report leaves the caller's matplotlib
 state (a notebook's backend, rcParams) as it was.
 """
@@ -55,6 +59,7 @@ _ANNOTATE_CLASSES = 20
 _LEGEND_CLASSES = 20
 _LABEL_CHARS = 18
 _NONE = "\u2013"  # en dash: no value
+_NO_TEST_IMAGES = "no test images"  # a class's accuracy when the test set has none of its images (metrics: null)
 _TIMES = "\u00d7"
 
 
@@ -377,14 +382,17 @@ def _summary_section(run: _Run) -> str:
     total_label = "Total time" if total is not None else "Time in steps"
     total = float(total if total is not None else sum(float(v) for v in timings.values()))
     epochs = run.config.get("local_epochs") or (len(run.workers[0]["rounds"][0]["epochs"]) if run.workers else None)
+    skipped = _skipped(run)
     cards = [
         ("Test accuracy", _acc(m["accuracy"])),
+        *([("Mean class accuracy", _acc(m["macro_accuracy"]))] if m.get("macro_accuracy") is not None else []),
         ("Test loss", _loss(m["loss"])),
         ("Test examples", _int(m.get("num_test_examples") or _confusion_total(m))),
         ("Training examples", _int(sum(m.get("shard_sizes") or []))),
         ("Workers (shards)", _int(len(m.get("shard_sizes") or run.histograms))),
         (f"Rounds {_TIMES} local epochs", f"{run.rounds} {_TIMES} {epochs}" if epochs else str(run.rounds)),
         (total_label, f"{total:.1f} s"),
+        *([("Skipped images", _int(int(skipped["total"])))] if skipped else []),
     ]
     subs = {total_label: _clock(total)} if total >= 90 else {}
     grid = "".join(
@@ -393,13 +401,26 @@ def _summary_section(run: _Run) -> str:
         + "</div>"
         for k, v in cards
     )
-    per_class = m.get("per_class_accuracy") or {}
+    # classes without test images have no accuracy (null): not the weakest class, not in any average
+    per_class = {c: float(a) for c, a in (m.get("per_class_accuracy") or {}).items() if a is not None}
+    absent = [c for c, a in (m.get("per_class_accuracy") or {}).items() if a is None]
     notes = []
+    if skipped:
+        notes.append(_p(_skipped_note(skipped), "warn"))
     if per_class:
         worst = min(per_class, key=lambda c: per_class[c])
         best = max(per_class, key=lambda c: per_class[c])
         notes.append(
             _p(f"Weakest class: {worst} ({_acc(per_class[worst])}); strongest: {best} ({_acc(per_class[best])}).")
+        )
+    if absent:
+        notes.append(
+            _p(
+                f"No test images for {len(absent)} of {len(m.get('per_class_accuracy') or {})} classes: "
+                f"{', '.join(absent)}. Their accuracy is not defined (shown as “{_NO_TEST_IMAGES}”, null in "
+                "metrics.json, not 0); the weakest and strongest class and the mean class accuracy leave them out.",
+                "warn",
+            )
         )
     if run.micro_test_known:
         tests = [m.test_accuracy for m in run.micros if m.test_accuracy is not None]
@@ -410,6 +431,36 @@ def _summary_section(run: _Run) -> str:
             )
         )
     return _section("summary", "Summary", f'<div class="cards">{grid}</div>', *notes)
+
+
+def _skipped(run: _Run) -> Mapping[str, Any] | None:
+    """metrics' `skipped_images` when any were skipped (else the bare count of the split's manifest); None if none."""
+    record = run.metrics.get("skipped_images")
+    if not isinstance(record, Mapping):
+        count = int(run.dataset.get("num_skipped_files") or 0)
+        record = {"total": count, "examples": []}
+    return record if int(record.get("total") or 0) > 0 else None
+
+
+def _skipped_note(skipped: Mapping[str, Any]) -> str:
+    splits = ", ".join(f"{split} {_int(int(skipped[split]))}" for split in ("train", "test") if skipped.get(split))
+    unlisted = int(skipped.get("unlisted") or 0)
+    if unlisted:
+        splits += f"{', ' if splits else ''}{_int(unlisted)} not listed by name"
+    # a reason names its file already ("cannot decode image train/a/1.png (...)"); else the file leads
+    examples = "; ".join(
+        str(e["reason"])
+        if e.get("file") and e["file"] in str(e.get("reason"))
+        else f"{e.get('file')}: {e.get('reason')}"
+        for e in skipped.get("examples") or []
+    )
+    return (
+        f"{_int(int(skipped['total']))} image file(s) could not be read and were left out (--bad-images skip)"
+        + (f": {splits}" if splits else "")
+        + "."
+        + (f" First: {examples}." if examples else "")
+        + " The split step's dataset.json lists them (skipped_files)."
+    )
 
 
 def _confusion_total(m: Mapping[str, Any]) -> int:
@@ -721,9 +772,8 @@ def _confusion_rows(run: _Run) -> list[list[str | _Cell]]:
         off = [(v, j) for j, v in enumerate(row) if j != i and v]
         top = f"{run.classes[max(off)[1]]} ({_int(max(off)[0])})" if off else _NONE
         acc = per_class.get(name)
-        rows.append(
-            [name, _num(_int(sum(row))), _num(_int(row[i])), _num(_acc(acc) if acc is not None else _NONE), top]
-        )
+        shown = _acc(acc) if acc is not None else _NO_TEST_IMAGES if not sum(row) else _NONE
+        rows.append([name, _num(_int(sum(row))), _num(_int(row[i])), _num(shown), top])
     return rows
 
 
@@ -852,6 +902,7 @@ def _dataset_rows(run: _Run) -> list[list[str | _Cell]]:
         ("normalisation std (per channel)", stats(d.get("std"))),
         ("training examples", count(d.get("num_train_examples"))),
         ("test examples", count(d.get("num_test_examples"))),
+        ("image files skipped as unreadable", count(d.get("num_skipped_files"))),
     ]
     return [[k, str(v)] for k, v in keys if v is not None]
 

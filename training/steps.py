@@ -59,6 +59,7 @@ from microfed.training.storage import (
     upload_tree,
     write_bytes,
 )
+from microfed.training.text import printable
 from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
 
@@ -672,9 +673,15 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
         "accuracy": res.accuracy,
         "loss": res.loss,
         "class_names": list(card.class_names),
+        # None for a class with no test images: no accuracy to report, rather than a 0.0 that reads as failure
         "per_class_accuracy": dict(zip(card.class_names, res.per_class_accuracy, strict=True)),
+        "macro_accuracy": res.macro_accuracy,  # over the classes with test images only
+        "classes_without_test_images": [
+            c for c, a in zip(card.class_names, res.per_class_accuracy, strict=True) if a is None
+        ],
         "confusion_matrix": res.confusion_matrix,
         "num_test_examples": res.num_examples,
+        "skipped_images": _skipped_images(dataset),
         "shard_sizes": [s["num_examples"] for s in dataset["shards"]],
         "shard_class_histograms": [s["class_histogram"] for s in dataset["shards"]],
         **per_round,
@@ -684,6 +691,33 @@ def _evaluate(model_dir: Path, shards: Path, micro: Path, batch_size: int) -> di
         "resource_usage": job.get("usage"),  # measured peaks against the plan's requests
         "timings": {"split": dataset.get("seconds", 0.0), "train": job["seconds"], "aggregate": aggregate["seconds"]},
     }
+
+
+# How many skipped files metrics.json and the run summary name; the shards' dataset.json lists up to 1000.
+_SKIPPED_EXAMPLES = 5
+
+
+def _skipped_images(dataset: dict[str, Any]) -> dict[str, Any]:
+    """What `--bad-images skip` left out, from the split step's manifest, for metrics.json and the summary.
+
+    `total` (the manifest's num_skipped_files), `train` and `test` (files skipped in each split folder; the
+    validation split is drawn from train) and `examples`: the first few as {split, file, reason}, escaped with
+    `printable`, since a file name comes from the upload (dataset.json keeps the exact names). When more files
+    were skipped than the manifest lists by name, `train` and `test` count the listed ones and `unlisted` the rest.
+    """
+    listed = [f for f in dataset.get("skipped_files") or [] if isinstance(f, dict)]
+    total = max(int(dataset.get("num_skipped_files") or 0), len(listed))
+    out: dict[str, Any] = {
+        "total": total,
+        **{split: sum(1 for f in listed if f.get("split") == split) for split in ("train", "test")},
+        "examples": [
+            {key: printable(f.get(key, ""), max_chars=200) for key in ("split", "file", "reason")}
+            for f in listed[:_SKIPPED_EXAMPLES]
+        ],
+    }
+    if total > len(listed):
+        out["unlisted"] = total - len(listed)
+    return out
 
 
 def export_step(
