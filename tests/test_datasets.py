@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microfed.training import datasets
+from microfed.training import named_datasets
 from microfed.training.datasets import (
     DATASET_NAMES,
     default_data_dirs,
@@ -38,7 +38,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("MICROFED_DATA_DIR", raising=False)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(named_datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
     return home
 
 
@@ -168,7 +168,7 @@ def test_default_data_dirs_order(monkeypatch: pytest.MonkeyPatch, isolated: Path
 
     assert default_data_dirs("Fashion_MNIST") == [
         Path("/data/fashion-mnist"),
-        datasets.SYSTEM_DATA_DIR / "fashion-mnist",
+        named_datasets.SYSTEM_DATA_DIR / "fashion-mnist",
         isolated / ".cache/microfed/fashion-mnist",
     ]
 
@@ -185,7 +185,7 @@ def test_missing_without_download_says_where_to_put_files(isolated: Path) -> Non
         load_dataset("fashion-mnist", download=False)
 
     assert "apt-get install dataset-fashion-mnist" in str(caught.value)
-    assert str(datasets.SYSTEM_DATA_DIR / "fashion-mnist") in str(caught.value)
+    assert str(named_datasets.SYSTEM_DATA_DIR / "fashion-mnist") in str(caught.value)
 
 
 def test_download_reads_torchvision_raw_folder(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
@@ -302,7 +302,7 @@ def encoded(array: np.ndarray, fmt: str, **options: object) -> bytes:
 
 def test_real_images_pass_the_per_image_limits(tmp_path: Path) -> None:
     """Pixels per byte of file is checked on every image, however small: photos, noise and flat synthetic images
-    stay under the default (the figures measured for it are beside datasets.MAX_PIXELS_PER_BYTE)."""
+    stay under the default (the figures measured for it are beside dataset_limits.MAX_PIXELS_PER_BYTE)."""
     y, x = np.mgrid[0:768, 0:1024]
     photo = np.stack([x / 4, y / 3, (x + y) / 7], axis=-1).astype(np.uint8)  # smooth, like a photo of the sky
     noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)

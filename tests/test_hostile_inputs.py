@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microfed.training import datasets
+from microfed.training import datasets, image_decode, upload_listing
 from microfed.training.aggregation import ARCHITECTURE_KEY, check_same_architecture
 from microfed.training.datasets import (
     COMPRESSION_RATIO_MIN_BYTES,
@@ -316,9 +316,9 @@ def test_issue_14s_webp_bomb_is_refused_from_its_header_without_decoding(
     path = make_zip(tmp_path / "upload.zip", files)
     assert len(bomb) < 5000 and path.stat().st_size < 30_000  # the issue's 3.4 KB image and 15 KB zip
     decoded: list[tuple[int, int]] = []
-    to_mode = datasets._to_mode
+    to_mode = image_decode.to_mode
     monkeypatch.setattr(
-        datasets, "_to_mode", lambda image, channels: decoded.append(image.size) or to_mode(image, channels)
+        image_decode, "to_mode", lambda image, channels: decoded.append(image.size) or to_mode(image, channels)
     )
 
     with pytest.raises(MicrofedError) as caught:
@@ -386,8 +386,10 @@ def test_a_sparse_3_gb_png_is_refused_by_its_size_before_it_is_read(
     root = write_tree(tmp_path / "upload", good_files(top=""))
     huge = sparse_file(root / "train" / "cat" / "huge.png", 3 * 10**9)
     read = []
-    real_read = datasets._read_file
-    monkeypatch.setattr(datasets, "_read_file", lambda path, limit: read.append(str(path)) or real_read(path, limit))
+    real_read = upload_listing.read_file
+    monkeypatch.setattr(
+        upload_listing, "read_file", lambda path, limit: read.append(str(path)) or real_read(path, limit)
+    )
     message = (
         r"upload: image file train/cat/huge\.png is 2\.8 GiB, over the limit of 256\.0 MiB per image file "
         r"\(image files may be at most 256\.0 MiB \(DatasetLimits\.max_file_bytes\); .*\)"
@@ -410,7 +412,7 @@ def test_a_file_that_grows_past_the_limit_after_listing_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = write_tree(tmp_path / "upload", good_files(top=""))
-    listed = datasets._list_folder
+    listed = upload_listing.list_folder
 
     def list_then_grow(source: str, folder: Path, limits: DatasetLimits) -> list:
         entries = listed(source, folder, limits)
@@ -418,7 +420,7 @@ def test_a_file_that_grows_past_the_limit_after_listing_is_refused(
             file.write(bytes(2000))
         return entries
 
-    monkeypatch.setattr(datasets, "_list_folder", list_then_grow)
+    monkeypatch.setattr(datasets, "list_folder", list_then_grow)  # where load_dataset looks it up
     with pytest.raises(MicrofedError, match=r"image file train/cat/0\.png is more than 1000 bytes, over the limit"):
         load_dataset(root, limits=DatasetLimits(max_file_bytes=1000))
 
@@ -452,13 +454,13 @@ def test_an_image_that_changes_between_check_and_decode_is_refused(
 ) -> None:
     root = write_tree(tmp_path / "upload", good_files(top=""))
     reads: dict[str, int] = {}
-    real_read = datasets._read_file
+    real_read = upload_listing.read_file
 
     def swapped_on_second_read(path: str, limit: int) -> bytes:
         reads[path] = reads.get(path, 0) + 1
         return png(value=210) if path.endswith("4.png") and reads[path] == 2 else real_read(path, limit)
 
-    monkeypatch.setattr(datasets, "_read_file", swapped_on_second_read)
+    monkeypatch.setattr(upload_listing, "read_file", swapped_on_second_read)
     with pytest.raises(MicrofedError, match=r"image test/cat/4\.png changed while the dataset was being read"):
         load_dataset(root)
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from microfed.training.errors import MicrofedError
+from microfed.training.image_decode import DECODE_ERRORS, decode_chw, decode_reason
 from microfed.training.text import printable
 
 __all__ = ["Prediction", "Predictor", "add_arguments", "disable_onnxruntime_telemetry", "main", "predict", "run"]
@@ -38,8 +39,6 @@ MODEL_FILE = "model.onnx"  # what a model folder is searched for
 _DESCRIPTION = "Classify image files with a model exported by `microfed export` (ONNX Runtime, no torch)."
 # Images decoded and run per ONNX Runtime call: bounds memory for long file lists.
 _BATCH = 32
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
-_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
 # ONNX Runtime's own switch for its telemetry, read once when the runtime initializes.
 ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 
@@ -149,34 +148,18 @@ def predict(model_path: str | Path, images: Sequence[str | Path], *, top_k: int 
 
 
 def _load_image(path: str | Path, spec: _InputSpec) -> np.ndarray:
-    """One image file as uint8 (C, H, W) in the model's channels and size."""
+    """One image file as uint8 (C, H, W) in the model's channels and size, decoded as the training data was
+    (image_decode.py, shared with the split step)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
-            pixels = _to_mode(image, spec.channels)
-            if pixels.size != (spec.width, spec.height):
-                pixels = pixels.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-            array = np.asarray(pixels, dtype=np.uint8)
+            return decode_chw(image, spec.channels, (spec.height, spec.width))
     except FileNotFoundError:
         raise MicrofedError(f"{path}: image file not found") from None
-    except _DECODE_ERRORS as exc:
-        reason = "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+    except DECODE_ERRORS as exc:
         raise MicrofedError(
-            f"{path}: cannot decode image ({reason})", hint="give PNG, JPEG, BMP, GIF or WebP files"
+            f"{path}: cannot decode image ({decode_reason(exc)})", hint="give PNG, JPEG, BMP, GIF or WebP files"
         ) from None
-    return array[None] if spec.channels == 1 else array.transpose(2, 0, 1)
-
-
-def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """'L' or 'RGB', as the training data was decoded (datasets._to_mode, which lives beside torch code)."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # convert('L') clips 16-bit values at 255 instead of scaling them.
-        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    target = "L" if channels == 1 else "RGB"
-    return image if image.mode == target else image.convert(target)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
