@@ -87,7 +87,8 @@ class RunInterrupted(KeyboardInterrupt):
 
 def cache_dir() -> Path:
     """~/.cache/microfed: what a run keeps on this machine between runs, outside its run folder: named datasets
-    torchvision downloads (training/named_datasets.py), and matplotlib's configuration and font cache (`matplotlib/`)."""
+    torchvision downloads (training/named_datasets.py), and matplotlib's configuration and font cache
+    (`matplotlib/`)."""
     return Path.home() / ".cache" / "microfed"
 
 
