@@ -32,6 +32,7 @@ from microfed.training.worker import (
     config_to_argv,
     micro_model_name,
     parse_config,
+    stall_timeout,
 )
 from tests.conftest import synthetic_dataset
 
@@ -214,9 +215,10 @@ def test_stopping_the_launcher_stops_its_workers(tmp_path: Path, monkeypatch: py
 
 
 def test_the_collective_timeout_is_a_flag_that_round_trips() -> None:
-    cfg = WorkerConfig(shards="s", out="o", collective_timeout_minutes=7.5)
+    cfg = WorkerConfig(shards="s", out="o", collective_timeout_minutes=7.5, stall_minutes=2.5)
     assert parse_config(config_to_argv(cfg)) == cfg
     assert collective_timeout(cfg) == datetime.timedelta(minutes=7.5)
+    assert stall_timeout(cfg) == datetime.timedelta(minutes=2.5)
     default = parse_config(["--shards", "s", "--out", "o"])
     assert default.collective_timeout_minutes == 0
     assert DEFAULT_COLLECTIVE_TIMEOUT_MINUTES == 30  # torch's own default for gloo

@@ -11,20 +11,33 @@ non-zero the others are stopped, and then, like a PyTorchJob with the `ExitCode`
   times, and the workers resume from their last round checkpoint.
 
 Logs are appended across restarts, one file per rank, each attempt headed by a marker line.
+
+Stalls. A worker whose step never returns (a forward pass, a read or a lock that hangs) fails nothing: its peers
+wait for it in the next collective until the collective timeout, 30 minutes by default. So each worker keeps a
+progress record in the folder PROGRESS_DIR_ENV names (training/worker.py: what it is doing, whether it is waiting
+for its peers in a collective, when it last made progress, and its stall and collective timeouts), and the
+launcher reads them while the group runs. A worker that has made no progress of its own for its stall time is
+named, with what it was doing (its round), in a warning line; when it has made none for the collective timeout,
+or its peers give up waiting for it at that timeout, the launch fails with WorkerStalled, which names it again.
+Not restarted: the group would resume the same round and wait another whole timeout for the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microfed.training.errors import MicrofedError
 
@@ -32,10 +45,14 @@ __all__ = [
     "DEFAULT_MAX_RESTARTS",
     "EXIT_PEER_LOST",
     "EXIT_USER_ERROR",
+    "PROGRESS_DIR_ENV",
     "WorkerFailed",
+    "WorkerStalled",
     "free_port",
+    "format_duration",
     "is_restartable",
     "launch_local",
+    "progress_file",
 ]
 
 _LOG_TAIL_LINES = 40
@@ -46,6 +63,8 @@ EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 200
 # Restarts of the whole group before the launch fails: a fault that repeats is not a passing one.
 DEFAULT_MAX_RESTARTS = 3
+# Set for each worker: the folder where it keeps its progress record (progress_file) for the stall watch.
+PROGRESS_DIR_ENV = "MICROFED_PROGRESS_DIR"
 
 
 class WorkerFailed(MicrofedError):
@@ -58,6 +77,32 @@ class WorkerFailed(MicrofedError):
         )
         self.rank, self.returncode, self.log_path, self.log_tail = rank, returncode, log_path, log_tail
         self.restarts = restarts
+
+
+class WorkerStalled(MicrofedError):
+    """A worker made no progress of its own until the collective timeout; it was stopped with its group."""
+
+    def __init__(
+        self, rank: int, doing: str, idle_seconds: float, timeout_seconds: float, log_path: Path, peers_gave_up: bool
+    ) -> None:
+        ended = "its peers stopped waiting for it" if peers_gave_up else "the run stopped"
+        super().__init__(
+            f"worker {rank} made no progress for {format_duration(idle_seconds)} while {doing}; {ended} at the "
+            f"collective timeout ({format_duration(timeout_seconds)})",
+            hint=f"its log is {log_path}; a forward pass, read or lock that never returns stalls the whole group; "
+            "if the worker is only slow, raise collective_timeout_minutes (--collective-timeout-minutes)",
+        )
+        self.rank, self.doing, self.idle_seconds, self.log_path = rank, doing, idle_seconds, log_path
+
+
+def progress_file(rank: int) -> str:
+    """The name of worker `rank`'s progress record in the PROGRESS_DIR_ENV folder."""
+    return f"progress-{rank:05d}.json"
+
+
+def format_duration(seconds: float) -> str:
+    """`6 s`, `10 min`, `12.5 min`: how the stall messages state times."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.3g} min"
 
 
 def _describe(returncode: int) -> str:
@@ -97,9 +142,78 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 
 class _GroupFailed(Exception):
-    def __init__(self, failure: WorkerFailed, restartable: bool) -> None:
+    def __init__(self, failure: WorkerFailed | WorkerStalled, restartable: bool) -> None:
         super().__init__(str(failure))
         self.failure, self.restartable = failure, restartable
+
+
+class _StallWatch:
+    """Reads the group's progress records (see the module docstring) at each poll: warns once about a worker that
+    has made no progress for its stall time, says so when it moves again, and fails the group (_GroupFailed,
+    not restartable) once one has made none for the collective timeout. A record counts only while its process
+    runs and wrote it (a restarted group's workers have new process ids)."""
+
+    def __init__(self, folder: Path, procs: list[_Proc]) -> None:
+        self.folder, self.procs = folder, procs
+        self.warned: set[int] = set()
+
+    def _records(self) -> list[tuple[_Proc, dict[str, Any]]]:
+        found = []
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads((self.folder / progress_file(p.rank)).read_text(encoding="utf-8"))
+                if isinstance(record, dict) and record.get("pid") == p.popen.pid:
+                    found.append((p, record))
+        return found
+
+    def _idle(self) -> list[_Idle]:
+        """The running workers that have made no progress of their own for their stall time, lowest rank first."""
+        now = time.time()
+        idle = []
+        for p, record in self._records():
+            try:
+                i = _Idle(p, str(record["doing"]), now - float(record["time"]), float(record["timeout_seconds"]))
+                stalled = not record["waiting"] and i.seconds >= float(record["stall_seconds"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if stalled:
+                idle.append(i)
+            elif p.rank in self.warned:
+                self.warned.discard(p.rank)
+                print(f"[microfed] worker {p.rank} is making progress again ({i.doing})", flush=True)
+        return idle
+
+    def check(self) -> None:
+        for i in self._idle():
+            if i.seconds >= i.timeout:
+                raise _GroupFailed(i.error(peers_gave_up=False), restartable=False)
+            if i.proc.rank not in self.warned:
+                self.warned.add(i.proc.rank)
+                print(
+                    f"[microfed] warning: worker {i.proc.rank} has made no progress for {format_duration(i.seconds)} "
+                    f"while {i.doing}; the run fails if it makes none for {format_duration(i.timeout)} (the "
+                    f"collective timeout); its log is {i.proc.log_path}",
+                    flush=True,
+                )
+
+    def stalled(self) -> WorkerStalled | None:
+        """The lowest-ranked running worker that has made no progress for its stall time, as the error of a group
+        whose other workers gave up waiting for it."""
+        idle = self._idle()
+        return idle[0].error(peers_gave_up=True) if idle else None
+
+
+@dataclass(frozen=True)
+class _Idle:
+    proc: _Proc
+    doing: str
+    seconds: float
+    timeout: float
+
+    def error(self, peers_gave_up: bool) -> WorkerStalled:
+        return WorkerStalled(self.proc.rank, self.doing, self.seconds, self.timeout, self.proc.log_path, peers_gave_up)
 
 
 def launch_local(
@@ -127,23 +241,26 @@ def launch_local(
     # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _in_main_thread() else None
     try:
-        for attempt in range(max_restarts + 1):
-            procs: list[_Proc] = []
-            try:
-                procs = _start(world_size, worker_args, module, logs, attempt)
-                echoed = _wait(procs, echo_rank0, poll_seconds, echoed)
-                return logs
-            except _GroupFailed as failed:
-                if not failed.restartable or attempt == max_restarts:
+        with tempfile.TemporaryDirectory(prefix="microfed-progress-") as progress:
+            for attempt in range(max_restarts + 1):
+                procs: list[_Proc] = []
+                try:
+                    procs = _start(world_size, worker_args, module, logs, attempt, Path(progress))
+                    echoed = _wait(procs, _StallWatch(Path(progress), procs), echo_rank0, poll_seconds, echoed)
+                    return logs
+                except _GroupFailed as failed:
                     f = failed.failure
-                    raise WorkerFailed(f.rank, f.returncode, f.log_path, f.log_tail, restarts=attempt) from None
-                print(
-                    f"[microfed] worker {failed.failure.rank} {_describe(failed.failure.returncode)}: restarting "
-                    f"all {world_size} workers (restart {attempt + 1} of at most {max_restarts})",
-                    flush=True,
-                )
-            finally:
-                _stop(procs)
+                    if isinstance(f, WorkerStalled):
+                        raise f from None
+                    if not failed.restartable or attempt == max_restarts:
+                        raise WorkerFailed(f.rank, f.returncode, f.log_path, f.log_tail, restarts=attempt) from None
+                    print(
+                        f"[microfed] worker {f.rank} {_describe(f.returncode)}: restarting all {world_size} workers "
+                        f"(restart {attempt + 1} of at most {max_restarts})",
+                        flush=True,
+                    )
+                finally:
+                    _stop(procs)
         raise AssertionError("unreachable: the last attempt returns or raises")
     finally:
         if previous is not None:
@@ -158,7 +275,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _start(world_size: int, worker_args: Sequence[str], module: str, logs: list[Path], attempt: int) -> list[_Proc]:
+def _start(
+    world_size: int, worker_args: Sequence[str], module: str, logs: list[Path], attempt: int, progress: Path
+) -> list[_Proc]:
     """Start the group; a fresh port per attempt, since the last one may linger in TIME_WAIT."""
     port = free_port()
     procs: list[_Proc] = []
@@ -173,6 +292,7 @@ def _start(world_size: int, worker_args: Sequence[str], module: str, logs: list[
                 "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(world_size),
                 "PYTHONUNBUFFERED": "1",
+                PROGRESS_DIR_ENV: str(progress),
                 # as torchrun does: each worker's OpenMP pool sized to its share of the cores, not all of them
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cores() // world_size)),
             }
@@ -201,28 +321,31 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _wait(procs: list[_Proc], echo_rank0: bool, poll_seconds: float, echoed: int) -> int:
-    """Wait until all exit 0 (returns how much of rank 0's log was echoed) or one fails (_GroupFailed)."""
+def _wait(procs: list[_Proc], watch: _StallWatch, echo_rank0: bool, poll_seconds: float, echoed: int) -> int:
+    """Wait until all exit 0 (returns how much of rank 0's log was echoed) or one fails or stalls (_GroupFailed)."""
     while True:
         time.sleep(poll_seconds)
         if echo_rank0:
             echoed = _echo_new(procs[0].log_path, echoed)
         codes = [p.popen.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
-            raise _first_failure(procs)
+            raise _first_failure(procs, watch)
         if all(c == 0 for c in codes):
             if echo_rank0:
                 echoed = _echo_new(procs[0].log_path, echoed)
             return echoed
+        watch.check()
 
 
-def _first_failure(procs: list[_Proc], settle_seconds: float = 2.0) -> _GroupFailed:
+def _first_failure(procs: list[_Proc], watch: _StallWatch | None = None, settle_seconds: float = 2.0) -> _GroupFailed:
     """The failure to report, and whether it is a fault to restart for.
 
     When one worker fails its peers soon fail too, in collectives that lost a member; so give them a moment,
     then blame a worker that reported its own error (exit code 2, a MicrofedError) first, then other program
     errors, then kills, and a worker that only lost its peer last; the lowest rank among equals. The group is
-    restarted only when every failure is a fault (signal or 128-255): one program error makes it final.
+    restarted only when every failure is a fault (signal or 128-255): one program error makes it final. When
+    every failure is a fault and a worker that still runs has made no progress for its stall time, the others
+    gave up waiting for it: that worker is the failure (WorkerStalled), and final.
     """
     deadline = time.monotonic() + settle_seconds
     while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
@@ -236,6 +359,9 @@ def _first_failure(procs: list[_Proc], settle_seconds: float = 2.0) -> _GroupFai
 
     first = min(failed, key=blame)
     restartable = all(is_restartable(int(p.popen.returncode)) for p in failed)
+    stalled = watch.stalled() if restartable and watch is not None else None
+    if stalled is not None:
+        return _GroupFailed(stalled, restartable=False)
     failure = WorkerFailed(first.rank, int(first.popen.returncode), first.log_path, _tail(first.log_path))
     return _GroupFailed(failure, restartable)
 

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Self
 
+import torch
 from torch import nn
 
 # Relative, so import sorting does not depend on whether ruff knows `microfed` as first-party.
@@ -44,6 +45,7 @@ __all__ = [
     "ModelConfig",
     "absolute_factory_path",
     "build_model",
+    "check_model",
     "check_model_name",
     "count_parameters",
     "factory_file",
@@ -252,6 +254,61 @@ def _check_image_size(size: object) -> tuple[int, int]:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (frozen ones are not what a worker updates or averages)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_model(model: nn.Module, config: ModelConfig, batch: torch.Tensor) -> None:
+    """Refuse, before any training, a model the train loop cannot use: one without trainable parameters, or one
+    whose output for `batch` (a float batch shaped as the data: (N, in_channels, H, W)) is not logits of shape
+    (N, num_classes). One line names the model (or factory) and what is wrong.
+
+    The forward pass runs in eval mode, without gradients, and with torch's random state put back afterwards, so
+    the check changes neither the model nor the training that follows.
+    """
+    what = f"model factory {config.name!r}" if ":" in config.name else f"model {config.name!r}"
+    if count_parameters(model) == 0:
+        raise MicrofedError(
+            f"{what} returned {type(model).__name__}, a model with no trainable parameters: nothing to train "
+            "or average",
+            hint="return a model with layers that have weights (requires_grad=True)",
+        )
+    expected = (batch.shape[0], config.num_classes)
+    shape = "x".join(str(side) for side in batch.shape)
+    was_training = model.training
+    devices = [batch.device.index or 0] if batch.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            output = model(batch)
+    except MicrofedError:
+        raise
+    except Exception as err:  # the user's forward: whatever it raises, the model cannot be trained
+        raise MicrofedError(
+            f"{what} fails on a batch of shape {shape} (batch, channels, height, width): "
+            f"{type(err).__name__}: {_first_line(err)}",
+            hint=f"the model must take {config.in_channels}-channel images of {config.image_size[0]}x"
+            f"{config.image_size[1]} pixels and return logits of shape (batch, {config.num_classes})",
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor):
+        raise MicrofedError(
+            f"{what} returns a {type(output).__name__} for a batch of shape {shape}, not a tensor of logits of "
+            f"shape (batch, num_classes) = {expected}",
+            hint="return the logits tensor itself from forward",
+        )
+    if tuple(output.shape) != expected or not output.is_floating_point():
+        found = f"{tuple(output.shape)}" + ("" if output.is_floating_point() else f" of {output.dtype}")
+        raise MicrofedError(
+            f"{what} returns the wrong output for a batch of shape {shape}: expected float logits of shape "
+            f"(batch, num_classes) = {expected}, found {found}",
+            hint=f"the dataset has {config.num_classes} classes: end the model with one logit per class, "
+            f"e.g. nn.Flatten() then nn.Linear(features, {config.num_classes})",
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def build_model(config: ModelConfig, *, factory_sha256: str | None = None) -> nn.Module:

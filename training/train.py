@@ -20,6 +20,8 @@ from microfed.training.errors import MicrofedError
 __all__ = [
     "AUGMENTATIONS",
     "OPTIMIZERS",
+    "FLOAT32_MAX",
+    "MAX_EXACT_INT",
     "PRECISIONS",
     "SCHEDULES",
     "EpochStats",
@@ -28,6 +30,8 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "autocast_dtype",
+    "require_float",
+    "require_int",
     "train_epoch",
 ]
 
@@ -35,6 +39,58 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 PRECISIONS = ("auto", "fp32", "bf16")
+# The learning rate and weight decay become float32 scalars of torch operations: a larger value is inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+# KFP carries parameters as JSON / protobuf numbers (doubles): a larger integer changes on its way to a step.
+MAX_EXACT_INT = 2**53 - 1
+
+
+def require_float(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_ok: bool = True,
+    high_ok: bool = True,
+    flag: str = "",
+    pipeline: bool = False,
+    why: str = "",
+) -> None:
+    """Refuse a value that is not a finite number in the range: one line naming `name` (the field), and in the
+    hint `why`, the worker's `flag` and, with `pipeline`, the pipeline parameter of the same name.
+
+    A run started from the Kubeflow UI reaches the configuration without the CLI's checks, and a nan passes every
+    `value < 0` test: each configuration checks its own numbers with this."""
+    try:
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (low <= value if low_ok else low < value)
+            and (value <= high if high_ok else value < high)
+        )
+    except OverflowError:  # an int beyond any float
+        ok = False
+    if not ok:
+        lower = f"at least {low:g}" if low_ok else f"greater than {low:g}"
+        upper = f"at most {high:g}" if high_ok else f"less than {high:g}"
+        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
+        raise MicrofedError(f"{name} must be a finite number {lower} and {upper}, got {value!r}", hint=hint)
+
+
+def require_int(
+    name: str, value: object, *, low: int, high: int, flag: str = "", pipeline: bool = False, why: str = ""
+) -> None:
+    """Refuse a value that is not an integer (a bool is not one) from `low` to `high`, as `require_float` does."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
+        raise MicrofedError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r}", hint=hint)
+
+
+def _where(name: str, flag: str, pipeline: bool) -> str:
+    places = [f"the pipeline parameter {name}"] * pipeline + [f"the worker's {flag}"] * bool(flag)
+    return f"set {' or '.join(places)}" if places else ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,12 +126,18 @@ class OptimConfig:
         ):
             if value not in allowed:
                 raise MicrofedError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise MicrofedError(f"learning rate must be positive, got {self.lr}")
-        if self.batch_size < 1:
-            raise MicrofedError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
-            raise MicrofedError("weight decay must be >= 0 and warmup fraction in [0, 1)")
+        require_float("lr", self.lr, low=0.0, low_ok=False, high=FLOAT32_MAX, flag="--lr", pipeline=True)
+        require_float(
+            "weight_decay", self.weight_decay, low=0.0, high=FLOAT32_MAX, flag="--weight-decay", pipeline=True
+        )
+        # from 1 up no gradient is ever forgotten (the steps grow); torch's Nesterov SGD refuses 0
+        sgd = self.optimizer == "sgd"
+        why = "sgd uses Nesterov momentum, which needs one" if sgd else ""
+        require_float(
+            "momentum", self.momentum, low=0.0, low_ok=not sgd, high=1.0, high_ok=False, flag="--momentum", why=why
+        )
+        require_float("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0, high_ok=False)
+        require_int("batch_size", self.batch_size, low=1, high=MAX_EXACT_INT, flag="--batch-size", pipeline=True)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -173,12 +235,13 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     steps: int | None = None,
     after_backward: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over a shuffled shard. Raises MicrofedError when the loss stops being finite.
 
     `steps` fixes the number of batches (DDP: every rank must take the same number of steps), the shuffled
     order wrapping around when it is larger than one pass. `after_backward` runs between backward and the
-    optimizer step (FedProx adds its proximal gradient there).
+    optimizer step (FedProx adds its proximal gradient there); `on_step` after each step (the worker's heartbeat).
     """
     start = time.perf_counter()
     model.train()
@@ -203,6 +266,8 @@ def train_epoch(
         scheduler.step()
         loss_sum += loss.detach() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
+        if on_step is not None:
+            on_step()
     mean_loss = float(loss_sum.item()) / n
     if not math.isfinite(mean_loss):
         raise MicrofedError(

@@ -24,6 +24,16 @@ uploaded, and rank 0 exits only once all of them are durable.
 
 Timeouts. Every collective, the rendezvous and that final barrier are bounded by `--collective-timeout-minutes`
 (30 when 0): the wait of the fastest rank for the slowest in a round must fit in it.
+
+Progress. Under microfed's local launcher each rank keeps a progress record (what it is doing, whether it is waiting
+for its peers in a collective, when it last made progress: a training step, or the start of a step of its own),
+rewritten atomically, at most every few seconds while it trains. The launcher warns about a rank that made no
+progress for `--stall-minutes` (a third of the collective timeout when 0) and names it as the error when the
+collective timeout ends the run (training/launch.py).
+
+Models. Before the first epoch, every rank runs one batch of its shard through the model it built and refuses, with
+one line that names the model or factory, a factory that raises, a model without trainable parameters, and an
+output that is not (batch, num_classes) logits (microfed.training.models.check_model).
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -68,17 +77,20 @@ from microfed.training.checkpoint import (
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import write_json, write_safetensors
-from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR, usable_cores
+from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR, PROGRESS_DIR_ENV, progress_file, usable_cores
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
-from microfed.training.models import ModelConfig, build_model
+from microfed.training.models import ModelConfig, build_model, check_model
 from microfed.training.shards import Shard, load_shard, load_val_set, read_dataset_manifest
 from microfed.training.storage import exists, join, staged_input, staged_output
 from microfed.training.train import (
+    MAX_EXACT_INT,
     OptimConfig,
     Preprocess,
     autocast_dtype,
     make_optimizer,
     make_scheduler,
+    require_float,
+    require_int,
     train_epoch,
 )
 from microfed.training.usage import UsageMonitor
@@ -92,12 +104,20 @@ __all__ = [
     "main",
     "micro_model_name",
     "run_worker",
+    "stall_timeout",
 ]
 
 ROUNDS_FILE = "rounds.json"  # rank 0: the strategy, every round's validation metrics, the best round
 BEST_ROUND_FILE = "best-round.safetensors"  # rank 0: the global model of the best in-job round
 SERVER_STATE_FILE = "server-state.safetensors"  # rank 0, fedavgm: the global model and momentum before round R
 DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo; what `collective_timeout_minutes=0` means
+# `stall_minutes=0`: a third of the collective timeout, so that the warning comes well before the timeout ends the run
+DEFAULT_STALL_FRACTION = 1 / 3
+# Longer waits are typos; the bound keeps timedelta and gloo's milliseconds far from overflowing.
+MAX_TIMEOUT_MINUTES = 525_600.0  # a year
+# Round checkpoints and the files of shards, logs and micro-models are numbered with five digits.
+MAX_ROUNDS = 99_999
+MAX_THREADS = 4096
 _MEMBERS_KEY = "microfed/members"  # in rank 0's TCPStore: how many processes have joined this store
 _STALE_GROUP_RETRY_SECONDS = 2.0
 
@@ -143,24 +163,104 @@ class WorkerConfig:
     """Bound on every collective (the end-of-round average waits for the slowest rank's local epochs), on the
     rendezvous and on the final barrier, minutes; 0 = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES. A rank that waits
     longer exits as if its peer were lost (exit 200, restartable)."""
+    stall_minutes: float = 0.0
+    """Under the local launcher: a rank that has made no progress of its own (no training step, no new step) for
+    this long is named in a warning line, minutes; 0 = DEFAULT_STALL_FRACTION of the collective timeout. At most
+    the collective timeout, at which the run ends with that rank named as the error."""
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise MicrofedError(f"--rounds and --local-epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
-        if self.patience < 0:
-            raise MicrofedError(f"--patience must be >= 0, got {self.patience}")
+        # The Kubeflow UI starts runs without the CLI's checks: every number is checked here too (nan included).
+        five_digits = "round checkpoints are numbered with five digits"
+        require_int("rounds", self.rounds, low=1, high=MAX_ROUNDS, flag="--rounds", pipeline=True, why=five_digits)
+        for name, value, low in (("local_epochs", self.local_epochs, 1), ("patience", self.patience, 0)):
+            require_int(name, value, low=low, high=MAX_EXACT_INT, flag="--" + name.replace("_", "-"), pipeline=True)
+        require_int("seed", self.seed, low=0, high=MAX_EXACT_INT, flag="--seed", pipeline=True)
+        require_int("threads", self.threads, low=0, high=MAX_THREADS, flag="--threads", why="0: the machine decides")
         if self.device not in ("auto", "cpu", "cuda"):
             raise MicrofedError(f"unknown --device {self.device!r}", hint="use auto, cpu or cuda")
-        if not (math.isfinite(self.collective_timeout_minutes) and self.collective_timeout_minutes >= 0):
-            raise MicrofedError(
-                f"--collective-timeout-minutes must be a number >= 0 (0: the default of "
-                f"{DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}), got {self.collective_timeout_minutes}"
-            )
+        require_float(
+            "collective_timeout_minutes",
+            self.collective_timeout_minutes,
+            low=0.0,
+            high=MAX_TIMEOUT_MINUTES,
+            flag="--collective-timeout-minutes",
+            pipeline=True,
+            why=f"0: the default of {DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}",
+        )
+        timeout = collective_timeout(self).total_seconds() / 60
+        require_float(
+            "stall_minutes",
+            self.stall_minutes,
+            low=0.0,
+            high=timeout,
+            flag="--stall-minutes",
+            why=f"0: a third of the collective timeout; a stall is reported before that timeout ({timeout:g} min) "
+            "ends the run",
+        )
 
 
 def collective_timeout(cfg: WorkerConfig) -> datetime.timedelta:
     """The timeout the process group is created with (it bounds every collective and the rendezvous)."""
     return datetime.timedelta(minutes=cfg.collective_timeout_minutes or DEFAULT_COLLECTIVE_TIMEOUT_MINUTES)
+
+
+def stall_timeout(cfg: WorkerConfig) -> datetime.timedelta:
+    """How long a rank may make no progress of its own before the local launcher warns about it."""
+    return datetime.timedelta(minutes=cfg.stall_minutes) or collective_timeout(cfg) * DEFAULT_STALL_FRACTION
+
+
+class _Progress:
+    """This rank's progress record for the local launcher's stall watch (PROGRESS_DIR_ENV; training/launch.py).
+
+    `doing` says what the rank does, with its round; `waiting` marks a collective, where a rank waits for its
+    peers and is not the one to blame. The record is rewritten (atomically: a new file renamed over the old) when
+    that changes, and on `tick` at most every `every` seconds. Without the variable (a PyTorchJob replica,
+    torchrun) nothing is written; a record that cannot be written is given up, never the training.
+    """
+
+    def __init__(self, folder: str | None, rank: int, stall: float, timeout: float) -> None:
+        self.path = Path(folder) / progress_file(rank) if folder else None
+        self.fixed = {"pid": os.getpid(), "rank": rank, "stall_seconds": stall, "timeout_seconds": timeout}
+        self.every = min(5.0, stall / 10)
+        self.doing, self.waiting, self.written = "starting", False, 0.0
+
+    @classmethod
+    def from_environ(cls, cfg: WorkerConfig, rank: int) -> _Progress:
+        folder = os.environ.get(PROGRESS_DIR_ENV) or None
+        return cls(folder, rank, stall_timeout(cfg).total_seconds(), collective_timeout(cfg).total_seconds())
+
+    def set(self, doing: str, *, waiting: bool = False) -> None:
+        self.doing, self.waiting = doing, waiting
+        self._write()
+
+    def tick(self) -> None:
+        if self.path is not None and time.monotonic() - self.written >= self.every:
+            self._write()
+
+    @contextlib.contextmanager
+    def waiting_for(self, what: str) -> Iterator[None]:
+        """Mark a collective; after it the rank is back at what it did before, with a fresh time (a failed one
+        ends the process: the record stays as it was)."""
+        before, was_waiting = self.doing, self.waiting
+        self.set(what, waiting=True)
+        yield
+        self.set(before, waiting=was_waiting)
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        record = {**self.fixed, "doing": self.doing, "waiting": self.waiting, "time": time.time()}
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            temporary.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError:
+            self.path = None
+        self.written = time.monotonic()
+
+
+# This process's record; main() replaces it (run_worker called directly, as tests do, writes none).
+_progress = _Progress(None, 0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -246,6 +346,7 @@ def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
     With gs:// URIs, the worker downloads only its own shard and the validation split, and uploads what it wrote
     when it finishes (nothing when it fails).
     """
+    _progress.set("fetching its shard")
     own = [f"shard-{env.rank:05d}.safetensors", f"shard-{env.rank:05d}.json"]
     if cfg.eval_every_round and cfg.rounds > 1 and exists(join(cfg.shards, "val.json")):
         own += ["val.safetensors", "val.json"]
@@ -267,6 +368,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
     device = _device(cfg, env)
     monitor = UsageMonitor(device).start()  # peak memory, CPU and GPU use: the next plan starts from them
     torch.set_num_threads(cfg.threads or max(1, usable_cores() // max(1, env.local_world_size)))
+    _progress.set("loading its shard")
     shard = load_shard(shards, env.rank)
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
@@ -275,6 +377,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
     local = _prepare(cfg, env, arch, summary, shard.images, shard.labels, device)
     fingerprint = _fingerprint(cfg, env, summary)
     resumed, rounds = _resume(cfg, env, local, fingerprint)
+    _progress.set("loading the validation split")
     val = load_val_set(shards) if cfg.eval_every_round and cfg.rounds > 1 else None
     last = cfg.rounds
     for r in range(resumed + 1, cfg.rounds + 1):
@@ -302,6 +405,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         ARCHITECTURE_KEY: json.dumps(arch.to_dict(), sort_keys=True),
         **strategy,
     }
+    _progress.set(f"writing its micro-model after round {last}/{cfg.rounds}")
     write_safetensors(out / micro_model_name(env.rank), local.model.state_dict(), meta)
     if env.rank == 0:
         _write_server_files(cfg, local, out, rounds, last, strategy)
@@ -318,6 +422,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         "usage": monitor.stop(ep["seconds"] for rec in rounds for ep in rec["epochs"]).to_dict(),
     }
     write_json(out / f"worker-{env.rank:05d}.json", worker)
+    _progress.set("uploading its outputs")
     return worker
 
 
@@ -361,14 +466,23 @@ def _write_server_files(
 @contextlib.contextmanager
 def _collective(env: DistEnv, what: str) -> Iterator[None]:
     """Turn a failed collective (gloo/NCCL raise RuntimeError when a peer's connection drops or times out)
-    into PeerLost, which `main` reports with EXIT_PEER_LOST so that the group is restarted and resumes."""
+    into PeerLost, which `main` reports with EXIT_PEER_LOST so that the group is restarted and resumes.
+
+    The progress record marks the rank as waiting for its peers meanwhile (alone, it waits for none)."""
     try:
-        yield
+        with _progress.waiting_for(what) if env.world_size > 1 else _doing(what):
+            yield
     except RuntimeError as e:
         if env.world_size == 1 or isinstance(e, PeerLost):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeerLost(f"worker {env.rank}: {what} failed, a peer is gone ({first})") from e
+
+
+@contextlib.contextmanager
+def _doing(what: str) -> Iterator[None]:
+    _progress.set(what)
+    yield
 
 
 def _fingerprint(cfg: WorkerConfig, env: DistEnv, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -402,6 +516,7 @@ def _resume(
     resumed = int(chosen.item())
     if resumed == 0:
         return 0, []
+    _progress.set(f"reading round {resumed}'s checkpoint")
     ckpt = read_checkpoint(str(cfg.out), resumed, fingerprint=fingerprint, world_size=env.world_size)
     local.model.load_state_dict(ckpt.weights)
     for key, t in ckpt.server.items():  # "momentum.<name>", "best.<name>"
@@ -433,6 +548,7 @@ def _checkpoint(
             server=server,
             server_info={"best": local.best},
         )
+        _progress.set(f"writing round {r}'s checkpoint")
         uri = write_checkpoint(str(cfg.out), r, data)
         _log(env, f"round {r}/{cfg.rounds}: checkpoint {uri} ({len(data) / 1e6:.1f} MB)")
     if env.world_size > 1:
@@ -465,8 +581,9 @@ def _prepare(
     labels: torch.Tensor,
     device: torch.device,
 ) -> _Local:
+    preprocess = Preprocess(summary["mean"], summary["std"], device, cfg.optim.augment)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights ...
-    model = build_model(arch).to(device).to(memory_format=torch.channels_last)
+    model = _build_checked(arch, device, preprocess(images[:2]))
     if env.world_size > 1:  # ... and rank 0's are broadcast anyway, so a rank-dependent factory cannot diverge
         with _collective(env, "broadcasting the initial weights"):
             for t in model.state_dict().values():
@@ -495,7 +612,7 @@ def _prepare(
         model=model,
         images=images,
         labels=labels,
-        preprocess=Preprocess(summary["mean"], summary["std"], device, cfg.optim.augment),
+        preprocess=preprocess,
         optimizer=opt,
         # one schedule over the whole job, so rounds continue it rather than restart it
         scheduler=make_scheduler(opt, cfg.optim, cfg.rounds * cfg.local_epochs * steps_per_epoch),
@@ -505,6 +622,27 @@ def _prepare(
         steps=steps,
         averaged=keys,
     )
+
+
+def _build_checked(arch: ModelConfig, device: torch.device, batch: torch.Tensor) -> torch.nn.Module:
+    """The model, on `device`, once it has shown that it can be trained: a factory that raises, a model without
+    trainable parameters, or one whose output for `batch` is not (batch, num_classes) logits, is one MicrofedError
+    line naming the factory, before the first epoch (and alike on every rank, so all of them stop with it)."""
+    _progress.set("building and checking the model")
+    try:
+        model = build_model(arch)
+    except Exception as err:  # the user's factory: whatever it raises, there is no model to train
+        if isinstance(err, MicrofedError) or ":" not in arch.name:
+            raise
+        text = str(err).strip()
+        raise MicrofedError(
+            f"model factory {arch.name!r} raised {type(err).__name__}: {text.splitlines()[0] if text else '-'}",
+            hint=f"it is called as {arch.name.rpartition(':')[2]}(num_classes={arch.num_classes}, "
+            f"in_channels={arch.in_channels}, image_size={arch.image_size}) and must return a torch.nn.Module",
+        ) from err
+    model = model.to(device).to(memory_format=torch.channels_last)
+    check_model(model, arch, batch)
+    return model
 
 
 def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict[str, Any]:
@@ -522,8 +660,12 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict
         def after_backward() -> None:
             proximal_step(params, anchor, mu)
 
+    # ddp all-reduces the gradients inside every step: a rank that waits there for a stalled peer looks just like
+    # it, so its steps count as waiting (the collective timeout still ends a stall; no rank is named)
+    synchronized = strategy.name == "ddp" and env.world_size > 1
     epochs = []
     for e in range(1, cfg.local_epochs + 1):
+        _progress.set(f"training round {r}/{cfg.rounds}, local epoch {e}/{cfg.local_epochs}", waiting=synchronized)
         try:
             stats = train_epoch(
                 local.trainer,
@@ -537,6 +679,7 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: _Local, r: int) -> dict
                 amp_dtype=local.amp,
                 steps=local.steps,
                 after_backward=after_backward,
+                on_step=_progress.tick,
             )
         except MicrofedError as err:  # a diverged loss: say which worker and when, for every rank's log
             raise MicrofedError(
@@ -633,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.collective_timeout_minutes,
         help=f"bound on every collective and the rendezvous; 0 = {DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}",
     )
+    p.add_argument(
+        "--stall-minutes",
+        type=float,
+        default=d.stall_minutes,
+        help="local launcher: warn about a worker without progress for this long; 0 = a third of the timeout",
+    )
     return p
 
 
@@ -664,6 +813,7 @@ def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
         ),
         patience=a.patience,
         collective_timeout_minutes=a.collective_timeout_minutes,
+        stall_minutes=a.stall_minutes,
     )
 
 
@@ -715,6 +865,8 @@ def config_to_argv(cfg: WorkerConfig) -> list[str]:
         str(cfg.patience),
         "--collective-timeout-minutes",
         repr(cfg.collective_timeout_minutes),
+        "--stall-minutes",
+        repr(cfg.stall_minutes),
     ]
     if cfg.strategy.fedbn:
         argv.append("--fedbn")
@@ -799,11 +951,14 @@ def _finish(env: DistEnv) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _progress
     try:
         cfg = parse_config(argv)
         env = DistEnv.from_environ()
+        _progress = _Progress.from_environ(cfg, env.rank)
         if env.world_size > 1:
-            _join(cfg, env)
+            with _progress.waiting_for("joining the worker group"):
+                _join(cfg, env)
         try:
             run_worker(cfg, env)
             _finish(env)
@@ -814,7 +969,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[microfed worker] error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except PeerLost as e:
-        print(f"[microfed worker] {e}; exiting with {EXIT_PEER_LOST} to have the group restarted", file=sys.stderr)
+        print(
+            f"[microfed worker] {e}; exiting with {EXIT_PEER_LOST} to have the group restarted",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_PEER_LOST
     return 0
 
