@@ -421,7 +421,7 @@ def _larger(limits: dict[str, AutopilotPodLimit], than: AutopilotPodLimit) -> st
 # The timeout gloo / nccl had before it was derived (training/worker.py): also the floor. It covers the
 # rendezvous as well, where one replica may wait for another's node to be created (minutes on a GPU pool).
 DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30
-# How far the plan's seconds per epoch can be off, from training/resources.py's own comments: CPU throughput is
+# How far the plan's seconds per epoch can be off, from training/resources_estimate.py's own comments: CPU throughput is
 # taken as 20 GFLOP/s per core where the trained models measured 11.5 (efficientnet_v2_s) to 29 (cnn-fmnist),
 # so up to 1.7x slow; reading through a DataLoader instead of preloaded tensors is 1.5x slower again (~2.6x);
 # the GPU figure assumes 30% of fp32 peak ("only for the logged epoch-time guess"). Rank 0 also evaluates and
