@@ -150,11 +150,11 @@ def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path) -> dict[str, 
     """Centralized training of the same model for `epochs` epochs, with a test-accuracy point per epoch.
 
     It runs the same worker with 1 worker holding all the data and `epochs` rounds of 1 local epoch. This is
-    exactly centralized training (read in training/worker.py): `_prepare` builds the model, the optimiser and
-    one LR schedule over rounds * local_epochs * steps_per_epoch steps once per job; `_train_round` continues
+    exactly centralized training (read in training/worker_rounds.py): `_prepare` builds the model, the optimiser
+    and one LR schedule over rounds * local_epochs * steps_per_epoch steps once per job; `_train_round` continues
     them round after round with the same data-order generator; with world size 1 and the default strategy
-    (fedavg), `_average` does no all-reduce and no server update (the weights are left as they are), and
-    `_checkpoint` only copies state out. So the rounds are consecutive epochs of one training run, and the
+    (fedavg, no server optimizer), `_combine` does no all-reduce and no server step (the weights are left as they
+    are), and `checkpoint` only copies state out. So the rounds are consecutive epochs of one training run, and the
     checkpoints are its per-epoch snapshots.
     """
     return run_federated(
@@ -314,19 +314,20 @@ def accuracy(quick: bool) -> list[dict[str, Any]]:
     return [*rows, tta]
 
 
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {},
-    "fedprox mu=0.01": {"name": "fedprox", "mu": 0.01},
-    "fedavgm beta=0.9": {"name": "fedavgm", "server_momentum": 0.9},
-    "ddp": {"name": "ddp"},
-}
+def strategy_settings() -> dict[str, dict[str, Any]]:
+    """Every strategy in the registry (microfed.training.strategies) with its default settings, by its label
+    (`fedprox mu=0.01`, `fedavgm beta=0.9`): a new strategy gets its rows without an edit here."""
+    from microfed.training.strategies import STRATEGIES, Strategy
+
+    return {Strategy(name=name).build().label(): {"name": name} for name in STRATEGIES}
 
 
 def strategies(quick: bool) -> list[dict[str, Any]]:
-    """fedprox, FedAvgM and ddp against fedavg on label-skewed shards (Dirichlet 0.5 and 0.1), 3 workers, the
+    """Every registered strategy against fedavg on label-skewed shards (Dirichlet 0.5 and 0.1), 3 workers, the
     same T epochs as multi-round FedAvg (T rounds of 1 local epoch; ddp: T epochs of synchronous steps)."""
-    from microfed.training.aggregation import Strategy
+    from microfed.training.strategies import Strategy
 
+    settings_by_label = strategy_settings()
     epochs, n_train, n_test = (QUICK_EPOCHS, 6000, 2000) if quick else (FULL_EPOCHS - 1, 0, 0)
     dataset = fashion_mnist(n_train, n_test)
     started = time.perf_counter()
@@ -336,7 +337,7 @@ def strategies(quick: bool) -> list[dict[str, Any]]:
         for alpha in (0.5, 0.1):
             split = SplitConfig(num_shards=3, strategy="dirichlet", alpha=alpha, seed=0)
             runs = {}
-            for label, settings in STRATEGIES.items():
+            for label, settings in settings_by_label.items():
                 runs[label] = run_federated(
                     dataset,
                     workers=3,

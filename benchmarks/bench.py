@@ -14,7 +14,7 @@ back to back, and reports the ratio; absolute numbers only describe this machine
                 (benchmarks/peers.py; Flower in its own .venv-flower)
   accuracy      FedAvg test accuracy (3/8 workers; stratified, Dirichlet 0.5/0.1; one-shot, multi-round) vs
                 centralized training with the same epochs; epochs and seconds to 91.4% (benchmarks/accuracy.py)
-  strategies    fedprox, FedAvgM and ddp vs fedavg on Dirichlet 0.5 and 0.1 shards
+  strategies    every registered strategy (training/strategies.py) vs fedavg on Dirichlet 0.5 and 0.1 shards
   cluster       a projection of wall time for 1-64 workers on a cluster from this run's numbers (a table, with
                 its assumptions; no side-by-side timing)
 

@@ -95,8 +95,8 @@ def _accuracy(model: torch.nn.Module, shards: Path) -> float:
 
 
 def _ours(shards: Path, tmp: Path, rounds: int, epochs: int, strategy: str = "fedavg") -> dict[str, float]:
-    from microfed.training.aggregation import Strategy
     from microfed.training.steps import aggregate_step, train_step
+    from microfed.training.strategies import Strategy
 
     tmp = tmp / strategy
     cfg = WorkerConfig(

@@ -95,7 +95,7 @@ def train(
     strategy: str = "fedavg",
     mu: float = 0.01,
     server_momentum: float = 0.9,
-    server_lr: float = 1.0,
+    server_lr: float = 0.0,
     fedbn: bool = False,
     patience: int = 0,
     launcher: str = "local",
@@ -116,21 +116,23 @@ def train(
     resources from the plan, image `worker_image`, accelerators chosen from the comma-separated
     `accelerators`). Fails with the failing worker's log when a worker fails.
 
-    strategy: fedavg | fedprox (proximal term `mu`) | fedavgm (server momentum `server_momentum`, server
-    learning rate `server_lr`) | ddp (DistributedDataParallel across the shards: one model). fedbn: keep
-    BatchNorm layers out of the in-job averages. patience: stop after that many rounds without a better
-    validation accuracy (0 = run every round). usage_cache: the measured-usage cache (a folder or .json, local
-    or gs://; default `<pipeline root>/usage-cache.json`, the root read from micro_models' URI, "off" for none):
-    the workers' measured peaks go there and later plans for the same model and input shape start from them.
+    strategy: how the workers train and how their models are combined, a name in the strategies' registry
+    (microfed.training.strategies; `microfed run --help` lists them), with its settings: `mu` (fedprox's proximal
+    term), `server_momentum` and `server_lr` (a server optimizer's momentum and learning rate; server_lr 0 = the
+    strategy's own default). fedbn: keep BatchNorm layers out of the in-job averages. patience: stop after that
+    many rounds without a better validation accuracy (0 = run every round). usage_cache: the measured-usage
+    cache (a folder or .json, local or gs://; default `<pipeline root>/usage-cache.json`, the root read from
+    micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model
+    and input shape start from them.
     launcher `pytorchjob` needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.
     collective_timeout_minutes: how long a worker waits in one collective (a fast rank at the end of a round waits
     for the slowest) before it counts its peer as lost; 0 = from the plan's round time (x 4, at least 30).
     """
-    from microfed.training.aggregation import Strategy
     from microfed.training.errors import reported_errors
     from microfed.training.steps import train_component_step
+    from microfed.training.strategies import Strategy
     from microfed.training.train import OptimConfig
 
     with reported_errors():
@@ -169,9 +171,9 @@ def train(
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
 def aggregate(micro_models: Input[Model], shards: Input[Dataset], global_model: Output[Model]) -> None:
-    """Combine the micro-models by the training strategy: FedAvg's average weighted by n_k / n (floating
-    tensors, BatchNorm statistics included; integer buffers kept integer), fedavgm's last server update, or
-    ddp's single model. With a validation split, keeps the round with the best validation accuracy. Writes
+    """Combine the micro-models by the training strategy's final combine: FedAvg's average weighted by n_k / n
+    (floating tensors, BatchNorm statistics included; integer buffers kept integer), then a server optimizer's last
+    step, or ddp's single model. With a validation split, keeps the round with the best validation accuracy. Writes
     model.safetensors and model_config.json."""
     from microfed.training.errors import reported_errors
     from microfed.training.steps import aggregate_step

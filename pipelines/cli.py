@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,9 +22,17 @@ from microfed.training.text import printable
 
 __all__ = ["build_parser", "main", "pipeline_arguments"]
 
+
+def _strategy_help() -> str:
+    # the strategies' registry (it imports torch) is read when a parser is built, not when this module is imported
+    from microfed.training.strategies import strategy_help
+
+    return f"how the workers train and their models are combined: {strategy_help()}"
+
+
 # Pipeline parameter → (flag type, help). Defaults come from the pipeline function itself, so the CLI,
 # the compiled YAML and the Kubeflow UI all show the same ones.
-_PARAMS: dict[str, tuple[type, str]] = {
+_PARAMS: dict[str, tuple[type, str | Callable[[], str]]] = {
     "dataset": (
         str,
         "fashion-mnist, mnist, cifar10, a .zip / folder with train/ and test/ class folders, "
@@ -54,10 +62,10 @@ _PARAMS: dict[str, tuple[type, str]] = {
     "test_limit": (int, "use at most this many test examples (0 = all)"),
     "bad_images": (str, "fail on an image that cannot be decoded, or skip it (counted in the manifest)"),
     "val_fraction": (float, "share of the training set held out to validate each round and keep the best (0 = none)"),
-    "strategy": (str, "fedavg, fedprox, fedavgm or ddp (DistributedDataParallel across the shards)"),
+    "strategy": (str, _strategy_help),
     "mu": (float, "fedprox: weight of the proximal term"),
-    "server_momentum": (float, "fedavgm: server momentum"),
-    "server_lr": (float, "fedavgm: server learning rate"),
+    "server_momentum": (float, "the server optimizer's momentum (beta, or an adaptive optimizer's beta1)"),
+    "server_lr": (float, "the server optimizer's learning rate; 0 = the strategy's own default"),
     "fedbn": (bool, "keep BatchNorm layers out of the in-job averages (FedBN)"),
     "patience": (int, "stop after this many rounds without a better validation accuracy (0 = run every round)"),
     "usage_cache": (
@@ -96,7 +104,7 @@ _FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "val_fraction": (0.0, True, 0.5, False),
     "mu": (0.0, True, _FLOAT32_MAX, True),
     "server_momentum": (0.0, True, 1.0, False),
-    "server_lr": (0.0, False, _FLOAT32_MAX, True),
+    "server_lr": (0.0, True, _FLOAT32_MAX, True),  # 0: the strategy's own default
 }
 
 
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_pipeline_params(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """One flag per pipeline parameter, so `run` and `submit` accept the same ones."""
-    for name, (kind, help_text) in _PARAMS.items():
+    for name, (kind, text) in _PARAMS.items():
+        help_text = text() if callable(text) else text
         if kind is bool:
             parser.add_argument(
                 f"--{name.replace('_', '-')}",
@@ -218,10 +227,10 @@ def _add_submit_parser(sub: Any, defaults: dict[str, Any]) -> None:
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline arguments from parsed flags, checked here so bad input fails before any step runs."""
-    from microfed.training.aggregation import Strategy
     from microfed.training.datasets import check_source
     from microfed.training.models import absolute_factory_path
     from microfed.training.shards import SplitConfig, parse_ratios
+    from microfed.training.strategies import Strategy
     from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}

@@ -71,7 +71,7 @@ def microfed_pipeline(
     strategy: str = "fedavg",
     mu: float = 0.01,
     server_momentum: float = 0.9,
-    server_lr: float = 1.0,
+    server_lr: float = 0.0,
     fedbn: bool = False,
     patience: int = 0,
     usage_cache: str = "",

@@ -49,11 +49,11 @@ FAULTY_WORKER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     import torch
-    from microfed.training import worker
+    from microfed.training import worker, worker_rounds
 
     marker = Path(os.environ["FAULT_MARKER"])
     fault, rank, at = os.environ["FAULT"], os.environ["FAULT_RANK"], int(os.environ["FAULT_CALL"])
-    real_train_epoch = worker.train_epoch
+    real_train_epoch = worker_rounds.train_epoch
     calls = 0
 
     def train_epoch(model, *args, **kwargs):
@@ -70,7 +70,7 @@ FAULTY_WORKER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return stats
 
-    worker.train_epoch = train_epoch
+    worker_rounds.train_epoch = train_epoch  # where the round loop looks it up
     sys.exit(worker.main())
 """)
 
@@ -107,6 +107,7 @@ def states_of(folder: Path) -> list[dict[str, torch.Tensor]]:
     return [read_safetensors(folder / micro_model_name(rank))[0] for rank in range(2)]
 
 
+@pytest.mark.integration
 def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_identical_results(
     shards: Path, tmp_path: Path, faulty: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,6 +168,7 @@ def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_i
         assert all(torch.equal(got[key], want[key]) for key in want)
 
 
+@pytest.mark.integration
 def test_a_killed_worker_resumes_from_checkpoints_on_gcs(
     shards: Path,
     tmp_path: Path,
@@ -191,6 +193,7 @@ def test_a_killed_worker_resumes_from_checkpoints_on_gcs(
     assert "resuming after round 1/3 from gs://" in (tmp_path / "logs" / "worker-00000.log").read_text()
 
 
+@pytest.mark.integration
 def test_a_diverging_worker_stops_the_job_naming_its_rank_and_round(
     shards: Path, tmp_path: Path, faulty: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +233,7 @@ def crasher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
 
 
+@pytest.mark.integration
 def test_a_fault_that_repeats_stops_after_the_restart_limit(tmp_path: Path, crasher: None) -> None:
     with pytest.raises(WorkerFailed) as info:
         launch_local(2, ["kill"], log_dir=tmp_path, module="crasher", echo_rank0=False, max_restarts=1)
@@ -239,6 +243,7 @@ def test_a_fault_that_repeats_stops_after_the_restart_limit(tmp_path: Path, cras
     assert (tmp_path / "worker-00000.log").read_text().count("restart 1: worker group started again") == 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("code", ["1", "2"])
 def test_a_program_error_is_not_restarted_even_when_its_peer_reports_a_lost_peer(
     tmp_path: Path, crasher: None, code: str
@@ -296,28 +301,20 @@ def test_a_restored_rank_continues_exactly_like_the_original() -> None:
         assert torch.equal(restored[0].state_dict()[key], value), key
 
 
-@pytest.fixture(params=["local", "gcs"])
-def out_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "micro")
-    emulator: GcsEmulator = request.getfixturevalue("gcs")
-    return emulator.uri("run/micro")
-
-
-def test_a_round_is_committed_once_and_the_latest_is_found(out_uri: str) -> None:
+def test_a_round_is_committed_once_and_the_latest_is_found(base: str) -> None:
     model, opt, sched, gen = fresh_objects(seed=0)
     fingerprint = {"seed": 0, "world_size": 1}
     ranks = [capture_rank_state(opt, sched, gen, [])]
-    assert latest_round(out_uri) == 0
+    assert latest_round(base) == 0
 
     for r in (1, 2):
-        write_checkpoint(out_uri, r, build_checkpoint(r, fingerprint, model.state_dict(), ranks))
+        write_checkpoint(base, r, build_checkpoint(r, fingerprint, model.state_dict(), ranks))
 
-    assert latest_round(out_uri) == 2
+    assert latest_round(base) == 2
     # A round's checkpoint is never replaced (on gs:// a generation precondition, if_generation_match=0).
     with pytest.raises(MicrofedError, match=r"round-00002\.safetensors.*(already exists|precondition)"):
-        write_checkpoint(out_uri, 2, build_checkpoint(2, fingerprint, model.state_dict(), ranks))
-    ckpt = read_checkpoint(out_uri, 2, fingerprint=fingerprint, world_size=1)
+        write_checkpoint(base, 2, build_checkpoint(2, fingerprint, model.state_dict(), ranks))
+    ckpt = read_checkpoint(base, 2, fingerprint=fingerprint, world_size=1)
     assert ckpt.round == 2 and torch.equal(ckpt.weights["0.weight"], model.state_dict()["0.weight"])
 
 

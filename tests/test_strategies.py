@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from microfed.training.aggregation import Strategy, batchnorm_keys, proximal_step, server_update
+from microfed.training.aggregation import batchnorm_keys, proximal_step, server_update
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_safetensors
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, load_shard, read_dataset_manifest, write_shards
 from microfed.training.steps import aggregate_step, train_step
+from microfed.training.strategies import Strategy
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
 from microfed.training.worker import WorkerConfig, micro_model_name
 from tests.conftest import synthetic_dataset
@@ -101,7 +102,7 @@ def test_batchnorm_keys_are_what_fedbn_keeps_local() -> None:
         ({"name": "scaffold"}, "unknown strategy 'scaffold'"),
         ({"mu": -1.0}, "--mu"),
         ({"server_momentum": 1.0}, "--server-momentum"),
-        ({"server_lr": 0.0}, "--server-lr"),
+        ({"server_lr": -1.0}, "--server-lr"),
         ({"name": "ddp", "fedbn": True}, "--fedbn"),
     ],
 )
@@ -141,6 +142,7 @@ def single_process(shards: Path, epochs: int) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.integration
 def test_fedavg_and_ddp_with_one_worker_equal_a_single_process(one_shard: Path, tmp_path: Path) -> None:
     expected = single_process(one_shard, epochs=2)
     fedavg = train(one_shard, tmp_path / "fedavg", 1)
@@ -149,6 +151,7 @@ def test_fedavg_and_ddp_with_one_worker_equal_a_single_process(one_shard: Path, 
     assert_same({k: v.contiguous() for k, v in ddp.items()}, expected)
 
 
+@pytest.mark.integration
 def test_fedprox_with_mu_0_equals_fedavg(shards: Path, tmp_path: Path) -> None:
     fedavg = train(shards, tmp_path / "fedavg", 2)
     prox0 = train(shards, tmp_path / "prox0", 2, strategy=Strategy(name="fedprox", mu=0.0))
@@ -158,6 +161,7 @@ def test_fedprox_with_mu_0_equals_fedavg(shards: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(prox[k], fedavg[k]) for k in fedavg if fedavg[k].is_floating_point())
 
 
+@pytest.mark.integration
 def test_fedavgm_with_momentum_0_equals_fedavg(shards: Path, tmp_path: Path) -> None:
     fedavg = train(shards, tmp_path / "fedavg", 2, rounds=3)
     m0 = train(shards, tmp_path / "m0", 2, rounds=3, strategy=Strategy(name="fedavgm", server_momentum=0.0))
@@ -169,6 +173,7 @@ def test_fedavgm_with_momentum_0_equals_fedavg(shards: Path, tmp_path: Path) -> 
     assert any(not torch.allclose(m9[k], fedavg[k]) for k in fedavg if fedavg[k].is_floating_point())
 
 
+@pytest.mark.integration
 def test_ddp_ranks_train_one_model_on_unequal_shards(shards: Path, tmp_path: Path) -> None:
     train(shards, tmp_path, 2, strategy=Strategy(name="ddp"))
     micro = [read_safetensors(tmp_path / "micro" / micro_model_name(r))[0] for r in range(2)]
@@ -184,6 +189,7 @@ def test_ddp_ranks_train_one_model_on_unequal_shards(shards: Path, tmp_path: Pat
 # ------------------------------------------------------------------------------ selection, early stopping
 
 
+@pytest.mark.integration
 def test_the_aggregate_step_keeps_the_round_with_the_best_validation_accuracy(shards: Path, tmp_path: Path) -> None:
     train(shards, tmp_path, 2, rounds=2)
     micro = tmp_path / "micro"
@@ -207,6 +213,7 @@ def test_the_aggregate_step_keeps_the_round_with_the_best_validation_accuracy(sh
     assert meta["round"] == "1"
 
 
+@pytest.mark.integration
 def test_patience_stops_when_validation_accuracy_stops_improving(shards: Path, tmp_path: Path) -> None:
     # a learning rate too small to change a prediction: round 1 stays the best, so patience 1 stops after 2
     frozen = OptimConfig(optimizer="sgd", lr=1e-12, batch_size=16, precision="fp32", schedule="constant")
@@ -230,6 +237,7 @@ def make(num_classes, in_channels, image_size):
 """
 
 
+@pytest.mark.integration
 def test_fedbn_keeps_batchnorm_out_of_the_in_job_average(shards: Path, tmp_path: Path) -> None:
     from microfed.training.checkpoint import checkpoint_uri, parse_checkpoint
     from microfed.training.storage import read_bytes

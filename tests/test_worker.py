@@ -70,6 +70,7 @@ def worker_args(shards: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "micro"
     cmd = [
@@ -103,6 +104,7 @@ def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path:
     assert "[microfed worker] round 1/2" in proc.stdout
 
 
+@pytest.mark.integration
 def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "micro"
     cfg = WorkerConfig(
@@ -137,6 +139,7 @@ def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: 
     assert metrics["shard_sizes"] == [40, 80]
 
 
+@pytest.mark.integration
 def test_a_failing_worker_fails_the_launch_with_its_log_and_stops_the_others(shards: Path, tmp_path: Path) -> None:
     shard1 = shards / "shard-00001.safetensors"
     data = bytearray(shard1.read_bytes())
@@ -152,6 +155,7 @@ def test_a_failing_worker_fails_the_launch_with_its_log_and_stops_the_others(sha
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.integration
 def test_in_job_average_across_two_processes_equals_weighted_average(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,6 +194,7 @@ def test_dist_env_reads_the_training_operator_variables() -> None:
         DistEnv.from_environ({"WORLD_SIZE": "two"})
 
 
+@pytest.mark.integration
 def test_stopping_the_launcher_stops_its_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sleeper.py").write_text(
         "import os, sys, time\n"
@@ -274,6 +279,7 @@ def test_every_rank_waits_for_all_outputs_before_exiting(monkeypatch: pytest.Mon
     assert worker.main(["--shards", "s", "--out", "o"]) == EXIT_PEER_LOST
 
 
+@pytest.mark.integration
 def test_a_peer_that_never_joins_times_out_as_peer_lost(tmp_path: Path) -> None:
     # rank 0 of 2, alone: the rendezvous waits for the flag's 3 s (not 30 min) and exits restartable (200)
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -287,6 +293,7 @@ def test_a_peer_that_never_joins_times_out_as_peer_lost(tmp_path: Path) -> None:
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.integration
 def test_a_recreated_rank_does_not_join_the_previous_groups_rendezvous(tmp_path: Path) -> None:
     # the previous group's rank 0 still serves its store (it notices a lost peer only at its next collective);
     # a recreated rank 1 must wait for it to go, not read that group's addresses

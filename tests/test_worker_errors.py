@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from microfed.pipelines.cli import main as cli_main
-from microfed.training import worker
+from microfed.training import worker, worker_progress
 from microfed.training.errors import MicrofedError
 from microfed.training.launch import (
     PROGRESS_DIR_ENV,
@@ -162,6 +162,7 @@ def test_an_unusable_factory_stops_the_worker_before_the_first_epoch_with_one_li
     assert "epoch" not in captured.out and not (out / "worker-00000.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_factory_that_raises_reaches_microfed_run_as_its_own_line(
     factories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -184,6 +185,7 @@ def test_a_factory_that_raises_reaches_microfed_run_as_its_own_line(
 # --------------------------------------------------------------------------------- 12: a stalled worker
 
 
+@pytest.mark.integration
 def test_a_stalled_worker_is_named_with_its_round_first_as_a_warning_then_as_the_error(
     factories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,7 +244,7 @@ def test_the_stall_watch_reads_the_workers_progress_records(
     # Prepare: two records as the workers write them (this process's id stands for both workers')
     monkeypatch.setenv(PROGRESS_DIR_ENV, str(tmp_path))
     cfg = WorkerConfig(shards="s", out="o", collective_timeout_minutes=1, stall_minutes=0.5)
-    records = [worker._Progress.from_environ(cfg, rank) for rank in range(2)]
+    records = [worker_progress.Progress.from_environ(cfg, rank) for rank in range(2)]
     procs = [_Proc(rank, FakePopen(os.getpid()), tmp_path / f"worker-{rank}.log") for rank in range(2)]  # type: ignore[arg-type]
     watch = _StallWatch(tmp_path, procs)
 

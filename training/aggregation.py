@@ -14,18 +14,9 @@ at most the last bit; for float32, float16 and bfloat16 tensors equal inputs com
 output lies between the inputs, because the float64 accumulator's rounding vanishes in the cast back. A float64
 tensor has no wider accumulator, so there the same holds to within an ulp or so.
 
-Strategies (`Strategy`) build on the same average:
-
-- `fedavg`: the weighted average is the next global model.
-- `fedprox` (Li et al. 2020): the same average; the workers add mu/2 * ||w - w_global||^2 to their local loss
-  (`proximal_step` adds its gradient, mu * (w - w_global)), which keeps non-IID shards from drifting apart.
-- `fedavgm` (Hsu et al. 2019): server momentum over the average's pseudo-gradient, `server_update`:
-  d = w_global - average, v = beta * v + d, w_global' = w_global - server_lr * v. With beta = 0 and
-  server_lr = 1 it is FedAvg.
-- `ddp`: synchronous data parallel; the ranks hold one model, and the average only settles BatchNorm statistics.
-- `fedbn` (Li et al. 2021), an option of the federated strategies: BatchNorm layers stay local in the in-job
-  averages (`batchnorm_keys` lists what to leave out); the last average, in the aggregate step, takes all of
-  them, so the run still ends with one global model.
+The strategies (microfed.training.strategies) build on the same average; their server steps and per-step terms
+that are plain math live here: `server_update` (FedAvgM's momentum), `proximal_step` (FedProx's gradient term),
+`batchnorm_keys` (what FedBN keeps local).
 """
 
 from __future__ import annotations
@@ -33,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,8 +32,6 @@ from microfed.training.errors import MicrofedError
 
 __all__ = [
     "ARCHITECTURE_KEY",
-    "STRATEGIES",
-    "Strategy",
     "allreduce_average",
     "batchnorm_keys",
     "check_compatible",
@@ -53,43 +41,19 @@ __all__ = [
     "weighted_average",
 ]
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "ddp")
-
 # The safetensors metadata field in which the worker records a micro-model's architecture (ModelConfig as JSON).
 ARCHITECTURE_KEY = "architecture"
 
 State = Mapping[str, torch.Tensor]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Strategy:
-    """How the workers train and how their models are combined (see the module docstring)."""
+def __getattr__(name: str) -> object:
+    # Strategy and STRATEGIES moved to microfed.training.strategies (which imports this module): still found here
+    if name in ("Strategy", "STRATEGIES"):
+        from microfed.training import strategies
 
-    name: str = "fedavg"
-    """fedavg, fedprox, fedavgm or ddp."""
-    mu: float = 0.01
-    """fedprox: weight of the proximal term mu/2 * ||w - w_global||^2."""
-    server_momentum: float = 0.9
-    """fedavgm: momentum beta of the server update."""
-    server_lr: float = 1.0
-    """fedavgm: server learning rate."""
-    fedbn: bool = False
-    """Keep BatchNorm layers out of the in-job averages (fedavg, fedprox, fedavgm)."""
-
-    def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise MicrofedError(f"unknown strategy {self.name!r}", hint=f"use one of {', '.join(STRATEGIES)}")
-        if not (math.isfinite(self.mu) and self.mu >= 0):
-            raise MicrofedError(f"--mu must be a number >= 0, got {self.mu}")
-        if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
-            raise MicrofedError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise MicrofedError(f"--server-lr must be a positive number, got {self.server_lr}")
-        if self.fedbn and self.name == "ddp":
-            raise MicrofedError("--fedbn applies to fedavg, fedprox and fedavgm, not ddp (one model, no averages)")
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"strategy": self.name, "strategy_config": json.dumps(self.__dict__, sort_keys=True)}
+        return getattr(strategies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _accumulate(acc: dict[str, torch.Tensor] | None, state: State, weight: float) -> dict[str, torch.Tensor]:

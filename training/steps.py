@@ -25,13 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from microfed.training.aggregation import (
-    Strategy,
-    check_compatible,
-    check_same_architecture,
-    server_update,
-    weighted_average,
-)
+from microfed.training.aggregation import check_same_architecture
 from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
@@ -59,6 +53,7 @@ from microfed.training.storage import (
     upload_tree,
     write_bytes,
 )
+from microfed.training.strategies import Strategy, unpack_server_state
 from microfed.training.text import printable
 from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
@@ -477,8 +472,9 @@ def _own_namespace() -> str:
 def aggregate_step(
     micro_dir: str | Path, out_dir: str | Path, shards_dir: str | Path | None = None, batch_size: int = 512
 ) -> dict[str, Any]:
-    """Combine the micro-models listed in `job.json` by the job's strategy (the weighted average, n_k / n;
-    fedavgm's last server update; ddp's single model passed through) and write the global model.
+    """Combine the micro-models listed in `job.json` by the job's strategy (its `combine_final`: the weighted
+    average, n_k / n, and a server optimizer's last step; ddp's single model passed through) and write the global
+    model.
 
     With `shards_dir` holding a validation split, the result is round R's model or the best earlier round's,
     whichever has the higher validation accuracy (ties: the earlier round).
@@ -523,14 +519,11 @@ def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> 
     rounds = read_json(micro / ROUNDS_FILE) if (micro / ROUNDS_FILE).exists() else {}
     strategy = Strategy(**rounds.get("strategy", {}))
     n = int(sum(weights))
-    if strategy.name == "ddp":  # the ranks trained one model and settled its BatchNorm statistics in-job
-        check_compatible(states, names)
-        model_state, how = states[0], "ddp: the job's single model, passed through"
-    else:
-        model_state = weighted_average(states, weights, names=names)
-        how = f"weighted average of {len(states)} micro-models, weights {[round(w / n, 4) for w in weights]}"
-        if (micro / SERVER_STATE_FILE).exists():
-            model_state, how = _server_step(micro / SERVER_STATE_FILE, model_state, strategy), f"fedavgm: {how}"
+    # a server optimizer's state, when the job left it: the global model round R started from, and its moments
+    server = None
+    if (micro / SERVER_STATE_FILE).exists():
+        server = unpack_server_state(read_safetensors(micro / SERVER_STATE_FILE)[0])
+    model_state, how = strategy.build().combine_final(states, weights, names=names, server=server)
     record: dict[str, Any] = {
         "num_examples": n,
         "micro_models": len(states),
@@ -549,23 +542,6 @@ def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> 
     )
     _log(f"aggregate: {how}")
     return record
-
-
-def _server_step(path: Path, average: dict[str, torch.Tensor], strategy: Strategy) -> dict[str, torch.Tensor]:
-    """fedavgm's server update of round R, from the global model and momentum the job left."""
-    tensors, _ = read_safetensors(path)
-    part = {
-        name: {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{name}.")}
-        for name in ("global", "momentum")
-    }
-    updated, _ = server_update(
-        part["global"],
-        {k: average[k] for k in part["global"]},
-        part["momentum"] or None,
-        beta=strategy.server_momentum,
-        lr=strategy.server_lr,
-    )
-    return {**average, **updated}
 
 
 def _select(
