@@ -1,6 +1,8 @@
 # make run   — train Fashion-MNIST through the real KFP pipeline on this machine (kfp.local)
-# make test  — lint, type-check, check infra/ (terraform fmt, checkov) and run the test suite
-# Both create .venv and install the pinned dependencies when missing.
+# make test  — lint, type-check, check infra/ (terraform fmt, checkov) and run the test suite (all three tiers)
+# make test-unit | test-integration | test-e2e — one tier of the test suite alone (pyproject.toml's markers);
+#   test-unit starts no process and takes under a minute
+# Each creates .venv and installs the pinned dependencies when missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +12,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # torch/torchvision are pinned to the builds cached on the project's machines (see DESIGN.md).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data run test lint typecheck infra-check compile image bench clean
+.PHONY: install data run test test-unit test-integration test-e2e lint typecheck infra-check compile image bench clean
 
 install: $(STAMP)
 
@@ -77,6 +79,16 @@ infra-check: install $(CHECKOV_STAMP)
 
 test: install data lint typecheck infra-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# One tier, without the static checks (tests/conftest.py says what each may do).
+test-unit: install
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+test-e2e: install data
+	$(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
 
 # Side-by-side measurements (not part of `make test`): make bench [BENCH_ARGS=--quick]
 bench: install data

@@ -44,7 +44,8 @@ from microfed.training.datasets import LoadedDataset
 from microfed.training.evaluation import evaluate
 from microfed.training.model_files import load_model
 from microfed.training.shards import SplitConfig, load_test_set, write_shards
-from microfed.training.steps import aggregate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_train import train_step
 from microfed.training.storage import read_bytes
 from microfed.training.train import OptimConfig, Preprocess
 from microfed.training.worker import WorkerConfig
@@ -160,7 +161,7 @@ def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path) -> dict[str, 
     return run_federated(
         dataset,
         workers=1,
-        split=SplitConfig(num_shards=1),
+        split=SplitConfig(num_shards=1, val_fraction=0.0),
         rounds=epochs,
         local_epochs=1,
         tmp=tmp,
@@ -178,7 +179,7 @@ class Config:
     """The goal as the largest allowed gap to centralized, in accuracy points; None: reported only."""
 
     def split(self) -> SplitConfig:
-        return SplitConfig(num_shards=self.workers, strategy=self.strategy, alpha=self.alpha, seed=0)
+        return SplitConfig(num_shards=self.workers, strategy=self.strategy, alpha=self.alpha, seed=0, val_fraction=0.0)
 
     def label(self, epochs: int) -> str:
         data = "stratified" if self.strategy == "stratified" else f"Dirichlet a={self.alpha:g}"
@@ -302,7 +303,7 @@ def accuracy(quick: bool) -> list[dict[str, Any]]:
                 curve_runs["3 workers, stratified, multi-round"] = fed
         if not quick:  # the pipeline's defaults (make run): 4 rounds x 3 local epochs, 3 stratified workers
             default = run_federated(
-                dataset, workers=3, split=SplitConfig(num_shards=3), rounds=4, local_epochs=3, tmp=tmp
+                dataset, workers=3, split=SplitConfig(num_shards=3, val_fraction=0.0), rounds=4, local_epochs=3, tmp=tmp
             )
             _progress("make run defaults (4 x 3 epochs)", default, started)
             curve_runs["3 workers, stratified, 4 rounds x 3 epochs (make run's defaults)"] = default
@@ -335,7 +336,7 @@ def strategies(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for alpha in (0.5, 0.1):
-            split = SplitConfig(num_shards=3, strategy="dirichlet", alpha=alpha, seed=0)
+            split = SplitConfig(num_shards=3, strategy="dirichlet", alpha=alpha, seed=0, val_fraction=0.0)
             runs = {}
             for label, settings in settings_by_label.items():
                 runs[label] = run_federated(

@@ -111,7 +111,9 @@ def data_path(quick: bool) -> list[dict[str, Any]]:
         folder = _png_folder(train, Path(tmp) / "pngs")
         # ours: decode the PNG tree once (the split step), then train from the uint8 shard
         split_s = timed(
-            lambda: write_shards(load_dataset(str(folder)), Path(tmp) / "shards", SplitConfig(num_shards=1))
+            lambda: write_shards(
+                load_dataset(str(folder)), Path(tmp) / "shards", SplitConfig(num_shards=1, val_fraction=0.0)
+            )
         )
         shard = load_shard(Path(tmp) / "shards", 0)
         pre = Preprocess([0.286], [0.353], torch.device("cpu"))
@@ -282,14 +284,11 @@ def _task_walls(kfp_log: Path) -> dict[str, float]:
 
 def _in_process(arguments: dict[str, Any], tmp: Path) -> dict[str, float]:
     """The pipeline's steps called directly, in order, in this process; seconds of each."""
-    from microfed.training.steps import (
-        SplitOptions,
-        aggregate_step,
-        evaluate_step,
-        export_step,
-        split_step,
-        train_step,
-    )
+    from microfed.training.step_aggregate import aggregate_step
+    from microfed.training.step_evaluate import evaluate_step
+    from microfed.training.step_export import export_step
+    from microfed.training.step_split import SplitOptions, split_step
+    from microfed.training.step_train import train_step
 
     a = arguments
     shards, micro, model, report, exported = (tmp / d for d in ("shards", "micro", "model", "report", "exported"))
@@ -298,7 +297,7 @@ def _in_process(arguments: dict[str, Any], tmp: Path) -> dict[str, float]:
         seconds["split"] = timed(
             lambda: split_step(
                 SplitOptions(source=a["dataset"], train_limit=a["train_limit"], test_limit=a["test_limit"]),
-                SplitConfig(num_shards=a["workers"], seed=0),
+                SplitConfig(num_shards=a["workers"], seed=0, val_fraction=0.0),
                 shards,
             )
         )
@@ -371,7 +370,7 @@ def orchestration(quick: bool) -> list[dict[str, Any]]:
 
 def _train_throughput(shards: Path, out: Path, world_size: int, examples: int, epochs: int) -> dict[str, float]:
     """images/s of the train step (worker processes started and joined) and of the training epochs alone."""
-    from microfed.training.steps import train_step
+    from microfed.training.step_train import train_step
 
     cfg = WorkerConfig(
         shards=str(shards),
@@ -394,7 +393,7 @@ def parallel(quick: bool) -> list[dict[str, Any]]:
     dataset = fashion_mnist(n, 500)
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 2):
-            write_shards(dataset, Path(tmp) / f"shards{k}", SplitConfig(num_shards=k, seed=0))
+            write_shards(dataset, Path(tmp) / f"shards{k}", SplitConfig(num_shards=k, seed=0, val_fraction=0.0))
         # interleaved and best of 2: other load on a shared machine only slows a run down
         runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for _ in range(2):

@@ -1,9 +1,13 @@
-"""The five KFP v2 components. Each is a typed signature, a docstring and one call into microfed.training.
+"""The five KFP v2 components. Each is a typed signature, a docstring and one call into microfed.training (the
+train component's goes through components/train_adapter.py, which reads KFP's runtime placeholders first).
 
 Bodies import inside the function because KFP ships a lightweight component's source to the executor on
 its own; the image (or, locally, this Python environment) provides microfed. The call runs inside
 `reported_errors()`, which hands a failure's own message to `microfed run` (training/errors.py); a decorator
 could not do it, since KFP ships the function's body without its decorators.
+
+The parameters' defaults are literals for the same reason (the shipped source cannot read training/config.py):
+they are RunConfig's, and tests/test_config.py fails when one differs.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -20,10 +24,10 @@ _IMAGE = component_image()
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
 def split_dataset(
-    dataset: str,
-    workers: int,
     shards: Output[Dataset],
-    strategy: str = "stratified",
+    dataset: str = "fashion-mnist",
+    workers: int = 3,
+    split: str = "stratified",
     split_ratios: str = "",
     alpha: float = 0.5,
     seed: int = 0,
@@ -36,7 +40,7 @@ def split_dataset(
     """Decode `dataset` (fashion-mnist, mnist, cifar10, or a zip/folder of train/ and test/ class folders)
     once and write one shard per worker plus the test set: uint8 safetensors with JSON manifests.
 
-    strategy: stratified | iid | dirichlet (label skew with concentration `alpha`). split_ratios: relative
+    split: stratified | iid | dirichlet (label skew with concentration `alpha`). split_ratios: relative
     shard sizes for stratified/iid, comma-separated ("1,2,1"; empty = equal). bad_images: `fail` on an image
     that cannot be decoded, or `skip` it (counted in the manifest). image_size: resize to a
     square of this side (0 keeps the images' size). train_limit/test_limit: use at most that many examples.
@@ -45,7 +49,7 @@ def split_dataset(
     """
     from microfed.training.errors import reported_errors
     from microfed.training.shards import SplitConfig, parse_ratios
-    from microfed.training.steps import SplitOptions, split_step
+    from microfed.training.step_split import SplitOptions, split_step
 
     with reported_errors():
         summary = split_step(
@@ -58,7 +62,7 @@ def split_dataset(
             ),
             SplitConfig(
                 num_shards=workers,
-                strategy=strategy,
+                strategy=split,
                 ratios=parse_ratios(split_ratios),
                 alpha=alpha,
                 seed=seed,
@@ -88,7 +92,9 @@ def train(
     optimizer: str = "adam",
     lr: float = 0.003,
     weight_decay: float = 0.0,
+    momentum: float = 0.9,
     schedule: str = "cosine",
+    warmup_fraction: float = 0.02,
     augment: str = "none",
     precision: str = "auto",
     seed: int = 0,
@@ -98,7 +104,7 @@ def train(
     server_lr: float = 0.0,
     fedbn: bool = False,
     patience: int = 0,
-    launcher: str = "local",
+    launcher: str = "pytorchjob",
     worker_image: str = "",
     namespace: str = "",
     accelerators: str = "none,nvidia-tesla-t4",
@@ -124,14 +130,15 @@ def train(
     cache (a folder or .json, local or gs://; default `<pipeline root>/usage-cache.json`, the root read from
     micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model
     and input shape start from them.
+    momentum: sgd's (Nesterov) momentum; warmup_fraction: the share of all steps the cosine schedule warms up.
     launcher `pytorchjob` needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.
     collective_timeout_minutes: how long a worker waits in one collective (a fast rank at the end of a round waits
     for the slowest) before it counts its peer as lost; 0 = from the plan's round time (x 4, at least 30).
     """
+    from microfed.components.train_adapter import train_component_step
     from microfed.training.errors import reported_errors
-    from microfed.training.steps import train_component_step
     from microfed.training.strategies import Strategy
     from microfed.training.train import OptimConfig
 
@@ -150,7 +157,9 @@ def train(
                 optimizer=optimizer,
                 lr=lr,
                 weight_decay=weight_decay,
+                momentum=momentum,
                 schedule=schedule,
+                warmup_fraction=warmup_fraction,
                 augment=augment,
                 batch_size=batch_size,
                 precision=precision,
@@ -176,7 +185,7 @@ def aggregate(micro_models: Input[Model], shards: Input[Dataset], global_model: 
     step, or ddp's single model. With a validation split, keeps the round with the best validation accuracy. Writes
     model.safetensors and model_config.json."""
     from microfed.training.errors import reported_errors
-    from microfed.training.steps import aggregate_step
+    from microfed.training.step_aggregate import aggregate_step
 
     with reported_errors():
         record = aggregate_step(micro_models.path, global_model.path, shards.path)
@@ -207,7 +216,7 @@ def evaluate(
     import shutil
 
     from microfed.training.errors import reported_errors
-    from microfed.training.steps import evaluate_step
+    from microfed.training.step_evaluate import evaluate_step
 
     with reported_errors():
         m = evaluate_step(global_model.path, shards.path, micro_models.path, report.path)
@@ -247,7 +256,7 @@ def export(
     """The global model as ONNX (or TorchScript) taking uint8 NCHW images, normalisation inside, with model.json
     (class names, input size); fails unless its logits match eager PyTorch within `tolerance` on test images."""
     from microfed.training.errors import reported_errors
-    from microfed.training.steps import export_step
+    from microfed.training.step_export import export_step
 
     with reported_errors():
         r = export_step(

@@ -17,95 +17,36 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from microfed.training.config import RunConfig, add_arguments, config_fields, defaults
 from microfed.training.errors import MicrofedError
 from microfed.training.text import printable
 
 __all__ = ["build_parser", "main", "pipeline_arguments"]
 
 
-def _strategy_help() -> str:
+def _registry_help() -> str:
     # the strategies' registry (it imports torch) is read when a parser is built, not when this module is imported
     from microfed.training.strategies import strategy_help
 
-    return f"how the workers train and their models are combined: {strategy_help()}"
+    return strategy_help()
 
 
-# Pipeline parameter → (flag type, help). Defaults come from the pipeline function itself, so the CLI,
-# the compiled YAML and the Kubeflow UI all show the same ones.
+def _strategy_help() -> str:
+    return f"{_FIELDS['strategy'].help}: {_registry_help()}"
+
+
+# One option per RunConfig field that is a CLI option (training/config.py: name, type, default, help and range all
+# come from there), so `run`, `submit`, the compiled YAML and the Kubeflow UI show the same defaults.
+_FIELDS = {f.name: f for f in config_fields() if f.cli}
 _PARAMS: dict[str, tuple[type, str | Callable[[], str]]] = {
-    "dataset": (
-        str,
-        "fashion-mnist, mnist, cifar10, a .zip / folder with train/ and test/ class folders, "
-        "or a .csv listing image,label[,split]",
-    ),
-    "model": (
-        str,
-        "cnn-small, cnn-fmnist, resnet18, vgg16, squeezenet, efficientnet_v2_s, "
-        "mobilenet_v3_small, or a factory package.module:function, path/file.py:function, gs://.../file.py:function",
-    ),
-    "workers": (int, "shards = workers (PyTorchJob replicas; local processes here)"),
-    "rounds": (int, "rounds of local training followed by a weighted average"),
-    "local_epochs": (int, "epochs over each worker's shard per round"),
-    "batch_size": (int, "examples per step on each worker"),
-    "lr": (float, "peak learning rate"),
-    "optimizer": (str, "adam, adamw or sgd"),
-    "weight_decay": (float, "weight decay"),
-    "schedule": (str, "cosine (warm-up, then decay over all rounds) or constant"),
-    "augment": (str, "none, flip, crop or crop-flip"),
-    "precision": (str, "auto (bf16 where the hardware has it), fp32 or bf16"),
-    "split": (str, "stratified, iid or dirichlet"),
-    "split_ratios": (str, "relative shard sizes for stratified/iid, comma-separated, e.g. 1,2,1 (empty = equal)"),
-    "alpha": (float, "Dirichlet concentration (with --split dirichlet)"),
-    "seed": (int, "seed of the split, the initial weights and the data order"),
-    "image_size": (int, "resize images to this square side (0 keeps their size)"),
-    "train_limit": (int, "use at most this many training examples (0 = all)"),
-    "test_limit": (int, "use at most this many test examples (0 = all)"),
-    "bad_images": (str, "fail on an image that cannot be decoded, or skip it (counted in the manifest)"),
-    "val_fraction": (float, "share of the training set held out to validate each round and keep the best (0 = none)"),
-    "strategy": (str, _strategy_help),
-    "mu": (float, "fedprox: weight of the proximal term"),
-    "server_momentum": (float, "the server optimizer's momentum (beta, or an adaptive optimizer's beta1)"),
-    "server_lr": (float, "the server optimizer's learning rate; 0 = the strategy's own default"),
-    "fedbn": (bool, "keep BatchNorm layers out of the in-job averages (FedBN)"),
-    "patience": (int, "stop after this many rounds without a better validation accuracy (0 = run every round)"),
-    "usage_cache": (
-        str,
-        "measured-usage cache (folder or .json, local or gs://) that later resource plans start from; "
-        "empty: next to the pipeline root (runs/ for `run`), off: none",
-    ),
+    name: (f.type, _strategy_help if name == "strategy" else f.help) for name, f in _FIELDS.items()
 }
-
-
-# The numbers each pipeline parameter accepts, checked before anything runs: a value outside them would fail a
-# step minutes later, or (nan, inf) fail KFP's serialisation of the parameters with a protobuf traceback.
-# KFP carries parameters as JSON / protobuf numbers, i.e. doubles: integers beyond 2**53 change on the way.
-_KFP_MAX_INT = 2**53 - 1
-# The learning rate, weight decay, mu and server learning rate become float32 scalars of torch operations.
-_FLOAT32_MAX = 3.4028234663852886e38
-# Shard, worker-log, micro-model and round-checkpoint files are numbered with five digits.
-_MAX_NUMBERED = 99_999
-_KFP_EXACT = "larger integers change on their way through KFP, which carries numbers as doubles"
-# name → (least, most, why) for integers (--image-size is checked on its own: 0, or a range).
-_INT_RANGES: dict[str, tuple[int, int, str]] = {
-    "workers": (1, _MAX_NUMBERED, "one shard per worker; shard, log and model files are numbered with five digits"),
-    "rounds": (1, _MAX_NUMBERED, "round checkpoints are numbered with five digits"),
-    "local_epochs": (1, _KFP_MAX_INT, _KFP_EXACT),
-    "batch_size": (1, _KFP_MAX_INT, _KFP_EXACT),
-    "seed": (0, _KFP_MAX_INT, f"numpy takes no negative seed; {_KFP_EXACT}"),
-    "train_limit": (0, _KFP_MAX_INT, f"0 uses every example; {_KFP_EXACT}"),
-    "test_limit": (0, _KFP_MAX_INT, f"0 uses every example; {_KFP_EXACT}"),
-    "patience": (0, _KFP_MAX_INT, f"0 runs every round; {_KFP_EXACT}"),
-}
-# name → (least, whether the least is allowed, most, whether the most is allowed); every float must be finite.
-_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
-    "lr": (0.0, False, _FLOAT32_MAX, True),
-    "weight_decay": (0.0, True, _FLOAT32_MAX, True),
-    "alpha": (0.0, False, sys.float_info.max, True),
-    "val_fraction": (0.0, True, 0.5, False),
-    "mu": (0.0, True, _FLOAT32_MAX, True),
-    "server_momentum": (0.0, True, 1.0, False),
-    "server_lr": (0.0, True, _FLOAT32_MAX, True),  # 0: the strategy's own default
-}
+# The numbers each option accepts, checked before anything runs: a value outside them would fail a step minutes
+# later, or (nan, inf) fail KFP's serialisation of the parameters with a protobuf traceback. name → (least, most,
+# why) for integers (--image-size is checked on its own: 0, or a range); name → (least, whether the least is
+# allowed, most, whether the most is allowed) for floats, which must be finite.
+_INT_RANGES: dict[str, tuple[int, int, str]] = {name: f.ints for name, f in _FIELDS.items() if f.ints}
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {name: f.floats for name, f in _FIELDS.items() if f.floats}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,22 +57,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"microfed: error: {printable(message)}\nmicrofed: hint: `{self.prog} --help` lists the options\n")
 
 
-def _pipeline_defaults() -> dict[str, Any]:
-    import inspect
-
-    from microfed.pipelines.pipeline import microfed_pipeline
-
-    sig = inspect.signature(microfed_pipeline.pipeline_func)
-    return {name: p.default for name, p in sig.parameters.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="microfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on this machine with kfp.local")
-    defaults = _pipeline_defaults()
-    _add_pipeline_params(run, defaults)
+    _add_pipeline_params(run)
     run.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     run.add_argument("--json", action="store_true", help="print only metrics.json (no progress, no summary)")
@@ -144,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="container image for every step and worker (default: MICROFED_IMAGE or microfed:0.1.0)",
     )
-    _add_submit_parser(sub, defaults)
+    _add_submit_parser(sub)
     exp = sub.add_parser("export", help="write a run's global model as ONNX or TorchScript, checked against PyTorch")
     exp.add_argument("run_dir", type=Path, help="a run folder written by `microfed run`")
     exp.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
@@ -168,29 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_pipeline_params(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _add_pipeline_params(parser: argparse.ArgumentParser) -> None:
     """One flag per pipeline parameter, so `run` and `submit` accept the same ones."""
-    for name, (kind, text) in _PARAMS.items():
-        help_text = text() if callable(text) else text
-        if kind is bool:
-            parser.add_argument(
-                f"--{name.replace('_', '-')}",
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=defaults[name],
-                help=f"{help_text} (default: {defaults[name]})",
-            )
-            continue
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=defaults[name],
-            help=f"{help_text} (default: {defaults[name]})",
-        )
+    add_arguments(parser, _FIELDS, extra_help={"strategy": _registry_help})
 
 
-def _add_submit_parser(sub: Any, defaults: dict[str, Any]) -> None:
+def _add_submit_parser(sub: Any) -> None:
     from microfed.pipelines.pipeline import PIPELINE_NAME
     from microfed.pipelines.submit import DEFAULT_EXPERIMENT
 
@@ -222,7 +136,7 @@ def _add_submit_parser(sub: Any, defaults: dict[str, Any]) -> None:
         default=os.environ.get("KF_PIPELINES_TOKEN"),
         help="bearer token for the API; prefer the KF_PIPELINES_TOKEN variable, which stays out of shell history",
     )
-    _add_pipeline_params(submit, defaults)
+    _add_pipeline_params(submit)
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,7 +145,6 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from microfed.training.models import absolute_factory_path
     from microfed.training.shards import SplitConfig, parse_ratios
     from microfed.training.strategies import Strategy
-    from microfed.training.train import OptimConfig
 
     values = {name: getattr(args, name) for name in _PARAMS}
     _check_values(values)
@@ -270,15 +183,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         server_lr=values["server_lr"],
         fedbn=values["fedbn"],
     )
-    OptimConfig(
-        optimizer=values["optimizer"],
-        lr=values["lr"],
-        weight_decay=values["weight_decay"],
-        schedule=values["schedule"],
-        augment=values["augment"],
-        batch_size=values["batch_size"],
-        precision=values["precision"],
-    )
+    RunConfig.from_flat(values)  # every section's own checks (the optim section is OptimConfig)
     if values["bad_images"] not in ("fail", "skip"):
         raise MicrofedError(f"--bad-images must be fail or skip, got {values['bad_images']!r}")
     return values
@@ -326,7 +231,7 @@ def _check_values(values: dict[str, Any]) -> None:
             high = f"at most {upper:g}" if upper_ok else f"less than {upper:g}"
             raise MicrofedError(
                 f"--{name.replace('_', '-')} must be a finite number {low} and {high}, got {value!r}",
-                hint=f"pass a number such as --{name.replace('_', '-')} {_pipeline_defaults()[name]}",
+                hint=f"pass a number such as --{name.replace('_', '-')} {defaults()[name]}",
             )
 
 

@@ -11,11 +11,15 @@ from kfp import compiler, dsl
 
 from microfed.components import aggregate, evaluate, export, split_dataset, train
 from microfed.components.image import component_image
+from microfed.training.config import defaults
 from microfed.training.io import atomic_write_bytes
 
 __all__ = ["PIPELINE_NAME", "compile_pipeline", "microfed_pipeline"]
 
 PIPELINE_NAME = "microfed"
+# Every parameter's default comes from RunConfig (training/config.py), the one place a default changes; KFP reads
+# the values (plain literals) from the signature. worker_image is the components' image, not a run setting.
+_D = defaults()
 
 
 def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
@@ -47,42 +51,44 @@ class Outputs(NamedTuple):
     description="Federated-style training: shards, one worker per shard, FedAvg, evaluation.",
 )
 def microfed_pipeline(
-    dataset: str = "fashion-mnist",
-    model: str = "cnn-fmnist",
-    workers: int = 3,
-    rounds: int = 4,
-    local_epochs: int = 3,
-    batch_size: int = 128,
-    lr: float = 0.003,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    augment: str = "none",
-    precision: str = "auto",
-    split: str = "stratified",
-    split_ratios: str = "",
-    alpha: float = 0.5,
-    seed: int = 0,
-    image_size: int = 0,
-    train_limit: int = 0,
-    test_limit: int = 0,
-    bad_images: str = "fail",
-    val_fraction: float = 0.05,
-    strategy: str = "fedavg",
-    mu: float = 0.01,
-    server_momentum: float = 0.9,
-    server_lr: float = 0.0,
-    fedbn: bool = False,
-    patience: int = 0,
-    usage_cache: str = "",
-    launcher: str = "pytorchjob",
+    dataset: str = _D["dataset"],
+    model: str = _D["model"],
+    workers: int = _D["workers"],
+    rounds: int = _D["rounds"],
+    local_epochs: int = _D["local_epochs"],
+    batch_size: int = _D["batch_size"],
+    lr: float = _D["lr"],
+    optimizer: str = _D["optimizer"],
+    weight_decay: float = _D["weight_decay"],
+    momentum: float = _D["momentum"],
+    schedule: str = _D["schedule"],
+    warmup_fraction: float = _D["warmup_fraction"],
+    augment: str = _D["augment"],
+    precision: str = _D["precision"],
+    split: str = _D["split"],
+    split_ratios: str = _D["split_ratios"],
+    alpha: float = _D["alpha"],
+    seed: int = _D["seed"],
+    image_size: int = _D["image_size"],
+    train_limit: int = _D["train_limit"],
+    test_limit: int = _D["test_limit"],
+    bad_images: str = _D["bad_images"],
+    val_fraction: float = _D["val_fraction"],
+    strategy: str = _D["strategy"],
+    mu: float = _D["mu"],
+    server_momentum: float = _D["server_momentum"],
+    server_lr: float = _D["server_lr"],
+    fedbn: bool = _D["fedbn"],
+    patience: int = _D["patience"],
+    usage_cache: str = _D["usage_cache"],
+    launcher: str = _D["launcher"],
     worker_image: str = component_image(),
-    namespace: str = "",
-    accelerators: str = "none,nvidia-tesla-t4",
-    timeout_minutes: int = 720,
-    service_account: str = "pipeline-runner",
-    pool_max_nodes: int = 0,
-    collective_timeout_minutes: int = 0,
+    namespace: str = _D["namespace"],
+    accelerators: str = _D["accelerators"],
+    timeout_minutes: int = _D["timeout_minutes"],
+    service_account: str = _D["service_account"],
+    pool_max_nodes: int = _D["pool_max_nodes"],
+    collective_timeout_minutes: int = _D["collective_timeout_minutes"],
 ) -> Outputs:
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, combined by `strategy` (fedavg: averaged with weights n_k / n), keep the round with the best
@@ -91,7 +97,7 @@ def microfed_pipeline(
         split_dataset(
             dataset=dataset,
             workers=workers,
-            strategy=split,
+            split=split,
             split_ratios=split_ratios,
             alpha=alpha,
             seed=seed,
@@ -115,7 +121,9 @@ def microfed_pipeline(
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
+            momentum=momentum,
             schedule=schedule,
+            warmup_fraction=warmup_fraction,
             augment=augment,
             precision=precision,
             seed=seed,

@@ -18,6 +18,8 @@ from torch import nn
 from microfed.training.aggregation import allreduce_average, check_compatible, weighted_average
 from microfed.training.errors import MicrofedError
 
+pytestmark = pytest.mark.unit
+
 State = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------- helpers

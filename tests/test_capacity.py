@@ -14,7 +14,7 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
-from microfed.training import image, steps
+from microfed.training import image, step_train
 from microfed.training.capacity import (
     DEFAULT_COLLECTIVE_TIMEOUT_MINUTES,
     MACHINE_TYPES,
@@ -33,6 +33,8 @@ from microfed.training.errors import MicrofedError
 from microfed.training.models import ModelConfig
 from microfed.training.resources import MAX_REPLICA_MEMORY, ResourcePlan, plan_resources
 from microfed.training.worker import WorkerConfig
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB, GIB = 1024**2, 1024**3
@@ -277,8 +279,8 @@ def test_on_autopilot_gpu_types_are_the_gpu_types_the_train_step_may_ask_for(
         def create(self, job: Any) -> bool:
             pytest.fail("a job was created")
 
-    monkeypatch.setattr(steps, "_plan", lambda *args, **kwargs: gpu_plan("nvidia-l4", 4, 16))
-    options = steps.ClusterOptions(
+    monkeypatch.setattr(step_train, "_plan", lambda *args, **kwargs: gpu_plan("nvidia-l4", 4, 16))
+    options = step_train.ClusterOptions(
         image="microfed:test",
         namespace="team-a",
         accelerators=("nvidia-l4",),
@@ -288,9 +290,9 @@ def test_on_autopilot_gpu_types_are_the_gpu_types_the_train_step_may_ask_for(
         backend=NoJobs(),  # type: ignore[arg-type]
         cluster_info=standard_cluster(mode="autopilot"),
     )
-    cfg = WorkerConfig(shards=tmp_path / "shards", out=tmp_path / "out")
+    cfg = WorkerConfig(rounds=1, local_epochs=1, shards=tmp_path / "shards", out=tmp_path / "out")
     with pytest.raises(MicrofedError) as e:
-        steps.train_step(cfg, 2, cluster=options)
+        step_train.train_step(cfg, 2, cluster=options)
     assert "nvidia-l4: the cluster does not allow it (gpu_types: nvidia-tesla-t4" in e.value.message
     assert "add nvidia-l4 to gpu_types" in e.value.hint
 
@@ -361,9 +363,9 @@ def test_the_train_step_refuses_a_too_large_replica_before_any_job_exists(
             pytest.fail("a job was created")
 
     big = ResourcePlan(cpu_request=8, cpu_limit=8, memory_request=120 * GIB, memory_limit=120 * GIB)
-    monkeypatch.setattr(steps, "_plan", lambda *args, **kwargs: big)
+    monkeypatch.setattr(step_train, "_plan", lambda *args, **kwargs: big)
     autopilot = standard_cluster(mode="autopilot")
-    options = steps.ClusterOptions(
+    options = step_train.ClusterOptions(
         image="microfed:test",
         namespace="team-a",
         accelerators=("none",),
@@ -373,9 +375,9 @@ def test_the_train_step_refuses_a_too_large_replica_before_any_job_exists(
         backend=NoJobs(),  # type: ignore[arg-type]
         cluster_info=autopilot,
     )
-    cfg = WorkerConfig(shards=tmp_path / "shards", out=tmp_path / "out")
+    cfg = WorkerConfig(rounds=1, local_epochs=1, shards=tmp_path / "shards", out=tmp_path / "out")
     with pytest.raises(MicrofedError, match="at most 30 CPU cores and 110 GiB memory"):
-        steps.train_step(cfg, 2, cluster=options)
+        step_train.train_step(cfg, 2, cluster=options)
 
 
 # ---------------------------------------------------------------------------------------------------------------

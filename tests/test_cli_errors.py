@@ -179,7 +179,8 @@ def test_every_component_records_its_own_error_for_the_runner(tmp_path: Path, mo
         func = getattr(steps, name).python_func
         kwargs: dict[str, Any] = {}
         for p in inspect.signature(func).parameters.values():
-            if p.default is not inspect.Parameter.empty:
+            # the dataset has a default (RunConfig's), which exists: name one that does not
+            if p.default is not inspect.Parameter.empty and p.name != "dataset":
                 continue
             if p.annotation is str:
                 kwargs[p.name] = "no-such-dataset"
@@ -265,7 +266,7 @@ def test_a_step_that_fails_otherwise_is_named_with_exit_code_1(tmp_path: Path) -
     assert e.message == "step 'train' failed with its process killed by SIGKILL"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_train_step_reaches_the_cli_as_its_own_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -387,6 +388,7 @@ def session_processes(sid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_an_interrupt_sent_to_the_run_alone_reaches_its_step_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -423,7 +425,7 @@ def test_an_interrupt_sent_to_the_run_alone_reaches_its_step_processes(
     assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_ctrl_c_during_training_stops_every_process_and_prints_one_line(tmp_path: Path) -> None:
     """A terminal's Ctrl-C: SIGINT to the whole process group, while the workers train."""

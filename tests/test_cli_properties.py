@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from microfed.pipelines import local_run
 from microfed.pipelines.cli import _PARAMS, main
 from microfed.training.text import is_printable
+
+pytestmark = pytest.mark.unit
 
 _INT_OPTIONS = [name for name, (kind, _) in _PARAMS.items() if kind is int]
 _FLOAT_OPTIONS = [name for name, (kind, _) in _PARAMS.items() if kind is float]

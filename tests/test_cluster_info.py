@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,12 @@ from kubernetes.client import ApiClient, Configuration, CoreV1Api
 from microfed.training.cluster import CLUSTER_CONFIGMAP, ClusterInfo, read_cluster_info
 from microfed.training.errors import MicrofedError
 from microfed.training.shards import SplitConfig, write_shards
-from microfed.training.steps import ClusterOptions, train_step
+from microfed.training.step_train import ClusterOptions, train_step
 from microfed.training.worker import WorkerConfig
 from tests.conftest import synthetic_dataset
 from tests.test_pytorchjob_backend import ApiServer
+
+pytestmark = pytest.mark.unit
 
 NS = "kubeflow"
 PATH = f"/api/v1/namespaces/{NS}/configmaps/{CLUSTER_CONFIGMAP}"
@@ -86,13 +87,6 @@ def core_api(url: str) -> CoreV1Api:
     config = Configuration(host=url)
     config.retries = 0  # urllib3's own retries would only slow the refused-connection case down
     return CoreV1Api(ApiClient(config))
-
-
-@pytest.fixture
-def api() -> Iterator[ApiServer]:
-    server = ApiServer()
-    yield server
-    server.httpd.shutdown()
 
 
 def read(api: ApiServer, **kwargs: Any) -> tuple[ClusterInfo, list[str]]:
@@ -245,8 +239,10 @@ class RecordingBackend:
 
 
 def created_pods(tmp_path: Path, info: ClusterInfo) -> list[dict[str, Any]]:
-    write_shards(synthetic_dataset(n_train=60, n_test=20), tmp_path / "shards", SplitConfig(num_shards=2))
-    cfg = WorkerConfig(shards=tmp_path / "shards", out=tmp_path / "out", model="cnn-small", rounds=1)
+    write_shards(
+        synthetic_dataset(n_train=60, n_test=20), tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2)
+    )
+    cfg = WorkerConfig(local_epochs=1, shards=tmp_path / "shards", out=tmp_path / "out", model="cnn-small", rounds=1)
     backend = RecordingBackend()
     options = ClusterOptions(
         image="microfed:test",

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,15 @@ from microfed.training.errors import MicrofedError
 from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
 from microfed.training.pytorchjob_launch import JobFailed, JobTerminated
 from microfed.training.shards import SplitConfig, parse_ratios, write_shards
-from microfed.training.steps import ClusterOptions, aggregate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_train import ClusterOptions, train_step
 from microfed.training.train import OptimConfig
 from microfed.training.worker import WorkerConfig, config_to_argv, micro_model_name
 from tests.conftest import synthetic_dataset
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 from tests.local_operator import LocalOperator, OomKill
+
+pytestmark = pytest.mark.integration
 
 # A model whose every training step takes at least PACE seconds however fast or busy the machine is, so that the
 # time of a round grows with the shard as it does on a cluster (a `path.py:function` factory, as a user would give).
@@ -56,12 +58,6 @@ def paced_model(tmp_path: Path, pace: float = 0.02) -> str:
     return f"{path}:make"
 
 
-@pytest.fixture
-def operator(tmp_path: Path) -> Iterator[LocalOperator]:
-    with LocalOperator(tmp_path / "pods") as op:
-        yield op
-
-
 def shards_on_gcs(
     gcs: GcsEmulator,  # noqa: F811
     tmp_path: Path,
@@ -70,7 +66,7 @@ def shards_on_gcs(
     ratios: str = "",
 ) -> str:
     local = tmp_path / "shards"
-    split = SplitConfig(num_shards=workers, ratios=parse_ratios(ratios))
+    split = SplitConfig(val_fraction=0.0, num_shards=workers, ratios=parse_ratios(ratios))
     write_shards(synthetic_dataset(n_train=n_train, n_test=30), local, split)
     storage.upload_tree(local, gcs.uri("run/shards"))
     return gcs.uri("run/shards")
@@ -146,7 +142,11 @@ def test_a_model_factory_that_cannot_be_imported_fails_before_any_job(
     operator: LocalOperator,
 ) -> None:
     cfg = WorkerConfig(
-        shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro"), model="missing_module:factory"
+        rounds=1,
+        local_epochs=1,
+        shards=shards_on_gcs(gcs, tmp_path, workers=2),
+        out=gcs.uri("run/micro"),
+        model="missing_module:factory",
     )
     with pytest.raises(MicrofedError, match="missing_module"):
         train_step(cfg, 2, cluster=options(operator))
@@ -251,7 +251,9 @@ def test_an_oom_kill_past_the_restart_limit_fails_the_step_instead_of_restarting
     tmp_path: Path,
 ) -> None:
     shards = shards_on_gcs(gcs, tmp_path, workers=2)
-    cfg = WorkerConfig(shards=shards, out=gcs.uri("run/micro"), model=paced_model(tmp_path, pace=0.5), rounds=2)
+    cfg = WorkerConfig(
+        local_epochs=1, shards=shards, out=gcs.uri("run/micro"), model=paced_model(tmp_path, pace=0.5), rounds=2
+    )
     # the v1.9 operator would recreate the killed pod until activeDeadlineSeconds; the step stops after 1 restart
     oom = OomKill(rank=1, after_seconds=0.5, times=10)
     with LocalOperator(tmp_path / "pods", oom_kills=[oom]) as op:
@@ -262,7 +264,9 @@ def test_an_oom_kill_past_the_restart_limit_fails_the_step_instead_of_restarting
 
 
 def test_an_image_no_node_can_pull_fails_the_step_within_the_grace(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
-    cfg = WorkerConfig(shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro"))
+    cfg = WorkerConfig(
+        rounds=1, local_epochs=1, shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro")
+    )
     with LocalOperator(tmp_path / "pods", unpullable_images=["microfed:test"]) as op:
         started = time.monotonic()
         with pytest.raises(JobFailed, match=r"cannot start: (ErrImagePull|ImagePullBackOff)") as info:
@@ -275,7 +279,9 @@ def test_pods_rejected_for_a_missing_service_account_fail_the_step_with_the_api_
     gcs: GcsEmulator,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    cfg = WorkerConfig(shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro"))
+    cfg = WorkerConfig(
+        rounds=1, local_epochs=1, shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro")
+    )
     with LocalOperator(tmp_path / "pods", service_accounts=["default"]) as op:
         with pytest.raises(JobFailed, match=r"cannot create its pods: Error creating: .*pipeline-runner") as info:
             train_step(cfg, 2, cluster=dataclasses.replace(options(op), start_grace_seconds=1.0))
@@ -284,7 +290,13 @@ def test_pods_rejected_for_a_missing_service_account_fail_the_step_with_the_api_
 
 
 def test_a_kfp_retry_replaces_the_failed_job_of_the_earlier_attempt(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
-    cfg = WorkerConfig(shards=shards_on_gcs(gcs, tmp_path, workers=2), out=gcs.uri("run/micro"), model="cnn-small")
+    cfg = WorkerConfig(
+        rounds=1,
+        local_epochs=1,
+        shards=shards_on_gcs(gcs, tmp_path, workers=2),
+        out=gcs.uri("run/micro"),
+        model="cnn-small",
+    )
     with LocalOperator(tmp_path / "pods") as op:
         # the earlier attempt's job: same name (run id + task), failed (its workers exited 2 on a bad flag)
         name = job_name("run-42", "train")
@@ -302,6 +314,7 @@ def test_a_kfp_retry_replaces_the_failed_job_of_the_earlier_attempt(gcs: GcsEmul
 def test_sigterm_during_the_job_deletes_it_and_leaves_no_process(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     # KFP's Terminate, an eviction or a node drain: Argo sends SIGTERM to the step's container
     cfg = WorkerConfig(
+        local_epochs=1,
         shards=shards_on_gcs(gcs, tmp_path, workers=2),
         out=gcs.uri("run/micro"),
         model=paced_model(tmp_path, pace=0.5),

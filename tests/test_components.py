@@ -13,6 +13,8 @@ from microfed.components import aggregate, evaluate, split_dataset, train
 from microfed.training.io import read_json, read_safetensors
 from tests.conftest import CLASSES
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def kfp_local(tmp_path: Path) -> Path:
@@ -26,7 +28,7 @@ def kfp_local(tmp_path: Path) -> Path:
 @dsl.pipeline(name="train-only")
 def train_only(shards_uri: str, model: str) -> dsl.Model:
     shards = dsl.importer(artifact_uri=shards_uri, artifact_class=dsl.Dataset)
-    task = train(shards=shards.output, model=model, rounds=2, local_epochs=3, batch_size=16, lr=0.01)
+    task = train(shards=shards.output, model=model, rounds=2, local_epochs=3, batch_size=16, lr=0.01, launcher="local")
     return task.outputs["micro_models"]
 
 

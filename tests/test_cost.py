@@ -65,6 +65,7 @@ def _set_default(infra_dir: Path, variable: str, value: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_readmes_show_what_the_model_computes() -> None:
     cluster = model.read_cluster(INFRA, prices=PRICES)
     updates = model.readme_updates(INFRA, cluster, PRICES)
@@ -82,6 +83,7 @@ def test_readmes_show_what_the_model_computes() -> None:
     assert model.main(["--check"]) == 0
 
 
+@pytest.mark.integration
 def test_a_variable_change_moves_the_numbers_and_fails_the_readme_check(tmp_path: Path) -> None:
     copy = _infra_copy(tmp_path)
     before = model.read_cluster(copy, prices=PRICES)
@@ -102,6 +104,7 @@ def test_a_variable_change_moves_the_numbers_and_fails_the_readme_check(tmp_path
     assert model.main(["--infra", str(copy), "--check"]) == 1
 
 
+@pytest.mark.integration
 def test_training_spot_false_prices_the_pools_on_demand(tmp_path: Path) -> None:
     copy = _infra_copy(tmp_path)
     spot = {h.pool: h for h in model.training_hour_costs(model.read_cluster(copy, prices=PRICES), PRICES)}
@@ -114,6 +117,7 @@ def test_training_spot_false_prices_the_pools_on_demand(tmp_path: Path) -> None:
         assert hour.total > spot[name].total
 
 
+@pytest.mark.integration
 def test_overrides_and_tfvars_equal_an_edited_default(tmp_path: Path) -> None:
     tfvars = tmp_path / "my.tfvars"
     tfvars.write_text('system_machine_type = "e2-standard-2"\ngpu_types = ["nvidia-tesla-t4", "nvidia-l4"]\n')
@@ -130,6 +134,7 @@ def test_overrides_and_tfvars_equal_an_edited_default(tmp_path: Path) -> None:
         model.read_cluster(INFRA, {"no_such_variable": 1}, prices=PRICES)
 
 
+@pytest.mark.integration
 def test_the_model_reads_the_module_through_the_root_call(tmp_path: Path) -> None:
     # infra/ declares no resource: it calls modules/microfed/ with its variables, and the model follows that call.
     cfg = model.load_terraform(INFRA)
@@ -142,6 +147,7 @@ def test_the_model_reads_the_module_through_the_root_call(tmp_path: Path) -> Non
     assert system.machine_type == "e2-standard-2"
 
 
+@pytest.mark.integration
 def test_regional_cluster_pays_three_system_nodes_and_the_fee() -> None:
     zonal = model.read_cluster(INFRA, prices=PRICES)
     regional = model.read_cluster(INFRA, {"regional_cluster": True}, prices=PRICES)
@@ -156,6 +162,7 @@ def test_regional_cluster_pays_three_system_nodes_and_the_fee() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_pools_follow_the_variables() -> None:
     cfg = model.load_terraform(INFRA)
     cluster = model.read_cluster(INFRA, prices=PRICES)
@@ -174,6 +181,7 @@ def test_pools_follow_the_variables() -> None:
     assert cluster.private_nodes is variables["enable_private_nodes"] and cluster.nat_gateways == 1
 
 
+@pytest.mark.integration
 def test_every_machine_gpu_and_disk_infra_uses_has_a_price() -> None:
     cluster = model.read_cluster(INFRA, prices=PRICES)
     assert cluster.pools and all(not p.optional or p.gpu_type for p in cluster.pools)
@@ -240,6 +248,7 @@ spec: {resources: {requests: {storage: 512Mi}}, storageClassName: premium-rwo}
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_evaluator_handles_the_expressions_infra_uses() -> None:
     cfg = model.load_terraform(INFRA, {"regional_cluster": True})
     assert model.evaluate("${local.cluster_location}", cfg) == cfg.variables["region"]
@@ -350,6 +359,7 @@ def _autopilot(infra_dir: Path = INFRA, **overrides: Any) -> Any:
     return model.read_cluster(infra_dir, {"mode": "autopilot", **overrides}, prices=PRICES)
 
 
+@pytest.mark.integration
 def test_autopilot_idle_cost_is_the_pods_volumes_nat_and_no_fee() -> None:
     cluster = _autopilot()
     assert cluster.mode == "autopilot" and cluster.pools == ()
@@ -382,6 +392,7 @@ def _workloads(render: Path) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_autopilot_reads_no_node_pool(tmp_path: Path) -> None:
     # Autopilot has no pools: removing every node pool resource changes nothing of its figures.
     copy = _infra_copy(tmp_path)
@@ -392,6 +403,7 @@ def test_autopilot_reads_no_node_pool(tmp_path: Path) -> None:
     assert model.autopilot_training_hour_costs(after, PRICES) == model.autopilot_training_hour_costs(before, PRICES)
 
 
+@pytest.mark.integration
 def test_a_requests_json_change_moves_autopilot_and_fails_the_readme_check(tmp_path: Path) -> None:
     copy = _infra_copy(tmp_path)
     assert model.main(["--infra", str(copy), "--check"]) == 0
@@ -411,6 +423,7 @@ def test_a_requests_json_change_moves_autopilot_and_fails_the_readme_check(tmp_p
     assert model.main(["--infra", str(copy), "--check"]) == 1
 
 
+@pytest.mark.integration
 def test_training_spot_false_prices_autopilot_pods_on_demand(tmp_path: Path) -> None:
     copy = _infra_copy(tmp_path)
     spot = {h.replica: h for h in model.autopilot_training_hour_costs(_autopilot(copy), PRICES)}
@@ -424,6 +437,7 @@ def test_training_spot_false_prices_autopilot_pods_on_demand(tmp_path: Path) -> 
     assert model.main(["--infra", str(copy), "--check"]) == 1
 
 
+@pytest.mark.integration
 def test_autopilot_training_pods_are_the_size_of_the_standard_nodes() -> None:
     standard = model.read_cluster(INFRA, prices=PRICES)
     nodes = {h.pool: h for h in model.training_hour_costs(standard, PRICES)}
@@ -461,6 +475,7 @@ def test_autopilot_prices_follow_their_stated_derivation() -> None:
     assert gp["spot_memory_gib_hour"]["value"] < gp["memory_gib_hour"]["value"]
 
 
+@pytest.mark.integration
 def test_both_modes_are_in_the_readmes() -> None:
     text = (INFRA / "README.md").read_text()
     block = text[text.index(model.README_BEGIN) : text.index(model.README_END)]
@@ -475,6 +490,7 @@ def test_both_modes_are_in_the_readmes() -> None:
     assert '`mode = "standard"`' in summary and '`mode = "autopilot"`' in summary and "pod-hour" in summary
 
 
+@pytest.mark.integration
 def test_a_missing_autopilot_section_says_what_to_add() -> None:
     without = {k: v for k, v in PRICES.items() if k != "autopilot"}
     with pytest.raises(model.ModelError, match="'autopilot' section"):

@@ -25,8 +25,8 @@ from microfed.training.datasets import (
 )
 from microfed.training.errors import MicrofedError
 from microfed.training.shards import SplitConfig
-from microfed.training.steps import SplitOptions, split_step
-from tests.conftest import CLASSES, pattern_images
+from microfed.training.step_split import SplitOptions, split_step
+from tests.conftest import CLASSES, pattern_images, sparse_file
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 
 
@@ -123,7 +123,9 @@ def test_check_source_and_split_step_take_a_csv(tree: tuple[Path, list[tuple[str
     csv_path = write_csv(root / "list.csv", "image,label,split", [",".join(r) for r in rows])
     assert check_source(csv_path) == "csv" and check_source(str(csv_path)) == "csv"
     assert check_source("gs://bucket/data/list.csv") == "csv"  # only its form is checked: nothing is fetched
-    summary = split_step(SplitOptions(source=str(csv_path)), SplitConfig(num_shards=2), tmp_path / "shards")
+    summary = split_step(
+        SplitOptions(source=str(csv_path)), SplitConfig(val_fraction=0.0, num_shards=2), tmp_path / "shards"
+    )
     assert summary["num_train_examples"] == 12 and summary["num_test_examples"] == 6
     assert summary["class_names"] == list(CLASSES)
 
@@ -273,13 +275,6 @@ def test_the_same_image_spelled_two_ways_cannot_be_in_train_and_test(tmp_path: P
         assert len(load_dataset(csv_path).train.labels) == 3
 
 
-def sparse_file(path: Path, size: int) -> Path:
-    """A file of `size` bytes that takes no disk space (a hole), like the issue's sparse 3 GB ".png"."""
-    with path.open("wb") as file:
-        file.truncate(size)
-    return path
-
-
 def test_a_csv_or_a_listed_image_over_the_size_limits_is_refused_before_it_is_read(tmp_path: Path) -> None:
     huge_csv = sparse_file(tmp_path / "huge.csv", 300 << 20)
     with pytest.raises(MicrofedError) as caught:
@@ -307,6 +302,7 @@ def test_a_csv_or_a_listed_image_over_the_size_limits_is_refused_before_it_is_re
         load_dataset(csv_path, limits=DatasetLimits(max_csv_bytes=20))
 
 
+@pytest.mark.integration
 def test_gs_csvs_and_images_are_held_to_the_same_limits_and_spellings(
     gcs: GcsEmulator,  # noqa: F811
 ) -> None:
@@ -329,6 +325,7 @@ def test_gs_csvs_and_images_are_held_to_the_same_limits_and_spellings(
         load_dataset(gcs.uri("d/twice.csv"))
 
 
+@pytest.mark.integration
 def test_gs_csv_with_relative_paths_and_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     root = tmp_path / "images"
     rows = image_tree(root, {"train": 2, "test": 1})
@@ -347,7 +344,9 @@ def test_gs_csv_with_relative_paths_and_gs_uris(gcs: GcsEmulator, tmp_path: Path
         got, want = getattr(data, split), getattr(expected, split)
         assert sorted(got.images.flatten(1).sum(1).tolist()) == sorted(want.images.flatten(1).sum(1).tolist())
     # the split step reads a gs:// CSV in place (no folder download)
-    summary = split_step(SplitOptions(source=gcs.uri("data/list.csv")), SplitConfig(num_shards=2), tmp_path / "shards")
+    summary = split_step(
+        SplitOptions(source=gcs.uri("data/list.csv")), SplitConfig(val_fraction=0.0, num_shards=2), tmp_path / "shards"
+    )
     assert summary["num_train_examples"] == 6
 
     # a local CSV listing a gs:// image that is not there: the row and column are named

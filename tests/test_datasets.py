@@ -25,6 +25,9 @@ from microfed.training.datasets import (
     read_idx,
 )
 from microfed.training.errors import MicrofedError
+from tests.conftest import write_tree
+
+pytestmark = pytest.mark.unit
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -79,14 +82,6 @@ def write_zip(path: Path, files: dict[str, bytes]) -> Path:
         for name, data in files.items():
             archive.writestr(name, data)
     return path
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return root
 
 
 def mixed_upload() -> dict[str, bytes]:

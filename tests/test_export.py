@@ -160,7 +160,9 @@ def test_resnet18_with_batchnorm_exports_in_eval_mode(tmp_path: Path) -> None:
 
 
 def test_parity_uses_the_test_images_of_a_shards_folder(gray_dir: Path, tmp_path: Path) -> None:
-    write_shards(synthetic_dataset(n_train=30, n_test=12), tmp_path / "shards", SplitConfig(num_shards=2))
+    write_shards(
+        synthetic_dataset(n_train=30, n_test=12), tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2)
+    )
     images = parity_images_from_shards(tmp_path / "shards", limit=10)
 
     result = export_model(gray_dir, tmp_path / "out", parity_images=images)
@@ -261,6 +263,7 @@ def test_predict_converts_and_resizes_like_the_training_data(rgb_onnx: Path, tmp
     assert (resized.label, resized.probability) == pytest.approx((same.label, same.probability), abs=1e-6)
 
 
+@pytest.mark.integration
 def test_predict_needs_no_torch(gray_onnx: Path, tmp_path: Path) -> None:
     paths = write_pngs(tmp_path, random_images(GRAY, 2))
     code = (

@@ -13,7 +13,9 @@ import torch
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_safetensors
 from microfed.training.shards import SplitConfig, write_shards
-from microfed.training.steps import aggregate_step, evaluate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_evaluate import evaluate_step
+from microfed.training.step_train import train_step
 from microfed.training.strategies import (
     REGISTRY,
     STRATEGIES,
@@ -208,11 +210,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_resumed_fedadam_job_continues_with_the_same_server_state(tmp_path: Path) -> None:
     # Prepare: one worker in this process (no process group); the server step runs with one worker too
     shards = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=64, n_test=20), shards, SplitConfig(num_shards=1))
+    write_shards(synthetic_dataset(n_train=64, n_test=20), shards, SplitConfig(val_fraction=0.0, num_shards=1))
     env = DistEnv(rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1", master_port=0)
 
     def cfg(out: Path) -> WorkerConfig:
         return WorkerConfig(
+            local_epochs=1,
             shards=str(shards),
             out=str(out),
             model="cnn-small",

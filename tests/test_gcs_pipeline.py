@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from microfed.training import storage
 from microfed.training.shards import SplitConfig
-from microfed.training.steps import SplitOptions, aggregate_step, evaluate_step, split_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_evaluate import evaluate_step
+from microfed.training.step_split import SplitOptions, split_step
+from microfed.training.step_train import train_step
 from microfed.training.train import OptimConfig
 from microfed.training.worker import WorkerConfig
 from tests.conftest import CLASSES, write_zip
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
+
+pytestmark = pytest.mark.integration
 
 
 def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811

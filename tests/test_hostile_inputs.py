@@ -42,7 +42,11 @@ from microfed.training.io import write_json, write_safetensors
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, read_dataset_manifest, subsample, write_shards
-from microfed.training.steps import SplitOptions, aggregate_step, split_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_split import SplitOptions, split_step
+from tests.conftest import sparse_file, write_tree
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,14 +283,14 @@ def test_a_hostile_zip_leaves_nothing_behind(
 ) -> None:
     path, limits, pattern = hostile_zip
     if limits is not None:  # the split step takes the default limits; apply the case's own here
-        from microfed.training import steps
+        from microfed.training import step_split
 
-        monkeypatch.setattr(steps, "load_dataset", lambda *a, **k: load_dataset(*a, **{**k, "limits": limits}))
+        monkeypatch.setattr(step_split, "load_dataset", lambda *a, **k: load_dataset(*a, **{**k, "limits": limits}))
     before = sorted(tmp_path.rglob("*"))
     out = tmp_path / "shards"
 
     with pytest.raises(MicrofedError, match=re.compile(pattern, re.DOTALL)):
-        split_step(SplitOptions(source=str(path)), SplitConfig(num_shards=2), out)
+        split_step(SplitOptions(source=str(path)), SplitConfig(val_fraction=0.0, num_shards=2), out)
 
     assert not [p for p in out.rglob("*")]  # no shard, manifest or temporary file
     assert sorted(p for p in tmp_path.rglob("*") if p != out) == before  # nothing extracted anywhere near
@@ -338,13 +342,6 @@ def test_issue_14s_webp_bomb_is_refused_from_its_header_without_decoding(
 # --------------------------------------------------------------------------------------------- folders
 
 
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
-
-
 def test_a_symlink_in_a_folder_dataset_is_refused_not_followed(tmp_path: Path) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(png(value=1))
@@ -372,14 +369,6 @@ def test_a_fifo_in_a_folder_dataset_is_refused_without_blocking(tmp_path: Path) 
         load_dataset(root)
 
 
-def sparse_file(path: Path, size: int) -> Path:
-    """A file of `size` bytes that takes no disk space (a hole), like the issue's 3 GB ".png"."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as file:
-        file.truncate(size)
-    return path
-
-
 def test_a_sparse_3_gb_png_is_refused_by_its_size_before_it_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -400,7 +389,7 @@ def test_a_sparse_3_gb_png_is_refused_by_its_size_before_it_is_read(
     assert re.fullmatch(message, str(caught.value))
     out = tmp_path / "shards"
     with pytest.raises(MicrofedError, match=message):  # the split step fails with the same line, not MemoryError
-        split_step(SplitOptions(source=str(root)), SplitConfig(num_shards=2), out)
+        split_step(SplitOptions(source=str(root)), SplitConfig(val_fraction=0.0, num_shards=2), out)
     assert not list(out.rglob("*"))
     with pytest.warns(SkippedImagesWarning, match="huge.png"):
         data = load_dataset(root, bad_images="skip")
@@ -506,7 +495,7 @@ def test_skipping_bad_images_warns_counts_them_and_the_manifest_names_them(tmp_p
 
     with pytest.warns(SkippedImagesWarning, match=r"skipped 3 unreadable image\(s\)"):
         data = load_dataset(str(path), bad_images="skip")
-    summary = write_shards(data, tmp_path / "shards", SplitConfig(num_shards=2, strategy="iid"))
+    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2, strategy="iid"))
 
     assert len(data.train.labels) == 4 and len(data.test.labels) == 2  # the good ones, all of them
     assert {f.file for f in data.train.skipped} == {"pets/train/dog/cut.jpg", "pets/train/cat/bomb.png"}
@@ -569,7 +558,7 @@ def test_class_names_are_exact_in_the_manifest_and_escaped_in_messages(tmp_path:
     weird = f"cat{ESCAPE}{BIDI}"
     files = {f"train/{weird}/0.png": png(value=5), "train/dog/1.png": png(value=250), "test/dog/2.png": png()}
     data = load_dataset(str(make_zip(tmp_path / "weird.zip", files)))
-    summary = write_shards(data, tmp_path / "shards", SplitConfig(num_shards=1))
+    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=1))
 
     assert summary["class_names"] == [weird, "dog"]
     assert json.loads((tmp_path / "shards" / "dataset.json").read_text())["class_names"][0] == weird

@@ -814,6 +814,7 @@ def test_root_references_resolve() -> None:
         assert name in infra().outputs or (any(t == name for t, _ in infra().resources)), name
 
 
+@pytest.mark.integration
 def test_terraform_fmt() -> None:
     terraform = shutil.which("terraform")
     if terraform is None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.test_infra import INFRA, _parse, infra
+
+pytestmark = pytest.mark.unit
 
 README = Path(__file__).resolve().parents[1] / "infra" / "README.md"
 

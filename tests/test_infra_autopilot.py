@@ -229,6 +229,7 @@ def test_autopilot_is_as_locked_down_as_standard() -> None:
     assert block(autopilot, "private_cluster_config")["enable_private_nodes"] is True
 
 
+@pytest.mark.integration
 def test_autopilot_cluster_is_regional(tmp_path: Path) -> None:
     # GKE creates Autopilot clusters in a region only; zone and regional_cluster do not apply.
     assert effective(cluster(), "autopilot")["location"] == infra().variables["region"]["default"]
@@ -316,6 +317,7 @@ def test_mode_is_an_output_of_the_module_and_the_root() -> None:
     assert root().outputs["mode"]["value"] == "${module.microfed.mode}"
 
 
+@pytest.mark.integration
 def test_variables_that_autopilot_ignores_say_so(tmp_path: Path) -> None:
     variables = infra().variables
     for name in (
@@ -344,7 +346,8 @@ def test_variables_that_autopilot_ignores_say_so(tmp_path: Path) -> None:
 @cache
 def rendered(kustomization: str) -> tuple[dict[str, Any], ...]:
     text = (MANIFESTS / kustomization / "rendered.yaml").read_text()
-    return tuple(doc for doc in yaml.safe_load_all(text) if doc)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: the operator's render is 3.7 MB
+    return tuple(doc for doc in yaml.load_all(text, Loader=loader) if doc)
 
 
 def pod_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -402,6 +405,7 @@ def patched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
     return out
 
 
+@pytest.mark.integration
 def test_every_vendored_container_has_cpu_and_memory_requests_after_the_patches(
     patched: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -431,6 +435,7 @@ def test_every_key_of_requests_json_names_a_container_without_requests() -> None
         assert "requests" not in found.get("resources", {}), f"{key} already has requests in the vendored manifest"
 
 
+@pytest.mark.integration
 def test_patches_set_exactly_the_requests_of_requests_json(tmp_path: Path) -> None:
     seen = {}
     for kustomization, overlay in OVERLAYS.items():
@@ -449,6 +454,7 @@ def test_patches_set_exactly_the_requests_of_requests_json(tmp_path: Path) -> No
     assert seen == {key: {"cpu": r["cpu"], "memory": r["memory"]} for key, r in REQUESTS.items()}
 
 
+@pytest.mark.integration
 def test_one_patch_per_workload(tmp_path: Path) -> None:
     workloads = {key.rsplit("/", 1)[0] for key in REQUESTS}
     patches = console("local.request_patches", tmp_path)
@@ -502,6 +508,7 @@ def configmap(tmp_path: Path, **variables: Any) -> dict[str, Any]:
     return console(f"yamldecode({body[2:-1]})", tmp_path, **variables)
 
 
+@pytest.mark.integration
 def test_cluster_info_configmap_defaults(tmp_path: Path) -> None:
     manifest = configmap(tmp_path)
     assert manifest["apiVersion"] == "v1" and manifest["kind"] == "ConfigMap"
@@ -521,6 +528,7 @@ def test_cluster_info_configmap_defaults(tmp_path: Path) -> None:
     assert {k: type(v) for k, v in info.items()} == CLUSTER_INFO_TYPES
 
 
+@pytest.mark.integration
 def test_cluster_info_configmap_on_autopilot(tmp_path: Path) -> None:
     manifest = configmap(
         tmp_path,
@@ -653,6 +661,7 @@ def pre_split_state() -> dict[str, Any]:
     return state(resources)
 
 
+@pytest.mark.integration
 def test_a_pre_split_standard_state_moves_without_replacing_anything(tmp_path: Path) -> None:
     stand_in_configuration(tmp_path, "standard")
     output = plan(tmp_path, pre_split_state())
@@ -666,6 +675,7 @@ def test_a_pre_split_standard_state_moves_without_replacing_anything(tmp_path: P
         assert f"{moved} module.microfed.terraform_data.google_container_node_pool__{pool}[0]" in output, output
 
 
+@pytest.mark.integration
 def test_a_module_state_from_before_count_moves_to_the_first_instance(tmp_path: Path) -> None:
     stand_in_configuration(tmp_path, "standard")
     module = "module.microfed"
@@ -684,6 +694,7 @@ def test_a_module_state_from_before_count_moves_to_the_first_instance(tmp_path: 
     assert "will be destroyed" not in output, output
 
 
+@pytest.mark.integration
 def test_moved_blocks_are_valid_on_autopilot(tmp_path: Path) -> None:
     # With count 0 the [0] targets are not declared; Terraform still accepts the blocks (a fresh plan).
     stand_in_configuration(tmp_path, "autopilot")
@@ -691,6 +702,7 @@ def test_moved_blocks_are_valid_on_autopilot(tmp_path: Path) -> None:
     assert "google_container_node_pool" not in output
 
 
+@pytest.mark.integration
 def test_moving_the_root_block_to_the_instance_would_be_ambiguous(tmp_path: Path) -> None:
     # Why infra/moved.tf keeps moving whole resources: [0] would then have two sources.
     root_moved = moved_blocks(root()).replace(

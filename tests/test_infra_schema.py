@@ -21,6 +21,8 @@ from typing import Any
 import hcl2
 import pytest
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 MOD = Path("modules") / "microfed"  # the module that declares every resource, relative to infra/

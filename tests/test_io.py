@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from microfed.training.io import read_safetensors, write_safetensors
+
+pytestmark = pytest.mark.unit
 
 
 def test_same_tensors_and_metadata_give_the_same_bytes_whatever_the_order(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,12 +50,6 @@ if kind == "wait":
     while not (ctl / arg).exists():
         time.sleep(0.05)
 """
-
-
-@pytest.fixture
-def operator(tmp_path: Path) -> Iterator[LocalOperator]:
-    with LocalOperator(tmp_path / "pods") as op:
-        yield op
 
 
 def fake_job(
@@ -144,6 +137,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.integration
 def test_the_job_succeeds_when_the_master_does_while_a_worker_still_runs(
     operator: LocalOperator, tmp_path: Path
 ) -> None:
@@ -179,6 +173,7 @@ def _pid_of(op: LocalOperator, pod_name: str) -> int:
         return p.proc.pid
 
 
+@pytest.mark.integration
 def test_exit_137_recreates_the_pod_with_a_new_uid_and_never_stops_restarting(
     operator: LocalOperator, tmp_path: Path
 ) -> None:
@@ -210,6 +205,7 @@ def test_exit_137_recreates_the_pod_with_a_new_uid_and_never_stops_restarting(
     operator.wait_until(lambda: operator.state("fake") == "Succeeded", what="Succeeded")
 
 
+@pytest.mark.integration
 def test_exit_3_fails_the_job_and_keeps_the_pods(operator: LocalOperator, tmp_path: Path) -> None:
     ctl = tmp_path / "ctl"
     assert operator.create(fake_job(ctl, {"0": ["wait:release"], "1": ["exit:3"]}))
@@ -232,6 +228,7 @@ def test_exit_3_fails_the_job_and_keeps_the_pods(operator: LocalOperator, tmp_pa
     assert operator.state("fake") == "Failed"
 
 
+@pytest.mark.integration
 def test_rank_environment_only_with_a_master(operator: LocalOperator, tmp_path: Path) -> None:
     with_master, without = tmp_path / "a", tmp_path / "b"
     operator.create(fake_job(with_master, {k: ["exit:0"] for k in "012"}, name="with-master", workers=2))
@@ -254,6 +251,7 @@ def test_rank_environment_only_with_a_master(operator: LocalOperator, tmp_path: 
     assert pod(operator, "with-master-worker-0").spec.init_containers[0].name == "init-pytorch"
 
 
+@pytest.mark.integration
 def test_a_rejected_pod_is_only_an_event_on_the_job(operator: LocalOperator, tmp_path: Path) -> None:
     operator.service_accounts = {"default", "pipeline-runner"}
     ctl = tmp_path / "ctl"
@@ -314,6 +312,7 @@ def test_an_image_that_cannot_be_pulled_leaves_the_pods_pending(tmp_path: Path) 
         assert op.state("fake") == "Created"
 
 
+@pytest.mark.integration
 def test_an_oom_kill_exits_137_oomkilled_and_the_replica_is_recreated(tmp_path: Path) -> None:
     # a slow controller (reaction_seconds) lets the test see the terminated pod before it is deleted
     with LocalOperator(tmp_path, oom_kills=[OomKill(rank=1, after_seconds=0.3)], reaction_seconds=1.0) as op:
@@ -333,6 +332,7 @@ def test_an_oom_kill_exits_137_oomkilled_and_the_replica_is_recreated(tmp_path: 
         op.wait_until(lambda: op.state("fake") == "Succeeded", what="Succeeded")
 
 
+@pytest.mark.integration
 def test_active_deadline_fails_the_job_and_deletes_every_pod(operator: LocalOperator, tmp_path: Path) -> None:
     ctl = tmp_path / "ctl"
     operator.create(fake_job(ctl, {"0": ["wait:release"], "1": ["exit:137"]}, active_deadline_seconds=1))
@@ -343,6 +343,7 @@ def test_active_deadline_fails_the_job_and_deletes_every_pod(operator: LocalOper
     assert operator.pods("fake") == []
 
 
+@pytest.mark.integration
 def test_clean_pod_policy_running_deletes_the_running_workers(operator: LocalOperator, tmp_path: Path) -> None:
     ctl = tmp_path / "ctl"
     operator.create(fake_job(ctl, {"0": ["sleep:0.3"], "1": ["wait:release"]}, clean_pod_policy="Running"))

@@ -26,7 +26,9 @@ from microfed.training.models import (
     factory_sha256,
 )
 from microfed.training.shards import SplitConfig, write_shards
-from microfed.training.steps import aggregate_step, evaluate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_evaluate import evaluate_step
+from microfed.training.step_train import train_step
 from microfed.training.train import OptimConfig
 from microfed.training.worker import WorkerConfig
 from tests.conftest import synthetic_dataset
@@ -181,9 +183,10 @@ def test_submit_refuses_a_factory_file_on_this_machine(factory: Path) -> None:
     assert "gcloud storage cp" in caught.value.hint
 
 
+@pytest.mark.integration
 def test_two_workers_train_a_factory_model_and_it_exports(factory: Path, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=90, n_test=30), shards, SplitConfig(num_shards=2))
+    write_shards(synthetic_dataset(n_train=90, n_test=30), shards, SplitConfig(val_fraction=0.0, num_shards=2))
     name = f"{factory}:make_model"
     cfg = WorkerConfig(
         shards=str(shards),
@@ -210,6 +213,7 @@ def test_two_workers_train_a_factory_model_and_it_exports(factory: Path, tmp_pat
         export_model(tmp_path / "model", tmp_path / "export2", fmt="onnx", model_code=str(factory))
 
 
+@pytest.mark.integration
 def test_a_gs_factory_is_fetched_and_loaded(gcs: GcsEmulator) -> None:  # noqa: F811
     uri = gcs.uri("models/remote_net.py")
     storage.write_bytes(uri, FACTORY.replace("hidden: int = 8", "hidden: int = 5").encode())
@@ -238,7 +242,7 @@ def test_the_cli_makes_a_relative_factory_path_absolute(
         pipeline_arguments(build_parser().parse_args(["run", "--model", "nets/my_net.py:"]))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_microfed_run_on_a_csv_with_a_factory_file(
     factory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

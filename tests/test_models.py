@@ -17,6 +17,8 @@ from torch import nn
 from microfed.training.errors import MicrofedError
 from microfed.training.models import MODEL_NAMES, ModelConfig, build_model, count_parameters
 
+pytestmark = pytest.mark.unit
+
 # (in_channels, height, width): Fashion-MNIST-like and CIFAR-like inputs.
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 

@@ -45,7 +45,7 @@ def run(tmp_path: Path, *flags: str) -> int:
     return main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", *flags])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -105,7 +105,7 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     assert "parity" in capsys.readouterr().out and (run_dir / "export" / "model.torchscript.pt").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
 def test_run_on_fashion_mnist_subset_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = run(tmp_path, "--train-limit", "3000", "--test-limit", "1000", "--rounds", "2", "--local-epochs", "1")
@@ -132,7 +132,7 @@ def test_unknown_dataset_and_model_fail_before_any_step(tmp_path: Path, capsys: 
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_zip_without_test_folder_fails_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     zip_path = write_zip(tmp_path / "no-test.zip", with_test=False)
     assert run(tmp_path, "--dataset", str(zip_path), "--workers", "2") == 2
@@ -140,7 +140,7 @@ def test_zip_without_test_folder_fails_with_a_clear_message(tmp_path: Path, caps
     assert "test/" in err and "no-test.zip" in err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_more_workers_than_a_class_can_feed_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     zip_path = write_zip(tmp_path / "small.zip", per_class_train=4)
     assert run(tmp_path, "--dataset", str(zip_path), "--workers", "5") == 2
@@ -161,7 +161,7 @@ def zip_without_test_images_of(source: Path, path: Path, cls: str, extra: dict[s
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_undecodable_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # one unreadable image in train/, one in test/, and no test images at all for "triangle"
     zip_path = zip_without_test_images_of(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kfp import dsl, local
 
-from microfed.training import steps
+from microfed.components import train_adapter
 from microfed.training.errors import MicrofedError
 from microfed.training.pipeline_root import check_replica_uris, pipeline_root_from_artifact_uri, usage_cache_uri
 from microfed.training.train import OptimConfig
@@ -81,6 +81,7 @@ def _probe_pipeline() -> str:
     return task.outputs["Output"]
 
 
+@pytest.mark.integration
 def test_the_root_is_read_back_from_a_real_kfp_local_artifact_uri(tmp_path: Path) -> None:
     root = tmp_path / "kfp-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -122,7 +123,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(cfg=cfg, world_size=world_size, **kwargs)
         return {"world_size": world_size, "workers": []}
 
-    monkeypatch.setattr(steps, "train_step", fake_train_step)
+    monkeypatch.setattr(train_adapter, "train_step", fake_train_step)
     return seen
 
 
@@ -130,7 +131,7 @@ def _component_step(tmp_path: Path, launcher: str, shards_uri: str, out_uri: str
     shards = tmp_path / "shards"
     shards.mkdir(exist_ok=True)
     (shards / "dataset.json").write_text(json.dumps({"shards": [{}, {}]}))
-    steps.train_component_step(
+    train_adapter.train_component_step(
         shards=(str(shards), shards_uri),
         out=(str(tmp_path / "micro_models"), out_uri),
         launcher=launcher,

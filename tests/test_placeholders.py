@@ -18,6 +18,8 @@ import yaml
 
 from microfed.pipelines.pipeline import compile_pipeline
 
+pytestmark = pytest.mark.unit
+
 ALLOWED = json.loads((Path(__file__).parents[1] / "pipelines" / "backend_placeholders.json").read_text())
 PLACEHOLDER = re.compile(r"\{\{\$(?:\.[^{}]*)?\}\}")
 EXECUTOR_INPUT = "{{$}}"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
+
 from microfed.pipelines.progress import LinesDisplay, RichDisplay, make_display
+
+pytestmark = pytest.mark.unit
 
 # As kfp.local and our steps print them (ANSI colours included), abridged from a real run's kfp.log.
 STREAM = [

@@ -29,6 +29,8 @@ from microfed.training.errors import MicrofedError
 from microfed.training.io import read_safetensors, sha256_file
 from microfed.training.shards import SPLIT_STRATEGIES, SplitConfig, assign_shards, write_shards
 
+pytestmark = pytest.mark.unit
+
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DISK = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -45,7 +47,9 @@ def split_cases(draw: st.DrawFn) -> tuple[list[int], SplitConfig]:
         ratios = tuple(draw(st.lists(st.floats(0.1, 10.0), min_size=num_shards, max_size=num_shards)))
     alpha = draw(st.sampled_from([0.05, 0.5, 5.0, 100.0]))
     seed = draw(st.integers(0, 2**32 - 1))
-    config = SplitConfig(num_shards=num_shards, strategy=strategy, ratios=ratios, alpha=alpha, seed=seed)
+    config = SplitConfig(
+        val_fraction=0.0, num_shards=num_shards, strategy=strategy, ratios=ratios, alpha=alpha, seed=seed
+    )
     return per_class, config
 
 

@@ -31,6 +31,8 @@ from microfed.training.pytorchjob import (
 from microfed.training.resources import ResourcePlan
 from microfed.training.worker import WorkerConfig, config_to_argv
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 CRD = Path(__file__).with_name("schemas") / "kubeflow.org_pytorchjobs.yaml"  # source and licence: schemas/README.md
 RBAC = REPO / "infra" / "modules" / "microfed" / "rbac.yaml"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from kubernetes.client import Configuration, V1ObjectMeta
 from microfed.training.job_status import is_transient
 from microfed.training.pytorchjob_backend import TrainingClientBackend
 from microfed.training.pytorchjob_launch import WatchPolicy, run_pytorchjob
+
+pytestmark = pytest.mark.unit
 
 NS, NAME = "team-a", "train-run-1"
 JOB_PATH = f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/{NAME}"
@@ -84,7 +85,8 @@ class ApiServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # shutdown() waits up to one poll interval: socketserver's default 0.5 s would be added to every test
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def backend(self) -> TrainingClientBackend:
         return backend_at(self.url)
@@ -94,13 +96,6 @@ def backend_at(url: str) -> TrainingClientBackend:
     config = Configuration(host=url)
     config.retries = 0  # urllib3's own retries would only slow the refused-connection case down
     return TrainingClientBackend(NS, client=TrainingClient(client_configuration=config, namespace=NS))
-
-
-@pytest.fixture
-def api() -> Iterator[ApiServer]:
-    server = ApiServer()
-    yield server
-    server.httpd.shutdown()
 
 
 def status(code: int) -> tuple[int, dict[str, Any]]:

@@ -36,6 +36,8 @@ from microfed.training.pytorchjob_launch import (
     run_pytorchjob,
 )
 
+pytestmark = pytest.mark.unit
+
 NAME = "microfed-run1-train-a0"
 
 

@@ -302,19 +302,27 @@ def test_a_real_metrics_file_round_trips(
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_zip: Path) -> None:
     """The steps on a small zip (two local workers), then the report from the files they wrote."""
     from microfed.training.io import read_json
     from microfed.training.shards import SplitConfig
-    from microfed.training.steps import SplitOptions, aggregate_step, evaluate_step, split_step, train_step
+    from microfed.training.step_aggregate import aggregate_step
+    from microfed.training.step_evaluate import evaluate_step
+    from microfed.training.step_split import SplitOptions, split_step
+    from microfed.training.step_train import train_step
     from microfed.training.train import OptimConfig
     from microfed.training.worker import WorkerConfig
 
     shards, micro, model, out = (tmp_path / d for d in ("shards", "micro", "model", "eval"))
     split_step(SplitOptions(source=str(shapes_zip)), SplitConfig(num_shards=2, seed=3, val_fraction=0.2), shards)
     cfg = WorkerConfig(
-        shards=str(shards), out=str(micro), model="cnn-small", rounds=2, optim=OptimConfig(batch_size=16)
+        local_epochs=1,
+        shards=str(shards),
+        out=str(micro),
+        model="cnn-small",
+        rounds=2,
+        optim=OptimConfig(batch_size=16),
     )
     train_step(cfg, 2)
     aggregate_step(micro, model, shards)

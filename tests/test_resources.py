@@ -21,6 +21,8 @@ from microfed.training.resources import (
 )
 from microfed.training.train import OPTIMIZERS, PRECISIONS
 
+pytestmark = pytest.mark.unit
+
 ALL = ("none", "nvidia-tesla-t4", "nvidia-l4", "nvidia-tesla-a100")
 FMNIST = ModelConfig(name="cnn-fmnist", num_classes=10, in_channels=1, image_size=(28, 28))
 EFFNET = ModelConfig(name="efficientnet_v2_s", num_classes=1000, in_channels=3, image_size=(224, 224))

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from microfed.pipelines.pipeline import compile_pipeline
-from microfed.training import checkpoint, steps, storage
+from microfed.training import checkpoint, step_train, storage
 from microfed.training.checkpoint import (
     build_checkpoint,
     capture_rank_state,
@@ -37,9 +37,12 @@ from microfed.training.launch import WorkerFailed, launch_local
 from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, write_shards
-from microfed.training.steps import SplitOptions, aggregate_step, evaluate_step, split_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_evaluate import evaluate_step
+from microfed.training.step_split import SplitOptions, split_step
+from microfed.training.step_train import train_step
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
-from microfed.training.worker import WorkerConfig, micro_model_name
+from microfed.training.worker import WorkerConfig, config_to_argv, micro_model_name
 from tests.conftest import synthetic_dataset, write_zip
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 
@@ -78,7 +81,9 @@ FAULTY_WORKER = textwrap.dedent("""
 @pytest.fixture
 def shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(num_shards=2, ratios=(1, 2)))
+    write_shards(
+        synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(val_fraction=0.0, num_shards=2, ratios=(1, 2))
+    )
     return out
 
 
@@ -118,7 +123,7 @@ def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_i
     monkeypatch.setenv("FAULT", "kill")
     monkeypatch.setenv("FAULT_RANK", "1")
     monkeypatch.setenv("FAULT_CALL", "3")
-    monkeypatch.setattr(steps, "launch_local", functools.partial(launch_local, module="faulty_worker"))
+    monkeypatch.setattr(step_train, "launch_local", functools.partial(launch_local, module="faulty_worker"))
     resumed = tmp_path / "resumed"
 
     # Execute
@@ -183,7 +188,7 @@ def test_a_killed_worker_resumes_from_checkpoints_on_gcs(
     out = gcs.uri("run/micro")
     cfg = dataclasses.replace(worker_config(shards, tmp_path), out=out, local_epochs=1)
 
-    launch_local(2, steps.config_to_argv(cfg), log_dir=tmp_path / "logs", module="faulty_worker", echo_rank0=False)
+    launch_local(2, config_to_argv(cfg), log_dir=tmp_path / "logs", module="faulty_worker", echo_rank0=False)
 
     assert faulty.exists()
     checkpoints = storage.list_files(storage.join(out, "checkpoints"))
@@ -201,7 +206,7 @@ def test_a_diverging_worker_stops_the_job_naming_its_rank_and_round(
     monkeypatch.setenv("FAULT_RANK", "1")
     monkeypatch.setenv("FAULT_CALL", "3")  # the first epoch of round 2
     out = tmp_path / "micro"
-    argv = steps.config_to_argv(worker_config(shards, out))
+    argv = config_to_argv(worker_config(shards, out))
 
     with pytest.raises(WorkerFailed) as info:
         launch_local(2, argv, log_dir=tmp_path / "logs", module="faulty_worker", echo_rank0=False)
@@ -345,7 +350,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
 
 def test_split_gives_the_same_bytes_and_aggregate_the_same_model_when_run_again(tmp_path: Path) -> None:
     source = write_zip(tmp_path / "shapes.zip", per_class_train=8, per_class_test=2)
-    split = SplitConfig(num_shards=2, strategy="dirichlet", alpha=0.5, seed=3)
+    split = SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", alpha=0.5, seed=3)
     first, second = tmp_path / "first", tmp_path / "second"
 
     split_step(SplitOptions(source=str(source)), split, first)

@@ -45,7 +45,7 @@ def everything_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_leaves_nothing_in_tmpdir_and_only_the_named_cache_under_home(tmp_path: Path) -> None:
     home, temp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()

@@ -30,6 +30,8 @@ from microfed.training.shards import (
     write_shards,
 )
 
+pytestmark = pytest.mark.unit
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -86,7 +88,9 @@ def test_every_example_lands_in_exactly_one_shard(strategy: str, num_shards: int
     labels = make_labels(per_class)
 
     # Execute
-    parts = assign_shards(labels, names(len(per_class)), SplitConfig(num_shards=num_shards, strategy=strategy))
+    parts = assign_shards(
+        labels, names(len(per_class)), SplitConfig(val_fraction=0.0, num_shards=num_shards, strategy=strategy)
+    )
 
     # Assert
     assert len(parts) == num_shards
@@ -100,7 +104,9 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(strategy: str) ->
     labels = make_labels(BALANCED_10)
 
     def split(seed: int) -> list[torch.Tensor]:
-        return assign_shards(labels, names(10), SplitConfig(num_shards=3, strategy=strategy, seed=seed))
+        return assign_shards(
+            labels, names(10), SplitConfig(val_fraction=0.0, num_shards=3, strategy=strategy, seed=seed)
+        )
 
     # Execute
     first, again, other = split(11), split(11), split(12)
@@ -114,7 +120,7 @@ def test_split_does_not_modify_the_labels() -> None:
     labels = make_labels(UNEVEN_4)
     before = labels.clone()
 
-    assign_shards(labels, names(4), SplitConfig(num_shards=3, strategy="dirichlet"))
+    assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, strategy="dirichlet"))
 
     assert torch.equal(labels, before)
 
@@ -127,7 +133,7 @@ def test_stratified_shards_keep_the_class_proportions(per_class: list[int], num_
     num_classes = len(per_class)
 
     # Execute
-    parts = assign_shards(labels, names(num_classes), SplitConfig(num_shards=num_shards, seed=3))
+    parts = assign_shards(labels, names(num_classes), SplitConfig(val_fraction=0.0, num_shards=num_shards, seed=3))
 
     # Assert: class c gets n_c / k examples in every shard, rounded up or down (so within one example).
     for part in parts:
@@ -142,7 +148,7 @@ def test_stratified_with_ratios_follows_the_ratios() -> None:
     labels = make_labels([40] * 4)
 
     # Execute
-    parts = assign_shards(labels, names(4), SplitConfig(num_shards=3, ratios=(1, 2, 1)))
+    parts = assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, ratios=(1, 2, 1)))
 
     # Assert
     assert [len(p) for p in parts] == [40, 80, 40]
@@ -168,7 +174,9 @@ def test_stratified_with_ratios_gives_each_class_its_share_rounded_up_or_down(
     num_classes = len(per_class)
 
     # Execute
-    parts = assign_shards(labels, names(num_classes), SplitConfig(num_shards=len(ratios), ratios=ratios))
+    parts = assign_shards(
+        labels, names(num_classes), SplitConfig(val_fraction=0.0, num_shards=len(ratios), ratios=ratios)
+    )
 
     # Assert: shard i holds floor or ceil of n_c * r_i / sum(r) examples of class c.
     for i, (part, r) in enumerate(zip(parts, ratios, strict=True)):
@@ -181,7 +189,9 @@ def test_stratified_with_ratios_gives_each_class_its_share_rounded_up_or_down(
 def test_iid_with_ratios_follows_the_ratios() -> None:
     labels = make_labels([50] * 4)  # 200 examples -> 50 / 100 / 50
 
-    parts = assign_shards(labels, names(4), SplitConfig(num_shards=3, strategy="iid", ratios=(1, 2, 1)))
+    parts = assign_shards(
+        labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, strategy="iid", ratios=(1, 2, 1))
+    )
 
     assert [len(p) for p in parts] == [50, 100, 50]
 
@@ -193,7 +203,7 @@ def test_stratified_with_too_few_examples_of_a_class_names_the_class() -> None:
 
     # Execute / Assert
     with pytest.raises(MicrofedError, match=r"'Sandal' has 2 training examples") as info:
-        assign_shards(labels, class_names, SplitConfig(num_shards=3))
+        assign_shards(labels, class_names, SplitConfig(val_fraction=0.0, num_shards=3))
     assert "workers" in str(info.value)
 
 
@@ -202,8 +212,10 @@ def test_dirichlet_with_small_alpha_gives_skewed_non_empty_shards() -> None:
     labels = make_labels([100] * 10)
 
     # Execute
-    skewed = assign_shards(labels, names(10), SplitConfig(num_shards=5, strategy="dirichlet", alpha=0.1))
-    even = assign_shards(labels, names(10), SplitConfig(num_shards=5))
+    skewed = assign_shards(
+        labels, names(10), SplitConfig(val_fraction=0.0, num_shards=5, strategy="dirichlet", alpha=0.1)
+    )
+    even = assign_shards(labels, names(10), SplitConfig(val_fraction=0.0, num_shards=5))
 
     # Assert
     def largest_share(part: torch.Tensor) -> float:
@@ -219,7 +231,7 @@ def test_a_label_outside_the_class_names_is_not_dropped_silently() -> None:
     labels = torch.tensor([0, 1, 0, 1, 5, 0, 1, -1, 0, 1])
 
     for strategy in SPLIT_STRATEGIES:
-        config = SplitConfig(num_shards=2, strategy=strategy)
+        config = SplitConfig(val_fraction=0.0, num_shards=2, strategy=strategy)
         # Execute: either a clear error, or every example assigned.
         try:
             parts = assign_shards(labels, ("a", "b"), config)
@@ -234,7 +246,7 @@ def test_a_label_outside_the_class_names_is_not_dropped_silently() -> None:
 
 def test_split_config_rejects_an_unknown_strategy_and_lists_the_allowed_ones() -> None:
     with pytest.raises(MicrofedError, match=r"'random'") as info:
-        SplitConfig(num_shards=2, strategy="random")
+        SplitConfig(val_fraction=0.0, num_shards=2, strategy="random")
     for allowed in ("stratified", "iid", "dirichlet"):
         assert allowed in str(info.value)
 
@@ -242,34 +254,34 @@ def test_split_config_rejects_an_unknown_strategy_and_lists_the_allowed_ones() -
 @pytest.mark.parametrize("bad", [0, -1])
 def test_split_config_rejects_fewer_than_one_shard(bad: int) -> None:
     with pytest.raises(MicrofedError, match=rf"at least 1, got {bad}"):
-        SplitConfig(num_shards=bad)
+        SplitConfig(val_fraction=0.0, num_shards=bad)
 
 
 @pytest.mark.parametrize("ratios", [(1.0,), (1.0, 2.0, 3.0)])
 def test_split_config_rejects_ratios_of_the_wrong_length(ratios: tuple[float, ...]) -> None:
     with pytest.raises(MicrofedError, match=rf"ratios has {len(ratios)} values but there are 2 workers"):
-        SplitConfig(num_shards=2, ratios=ratios)
+        SplitConfig(val_fraction=0.0, num_shards=2, ratios=ratios)
 
 
 @pytest.mark.parametrize("ratios", [(1.0, 0.0), (1.0, -1.0), (1.0, math.nan)])
 def test_split_config_rejects_non_positive_ratios(ratios: tuple[float, ...]) -> None:
     with pytest.raises(MicrofedError, match="ratios must be positive"):
-        SplitConfig(num_shards=2, ratios=ratios)
+        SplitConfig(val_fraction=0.0, num_shards=2, ratios=ratios)
 
 
 def test_split_config_rejects_ratios_for_dirichlet() -> None:
     with pytest.raises(MicrofedError, match="not dirichlet"):
-        SplitConfig(num_shards=2, strategy="dirichlet", ratios=(1.0, 1.0))
+        SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", ratios=(1.0, 1.0))
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.5, math.nan, math.inf])
 def test_split_config_rejects_a_non_positive_alpha(alpha: float) -> None:
     with pytest.raises(MicrofedError, match="alpha must be a positive number"):
-        SplitConfig(num_shards=2, strategy="dirichlet", alpha=alpha)
+        SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", alpha=alpha)
 
 
 def test_split_config_is_frozen_and_keyword_only() -> None:
-    config: Any = SplitConfig(num_shards=2)  # Any: these misuses are the point of the test
+    config: Any = SplitConfig(val_fraction=0.0, num_shards=2)  # Any: these misuses are the point of the test
     with pytest.raises(AttributeError):
         config.num_shards = 3
     with pytest.raises(TypeError):
@@ -353,7 +365,7 @@ def dataset() -> LoadedDataset:
 
 
 def written(dataset: LoadedDataset, out: Path, num_shards: int = 3) -> dict[str, object]:
-    return write_shards(dataset, out, SplitConfig(num_shards=num_shards, seed=7))
+    return write_shards(dataset, out, SplitConfig(val_fraction=0.0, num_shards=num_shards, seed=7))
 
 
 def test_shards_round_trip_to_the_training_set(dataset: LoadedDataset, tmp_path: Path) -> None:

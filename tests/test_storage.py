@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from microfed.training import storage
 from microfed.training.errors import MicrofedError
 from microfed.training.io import write_safetensors
+from tests.conftest import write_tree
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 
 TREE = {
@@ -21,24 +22,8 @@ TREE = {
 }
 
 
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
-
-
 def read_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(params=["local", "gcs"])
-def base(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A folder to write into: a local path, or a gs:// prefix on the emulator."""
-    if request.param == "local":
-        return str(tmp_path / "out")
-    emulator: GcsEmulator = request.getfixturevalue("gcs")
-    return emulator.uri("runs/r1")
 
 
 # --- URIs -------------------------------------------------------------------------------------------------
@@ -112,6 +97,7 @@ def test_safetensors_written_through_storage_reads_back_equal(base: str, tmp_pat
         assert torch.equal(back[key], tensor) and back[key].dtype == tensor.dtype
 
 
+@pytest.mark.integration
 def test_generation_precondition_on_gcs(gcs: GcsEmulator) -> None:  # noqa: F811
     uri = gcs.uri("global/model.safetensors")
     storage.write_bytes(uri, b"v1", if_generation_match=0)  # 0: only if absent
@@ -154,6 +140,7 @@ def test_list_files_of_a_missing_folder_is_empty(base: str) -> None:
     assert storage.list_files(storage.join(base, "nothing-here")) == []
 
 
+@pytest.mark.integration
 def test_download_only_the_named_files(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     storage.upload_tree(write_tree(tmp_path / "src", TREE), gcs.uri("shards"))
     only = ["manifest.json", "shard-00001/deep/er/file.bin"]
@@ -161,6 +148,7 @@ def test_download_only_the_named_files(gcs: GcsEmulator, tmp_path: Path) -> None
     assert read_tree(got) == {name: TREE[name] for name in only}
 
 
+@pytest.mark.integration
 def test_download_of_a_missing_file_or_empty_prefix_names_the_uri(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(MicrofedError, match="no files") as err:
         storage.download_tree(gcs.uri("empty"), tmp_path / "a")
@@ -176,6 +164,7 @@ def list_local(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.integration
 def test_object_names_cannot_escape_the_download_folder(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(MicrofedError, match="outside"):
         storage.download_tree(gcs.uri("x"), tmp_path / "dst", only=["../evil.bin"])
@@ -195,6 +184,7 @@ def test_staged_input_on_a_local_path_does_not_copy(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.integration
 def test_staged_input_from_gcs_is_removed_afterwards(gcs: GcsEmulator, tmp_path: Path) -> None:  # noqa: F811
     storage.upload_tree(write_tree(tmp_path / "src", TREE), gcs.uri("shards"))
     with storage.staged_input(gcs.uri("shards"), only=["manifest.json"]) as path:
@@ -202,6 +192,7 @@ def test_staged_input_from_gcs_is_removed_afterwards(gcs: GcsEmulator, tmp_path:
     assert not path.exists()
 
 
+@pytest.mark.integration
 def test_staged_file_keeps_the_name_and_is_removed_afterwards(gcs: GcsEmulator) -> None:  # noqa: F811
     storage.write_bytes(gcs.uri("datasets/shapes.zip"), b"PK\x05\x06" + bytes(18))
     with storage.staged_file(gcs.uri("datasets/shapes.zip")) as path:
@@ -225,6 +216,7 @@ def test_staged_output_uploads_on_success(base: str) -> None:
         assert not out.exists()  # the staging folder is gone
 
 
+@pytest.mark.integration
 def test_staged_output_uploads_nothing_when_the_block_raises(gcs: GcsEmulator) -> None:  # noqa: F811
     with pytest.raises(RuntimeError, match="training diverged"), storage.staged_output(gcs.uri("model")) as out:
         write_tree(out, TREE)

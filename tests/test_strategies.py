@@ -14,7 +14,8 @@ from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_safetensors
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, load_shard, read_dataset_manifest, write_shards
-from microfed.training.steps import aggregate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_train import train_step
 from microfed.training.strategies import Strategy
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
 from microfed.training.worker import WorkerConfig, micro_model_name
@@ -34,7 +35,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("strategies") / "one"
-    write_shards(synthetic_dataset(n_train=96, n_test=20), out, SplitConfig(num_shards=1))
+    write_shards(synthetic_dataset(n_train=96, n_test=20), out, SplitConfig(val_fraction=0.0, num_shards=1))
     return out
 
 

@@ -28,6 +28,8 @@ from microfed.pipelines.cli import main
 from microfed.pipelines.submit import submit
 from microfed.training.errors import MicrofedError
 
+pytestmark = pytest.mark.unit
+
 API = "/apis/v2beta1"
 STEPS = {"split-dataset", "train", "aggregate", "evaluate", "export"}
 

@@ -62,6 +62,7 @@ def _default(variables_tf: Path, name: str) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_default_system_machine_type_is_the_cheapest_that_fits() -> None:
     root_default = _default(INFRA / "variables.tf", "system_machine_type")
     module_default = _default(MODULE / "variables.tf", "system_machine_type")
@@ -80,6 +81,7 @@ def test_the_default_system_machine_type_is_the_cheapest_that_fits() -> None:
         assert not sizing.fit(sizing.system_load(), name, hourly).fits, name
 
 
+@pytest.mark.integration
 def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
     # An independent walk over the renders: replicas x the sum of the app containers' requests (none of these
     # pods has init containers, so the effective request is that sum), and the containers without requests, which
@@ -89,7 +91,8 @@ def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
     renders = sorted((MODULE / "manifests").glob("*/rendered.yaml"))
     assert renders
     for render in renders:
-        for doc in yaml.safe_load_all(render.read_text()):
+        # libyaml's parser where present (as infra/cost/sizing.py): the operator's render is 3.7 MB
+        for doc in yaml.load_all(render.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             if not isinstance(doc, dict) or doc.get("kind") not in ("Deployment", "StatefulSet", "DaemonSet"):
                 continue
             pod = doc["spec"]["template"]["spec"]
@@ -115,6 +118,7 @@ def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
     assert load.total == load.manifests + load.requests_json + load.daemonsets + load.cluster_pods
 
 
+@pytest.mark.integration
 def test_every_container_without_requests_needs_an_entry(tmp_path: Path) -> None:
     # A re-render that adds a container without requests: the sizing (and so this test file) fails, naming it.
     manifests = tmp_path / "manifests"
@@ -138,6 +142,7 @@ def test_request_entries_parse_and_say_on_what_they_rest() -> None:
         assert entry.basis.startswith("estimate:") or any(mark in entry.basis for mark in ("#", "@", "/")), key
 
 
+@pytest.mark.integration
 def test_kube_system_figures_name_a_source_or_say_they_are_estimates() -> None:
     for pod in (*sizing.GKE_DAEMONSETS, *sizing.GKE_CLUSTER_PODS):
         assert pod.source in sizing.SOURCES or (not pod.source and pod.estimate), pod.name
@@ -158,6 +163,7 @@ def test_every_priced_machine_without_gpus_has_a_size() -> None:
         assert machine.vcpus == (2 if name == "e2-medium" else entry["vcpus"]), name
 
 
+@pytest.mark.integration
 def test_a_price_change_that_makes_another_type_right_moves_the_answer() -> None:
     prices = json.loads(json.dumps(PRICES))
     current = sizing.cheapest_fitting(sizing.system_load(), prices).machine_type
@@ -311,11 +317,13 @@ def test_shared_core_machines_keep_their_own_cpu_reservation() -> None:
         sizing.node_allocatable("c4-standard-2")
 
 
+@pytest.mark.integration
 def test_the_report_runs() -> None:
     text = sizing.render_text(sizing.system_load(), PRICES)
     assert "Cheapest that fits:" in text and "metadata-grpc-deployment/container" in text
 
 
+@pytest.mark.integration
 def test_the_readme_states_the_current_sums() -> None:
     # infra/README.md's "Sizing the system node" is written by hand: its figures must follow a re-render.
     load = sizing.system_load()

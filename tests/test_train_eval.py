@@ -111,6 +111,7 @@ def test_optim_config_names_the_bad_field(field: str, value: str) -> None:
         OptimConfig(**{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 def test_the_wheel_installs_the_folders_under_the_microfed_namespace(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     subprocess.run(

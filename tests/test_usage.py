@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from microfed.training import steps
+from microfed.training import step_train
 from microfed.training.models import ModelConfig
 from microfed.training.resources import (
     MEASURED_MEMORY_HEADROOM,
@@ -221,15 +221,6 @@ def test_measurement_of_a_job_keeps_the_largest_need_beyond_each_shard() -> None
 # --- the cache ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "gcs"])
-def base(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where the pipeline root is: a local folder, or a gs:// prefix on the emulator."""
-    if request.param == "local":
-        return str(tmp_path / "root")
-    emulator: GcsEmulator = request.getfixturevalue("gcs")
-    return emulator.uri("pipeline-root")
-
-
 MEASURED = MeasuredUsage(
     device="cpu", memory_fixed_bytes=600 * MIB, bytes_per_example=PER_EXAMPLE, cpu_cores=0.83, source="test"
 )
@@ -336,20 +327,25 @@ def write_dataset_manifest(folder: Path, shard_sizes: list[int]) -> Path:
 
 def test_the_usage_cache_changes_the_next_plan_of_the_train_step(base: str, tmp_path: Path) -> None:
     shards = write_dataset_manifest(tmp_path / "shards", [20_000, 20_000, 20_000])
-    cfg = WorkerConfig(shards=str(shards), out=str(tmp_path / "out"), model="cnn-fmnist", optim=OptimConfig())
-    first = steps._plan(cfg, ("none", "nvidia-tesla-t4"), base)  # no cache yet: the estimate
+    cfg = WorkerConfig(
+        rounds=1, local_epochs=1, shards=str(shards), out=str(tmp_path / "out"), model="cnn-fmnist", optim=OptimConfig()
+    )
+    first = step_train._plan(cfg, ("none", "nvidia-tesla-t4"), base)  # no cache yet: the estimate
     key = UsageKey.from_plan(first)
     assert key.text() == f"cnn-fmnist|1x28x28|batch={cfg.optim.batch_size}|{cfg.optim.precision}|{cfg.optim.optimizer}"
     update_cache(base, key, MEASURED)
-    second = steps._plan(cfg, ("none", "nvidia-tesla-t4"), base)
+    second = step_train._plan(cfg, ("none", "nvidia-tesla-t4"), base)
     assert first.estimate["requests_from"] == "estimate" and second.estimate["requests_from"] == "measurement"
     assert second.memory_request < first.memory_request and second.cpu_request == 0.9
     assert second.accelerator == first.accelerator
 
 
+@pytest.mark.integration
 def test_a_local_train_step_records_usage_and_fills_the_cache(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=120, n_test=60), shards, SplitConfig(num_shards=2, ratios=(1, 2)))
+    write_shards(
+        synthetic_dataset(n_train=120, n_test=60), shards, SplitConfig(val_fraction=0.0, num_shards=2, ratios=(1, 2))
+    )
     cfg = WorkerConfig(
         shards=shards,
         out=tmp_path / "micro",
@@ -360,7 +356,7 @@ def test_a_local_train_step_records_usage_and_fills_the_cache(tmp_path: Path) ->
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
     cache = str(tmp_path / "root")
-    job = steps.train_step(cfg, world_size=2, usage_cache=cache)
+    job = step_train.train_step(cfg, world_size=2, usage_cache=cache)
     for w in job["workers"]:
         u = Usage.from_dict(w["usage"])
         assert u.memory_peak_bytes > 100 * MIB and u.cpu_seconds > 0 and u.epoch_seconds_mean is not None
@@ -375,5 +371,5 @@ def test_a_local_train_step_records_usage_and_fills_the_cache(tmp_path: Path) ->
     )
     assert read_measured(cache, key)["cpu"].cpu_cores > 0
     # the next run's plan starts from it
-    again = steps._plan(cfg, ("none",), cache)
+    again = step_train._plan(cfg, ("none",), cache)
     assert again.estimate["requests_from"] == "measurement"

@@ -23,6 +23,8 @@ import yaml
 
 from tests.test_infra import INFRA, MODULE, all_tf_files, infra, resolve
 
+pytestmark = pytest.mark.unit
+
 MANIFESTS = MODULE / "manifests"
 SOURCES: dict[str, Any] = json.loads((MANIFESTS / "SOURCES.json").read_text())
 # kubectl_manifest keys are "<kustomization>:<id>"; kubeflow.tf names the kustomizations after these data sources.

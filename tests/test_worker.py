@@ -22,7 +22,9 @@ from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors
 from microfed.training.launch import EXIT_PEER_LOST, WorkerFailed, free_port, launch_local
 from microfed.training.shards import SplitConfig, write_shards
-from microfed.training.steps import aggregate_step, evaluate_step, train_step
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_evaluate import evaluate_step
+from microfed.training.step_train import train_step
 from microfed.training.train import OptimConfig
 from microfed.training.worker import (
     DEFAULT_COLLECTIVE_TIMEOUT_MINUTES,

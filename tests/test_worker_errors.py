@@ -122,7 +122,7 @@ def factories(tmp_path: Path) -> Path:
 def shards(tmp_path: Path, workers: int) -> Path:
     out = tmp_path / f"shards-{workers}"
     # 120 examples: shards of 40 and 80 for two workers
-    split = SplitConfig(num_shards=workers, ratios=(1, 2) if workers == 2 else None)
+    split = SplitConfig(val_fraction=0.0, num_shards=workers, ratios=(1, 2) if workers == 2 else None)
     write_shards(synthetic_dataset(n_train=120, n_test=30), out, split)
     return out
 
@@ -163,7 +163,6 @@ def test_an_unusable_factory_stops_the_worker_before_the_first_epoch_with_one_li
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_a_factory_that_raises_reaches_microfed_run_as_its_own_line(
     factories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,6 +192,7 @@ def test_a_stalled_worker_is_named_with_its_round_first_as_a_warning_then_as_the
     # collective timeout and a 1.2 s stall time stand for the defaults' 30 and 10 minutes.
     monkeypatch.setenv("STALL_RANK", "1")
     cfg = WorkerConfig(
+        local_epochs=1,
         shards=str(shards(tmp_path, 2)),
         out=str(tmp_path / "micro"),
         model=f"{factories}:stalling",

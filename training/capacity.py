@@ -418,7 +418,7 @@ def _larger(limits: dict[str, AutopilotPodLimit], than: AutopilotPodLimit) -> st
 # Collective timeout
 # ---------------------------------------------------------------------------------------------------------------
 
-# The timeout gloo / nccl had before it was derived (training/worker.py): also the floor. It covers the
+# The timeout gloo / nccl had before it was derived (training/worker_config.py): also the floor. It covers the
 # rendezvous as well, where one replica may wait for another's node to be created (minutes on a GPU pool).
 DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30
 # How far the plan's seconds per epoch can be off, from training/resources_estimate.py's own comments: CPU throughput is

@@ -14,8 +14,8 @@ Logs are appended across restarts, one file per rank, each attempt headed by a m
 
 Stalls. A worker whose step never returns (a forward pass, a read or a lock that hangs) fails nothing: its peers
 wait for it in the next collective until the collective timeout, 30 minutes by default. So each worker keeps a
-progress record in the folder PROGRESS_DIR_ENV names (training/worker.py: what it is doing, whether it is waiting
-for its peers in a collective, when it last made progress, and its stall and collective timeouts), and the
+progress record in the folder PROGRESS_DIR_ENV names (training/worker_progress.py: what it is doing, whether it
+is waiting for its peers in a collective, when it last made progress, and its stall and collective timeouts), and the
 launcher reads them while the group runs. A worker that has made no progress of its own for its stall time is
 named, with what it was doing (its round), in a warning line; when it has made none for the collective timeout,
 or its peers give up waiting for it at that timeout, the launch fails with WorkerStalled, which names it again.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from microfed.training.config import SPLIT_STRATEGIES, LoopConfig, SplitSection
 from microfed.training.datasets import ImageData, LoadedDataset
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, sha256_bytes, sha256_file, write_json
@@ -37,11 +38,14 @@ __all__ = [
     "write_shards",
 ]
 
-SPLIT_STRATEGIES = ("stratified", "iid", "dirichlet")
 # A Dirichlet draw can leave a shard empty; redraw this many times before giving up.
 _DIRICHLET_TRIES = 100
 # dataset.json lists at most this many skipped files by name (num_skipped_files counts all of them).
 _MAX_SKIPPED_LISTED = 1000
+
+
+# Defaults shared with the pipeline come from RunConfig's sections (training/config.py).
+_SPLIT, _LOOP = SplitSection(), LoopConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,16 +54,16 @@ class SplitConfig:
 
     num_shards: int
     """Number of shards, one per worker (the PyTorchJob's WORLD_SIZE)."""
-    strategy: str = "stratified"
+    strategy: str = _SPLIT.split
     """`stratified`: every shard gets the class proportions of the whole; `iid`: a uniform random split;
     `dirichlet`: per-class shard proportions drawn from Dirichlet(alpha), i.e. label skew."""
     ratios: tuple[float, ...] | None = None
     """Relative shard sizes for `stratified` and `iid` (normalised); None means equal sizes."""
-    alpha: float = 0.5
+    alpha: float = _SPLIT.alpha
     """Dirichlet concentration: small values give very skewed shards (0.1), large ones near-IID (100)."""
-    seed: int = 0
+    seed: int = _LOOP.seed
     """Seed of the split; the same seed and data give the same shards."""
-    val_fraction: float = 0.0
+    val_fraction: float = _SPLIT.val_fraction
     """Share of the training examples held out (stratified, before sharding) as the validation split that
     selects the best round; 0 = none."""
 

@@ -2,7 +2,7 @@
 
 `Strategy` is the configuration (the worker's --strategy and its settings, the pipeline parameters of the same
 names); its `name` picks a class from REGISTRY, and `Strategy.build()` returns that class's object, whose hooks
-the round loop (microfed.training.worker_rounds) and the aggregate step (microfed.training.steps) call. Neither
+the round loop (microfed.training.worker_rounds) and the aggregate step (microfed.training.step_aggregate) call. Neither
 asks which strategy it runs. The hooks, with FedAvg's behaviour as the default (FederatedStrategy):
 
 - `averaged_keys(model)`: the state_dict keys the in-job combines take (all; FedBN leaves BatchNorm's out);
@@ -58,6 +58,7 @@ from microfed.training.aggregation import (
     server_update,
     weighted_average,
 )
+from microfed.training.config import StrategyConfig
 from microfed.training.errors import MicrofedError
 
 __all__ = [
@@ -90,20 +91,24 @@ GLOBAL_PART = "global"
 BEST_PART = "best"
 
 
+# The defaults are RunConfig strategy section's (training/config.py), the one place they change.
+_DEFAULTS = StrategyConfig()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Strategy:
     """How the workers train and how their models are combined: a name from REGISTRY and its settings."""
 
-    name: str = "fedavg"
+    name: str = _DEFAULTS.strategy
     """A name in REGISTRY (fedavg, fedprox, fedavgm, fedadam, fedyogi, ddp)."""
-    mu: float = 0.01
+    mu: float = _DEFAULTS.mu
     """fedprox: weight of the proximal term mu/2 * ||w - w_global||^2."""
-    server_momentum: float = 0.9
+    server_momentum: float = _DEFAULTS.server_momentum
     """The server optimizer's momentum: fedavgm's beta, fedadam's and fedyogi's beta1."""
-    server_lr: float = 0.0
+    server_lr: float = _DEFAULTS.server_lr
     """The server optimizer's learning rate (eta); 0 = the strategy's own `default_server_lr` (fedavgm 1,
     fedadam and fedyogi 0.01), which replaces the 0 here."""
-    fedbn: bool = False
+    fedbn: bool = _DEFAULTS.fedbn
     """Keep BatchNorm layers out of the in-job combines (the strategies that average: not ddp)."""
 
     def __post_init__(self) -> None:

@@ -15,6 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The run's parameters, their defaults and ranges live in training/config.py (OptimConfig is its optim section);
+# re-exported here, where the train loop's callers import them from.
+from microfed.training.config import (
+    AUGMENTATIONS,
+    FLOAT32_MAX,
+    MAX_EXACT_INT,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    OptimConfig,
+    require_float,
+    require_int,
+)
 from microfed.training.errors import MicrofedError
 
 __all__ = [
@@ -34,110 +47,6 @@ __all__ = [
     "require_int",
     "train_epoch",
 ]
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
-AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
-PRECISIONS = ("auto", "fp32", "bf16")
-# The learning rate and weight decay become float32 scalars of torch operations: a larger value is inf there.
-FLOAT32_MAX = 3.4028234663852886e38
-# KFP carries parameters as JSON / protobuf numbers (doubles): a larger integer changes on its way to a step.
-MAX_EXACT_INT = 2**53 - 1
-
-
-def require_float(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    high: float,
-    low_ok: bool = True,
-    high_ok: bool = True,
-    flag: str = "",
-    pipeline: bool = False,
-    why: str = "",
-) -> None:
-    """Refuse a value that is not a finite number in the range: one line naming `name` (the field), and in the
-    hint `why`, the worker's `flag` and, with `pipeline`, the pipeline parameter of the same name.
-
-    A run started from the Kubeflow UI reaches the configuration without the CLI's checks, and a nan passes every
-    `value < 0` test: each configuration checks its own numbers with this."""
-    try:
-        ok = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (low <= value if low_ok else low < value)
-            and (value <= high if high_ok else value < high)
-        )
-    except OverflowError:  # an int beyond any float
-        ok = False
-    if not ok:
-        lower = f"at least {low:g}" if low_ok else f"greater than {low:g}"
-        upper = f"at most {high:g}" if high_ok else f"less than {high:g}"
-        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
-        raise MicrofedError(f"{name} must be a finite number {lower} and {upper}, got {value!r}", hint=hint)
-
-
-def require_int(
-    name: str, value: object, *, low: int, high: int, flag: str = "", pipeline: bool = False, why: str = ""
-) -> None:
-    """Refuse a value that is not an integer (a bool is not one) from `low` to `high`, as `require_float` does."""
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
-        raise MicrofedError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r}", hint=hint)
-
-
-def _where(name: str, flag: str, pipeline: bool) -> str:
-    places = [f"the pipeline parameter {name}"] * pipeline + [f"the worker's {flag}"] * bool(flag)
-    return f"set {' or '.join(places)}" if places else ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    """Optimiser, schedule and augmentation of the local train loop."""
-
-    optimizer: str = "adam"
-    """`adam`, `adamw` or `sgd` (with Nesterov momentum)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    weight_decay: float = 0.0
-    """L2 penalty (decoupled for adamw)."""
-    momentum: float = 0.9
-    """SGD momentum; ignored by Adam."""
-    schedule: str = "cosine"
-    """`cosine`: linear warm-up then cosine decay to 0 over all rounds; `constant`: fixed lr."""
-    warmup_fraction: float = 0.02
-    """Share of all steps spent warming up (cosine only)."""
-    augment: str = "none"
-    """`none`, `flip` (horizontal), `crop` (pad 2, random crop), or `crop-flip`."""
-    batch_size: int = 128
-    """Examples per step on each worker."""
-    precision: str = "auto"
-    """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
-    AVX512-BF16/AMX, CUDA GPUs that support bf16), else fp32. Evaluation always runs in fp32."""
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("schedule", self.schedule, SCHEDULES),
-            ("augment", self.augment, AUGMENTATIONS),
-            ("precision", self.precision, PRECISIONS),
-        ):
-            if value not in allowed:
-                raise MicrofedError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
-        require_float("lr", self.lr, low=0.0, low_ok=False, high=FLOAT32_MAX, flag="--lr", pipeline=True)
-        require_float(
-            "weight_decay", self.weight_decay, low=0.0, high=FLOAT32_MAX, flag="--weight-decay", pipeline=True
-        )
-        # from 1 up no gradient is ever forgotten (the steps grow); torch's Nesterov SGD refuses 0
-        sgd = self.optimizer == "sgd"
-        why = "sgd uses Nesterov momentum, which needs one" if sgd else ""
-        require_float(
-            "momentum", self.momentum, low=0.0, low_ok=not sgd, high=1.0, high_ok=False, flag="--momentum", why=why
-        )
-        require_float("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0, high_ok=False)
-        require_int("batch_size", self.batch_size, low=1, high=MAX_EXACT_INT, flag="--batch-size", pipeline=True)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from microfed.training.config import ClusterConfig, LoopConfig, add_arguments, config_fields, to_argv
 from microfed.training.errors import MicrofedError
 from microfed.training.strategies import Strategy, strategy_help
 from microfed.training.train import MAX_EXACT_INT, OptimConfig, require_float, require_int
@@ -41,6 +42,8 @@ MAX_TIMEOUT_MINUTES = 525_600.0  # a year
 # Round checkpoints and the files of shards, logs and micro-models are numbered with five digits.
 MAX_ROUNDS = 99_999
 MAX_THREADS = 4096
+# Defaults shared with the pipeline come from RunConfig's sections.
+_LOOP, _CLUSTER = LoopConfig(), ClusterConfig()
 
 
 def micro_model_name(rank: int) -> str:
@@ -55,15 +58,15 @@ class WorkerConfig:
     """Folder written by the split step: a local path or a gs:// URI (on a cluster)."""
     out: str
     """Folder for micro-models and per-worker records: a local path or a gs:// URI."""
-    model: str = "cnn-fmnist"
+    model: str = _LOOP.model
     """Model name (see microfed.training.models) or `package.module:function`."""
-    rounds: int = 1
+    rounds: int = _LOOP.rounds
     """R: rounds of local training followed by a weighted average."""
-    local_epochs: int = 1
+    local_epochs: int = _LOOP.local_epochs
     """E: epochs over the worker's own shard in each round."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimiser, schedule, augmentation and batch size."""
-    seed: int = 0
+    seed: int = _LOOP.seed
     """Model initialisation seed (shared); the data order uses seed + rank."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu`, or `cuda`."""
@@ -74,9 +77,9 @@ class WorkerConfig:
     average (rounds 1..R-1; the aggregate step evaluates round R) and keep the best round's model."""
     strategy: Strategy = field(default_factory=Strategy)
     """The training strategy and its settings (a name in microfed.training.strategies.REGISTRY)."""
-    patience: int = 0
+    patience: int = _LOOP.patience
     """Stop after this many rounds without a better validation accuracy; 0 runs every round."""
-    collective_timeout_minutes: float = 0.0
+    collective_timeout_minutes: float = float(_CLUSTER.collective_timeout_minutes)
     """Bound on every collective (the end-of-round average waits for the slowest rank's local epochs), on the
     rendezvous and on the final barrier, minutes; 0 = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES. A rank that waits
     longer exits as if its peer were lost (exit 200, restartable)."""
@@ -132,45 +135,28 @@ def _description() -> str:
     return worker.__doc__ or ""
 
 
+# The flags a worker shares with the pipeline: RunConfig's fields that reach it (training/config.py).
+_SHARED = [f for f in config_fields() if f.worker]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m microfed.training.worker",
         description=_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d, o = WorkerConfig, OptimConfig
     p.add_argument("--shards", required=True, help="folder (or gs:// URI) written by the split step")
     p.add_argument("--out", required=True, help="folder (or gs:// URI) for micro-models and records")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    p.add_argument("--batch-size", type=int, default=o.batch_size)
-    p.add_argument("--optimizer", default=o.optimizer)
-    p.add_argument("--lr", type=float, default=o.lr)
-    p.add_argument("--weight-decay", type=float, default=o.weight_decay)
-    p.add_argument("--momentum", type=float, default=o.momentum)
-    p.add_argument("--schedule", default=o.schedule)
-    p.add_argument("--augment", default=o.augment)
-    p.add_argument("--precision", default=o.precision)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads)
+    add_arguments(
+        p,
+        [f.name for f in _SHARED],
+        extra_help={"strategy": strategy_help},
+        types={"collective_timeout_minutes": float},
+    )
+    d = WorkerConfig
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads; 0 = usable cores / local workers")
     p.add_argument("--no-eval-every-round", dest="eval_every_round", action="store_false")
-    st = {f.name: f.default for f in dataclasses.fields(Strategy)}  # server_lr: 0, the strategy's own default
-    p.add_argument("--strategy", default=st["name"], help=strategy_help())
-    p.add_argument("--mu", type=float, default=st["mu"], help="fedprox: proximal term weight")
-    p.add_argument("--server-momentum", type=float, default=st["server_momentum"], help="server optimizer momentum")
-    p.add_argument(
-        "--server-lr", type=float, default=st["server_lr"], help="server learning rate; 0 = the strategy's default"
-    )
-    p.add_argument("--fedbn", action="store_true", help="keep BatchNorm layers out of the in-job averages")
-    p.add_argument("--patience", type=int, default=d.patience, help="early stopping: rounds without a better val acc")
-    p.add_argument(
-        "--collective-timeout-minutes",
-        type=float,
-        default=d.collective_timeout_minutes,
-        help=f"bound on every collective and the rendezvous; 0 = {DEFAULT_COLLECTIVE_TIMEOUT_MINUTES:g}",
-    )
     p.add_argument(
         "--stall-minutes",
         type=float,
@@ -181,88 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
-    a = build_parser().parse_args(argv)
-    optim = OptimConfig(
-        optimizer=a.optimizer,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        momentum=a.momentum,
-        schedule=a.schedule,
-        augment=a.augment,
-        batch_size=a.batch_size,
-        precision=a.precision,
-    )
+    a = vars(build_parser().parse_args(argv))
+    sections: dict[str, dict[str, Any]] = {"optim": {}, "strategy": {}}
+    for f in _SHARED:
+        if f.section in sections:
+            sections[f.section][f.name] = a.pop(f.name)
+    strategy = sections["strategy"]
     return WorkerConfig(
-        shards=a.shards,
-        out=a.out,
-        model=a.model,
-        rounds=a.rounds,
-        local_epochs=a.local_epochs,
-        optim=optim,
-        seed=a.seed,
-        device=a.device,
-        threads=a.threads,
-        eval_every_round=a.eval_every_round,
-        strategy=Strategy(
-            name=a.strategy, mu=a.mu, server_momentum=a.server_momentum, server_lr=a.server_lr, fedbn=a.fedbn
-        ),
-        patience=a.patience,
-        collective_timeout_minutes=a.collective_timeout_minutes,
-        stall_minutes=a.stall_minutes,
+        optim=OptimConfig(**sections["optim"]), strategy=Strategy(name=strategy.pop("strategy"), **strategy), **a
     )
 
 
 def config_to_argv(cfg: WorkerConfig) -> list[str]:
     """The command-line flags that make `parse_config` return `cfg` (used by launchers)."""
-    o = cfg.optim
-    argv = [
-        "--shards",
-        str(cfg.shards),
-        "--out",
-        str(cfg.out),
-        "--model",
-        cfg.model,
-        "--rounds",
-        str(cfg.rounds),
-        "--local-epochs",
-        str(cfg.local_epochs),
-        "--batch-size",
-        str(o.batch_size),
-        "--optimizer",
-        o.optimizer,
-        "--lr",
-        repr(o.lr),
-        "--weight-decay",
-        repr(o.weight_decay),
-        "--momentum",
-        repr(o.momentum),
-        "--schedule",
-        o.schedule,
-        "--augment",
-        o.augment,
-        "--precision",
-        o.precision,
-        "--seed",
-        str(cfg.seed),
-        "--device",
-        cfg.device,
-        "--threads",
-        str(cfg.threads),
-        "--strategy",
-        cfg.strategy.name,
-        "--mu",
-        repr(cfg.strategy.mu),
-        "--server-momentum",
-        repr(cfg.strategy.server_momentum),
-        "--server-lr",
-        repr(cfg.strategy.server_lr),
-        "--patience",
-        str(cfg.patience),
-        "--collective-timeout-minutes",
-        repr(cfg.collective_timeout_minutes),
-        "--stall-minutes",
-        repr(cfg.stall_minutes),
-    ]
-    if cfg.strategy.fedbn:
-        argv.append("--fedbn")
+    values: dict[str, Any] = {"shards": str(cfg.shards), "out": str(cfg.out)}
+    for f in _SHARED:
+        if f.section == "optim":
+            values[f.name] = getattr(cfg.optim, f.name)
+        elif f.section == "strategy":
+            values[f.name] = cfg.strategy.name if f.name == "strategy" else getattr(cfg.strategy, f.name)
+        else:
+            values[f.name] = getattr(cfg, f.name)
+    values.update(device=cfg.device, threads=cfg.threads, stall_minutes=cfg.stall_minutes)
+    argv = to_argv(values)
     return argv if cfg.eval_every_round else [*argv, "--no-eval-every-round"]

@@ -1,0 +1,538 @@
+"""RunConfig: every parameter of a run, its default, its one-line help and its range, in one place.
+
+A run's parameters are grouped by concern, one frozen dataclass each (data, split, optim, strategy, loop, cluster);
+a field's name is the pipeline parameter's, the CLI's option (`--local-epochs`) and the worker's flag. The pipeline
+signature (pipelines/pipeline.py), the CLI's options (pipelines/cli.py), the worker's flags
+(training/worker_config.py) and the dataclasses that use a section (OptimConfig is the optim section; Strategy,
+SplitConfig and WorkerConfig take their defaults from here) are all generated from or defaulted to these fields.
+The components (components/steps.py) repeat the defaults as literals, because KFP ships a component's source on
+its own: tests/test_config.py checks that every copy is equal.
+
+No torch here: the CLI reads this module before it imports anything heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from microfed.training.errors import MicrofedError
+
+__all__ = [
+    "AUGMENTATIONS",
+    "FLOAT32_MAX",
+    "MAX_EXACT_INT",
+    "MAX_NUMBERED",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "SPLIT_STRATEGIES",
+    "ClusterConfig",
+    "ConfigField",
+    "DataConfig",
+    "LoopConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SplitSection",
+    "StrategyConfig",
+    "add_arguments",
+    "check_ranges",
+    "config_fields",
+    "defaults",
+    "require_float",
+    "require_int",
+    "to_argv",
+]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
+PRECISIONS = ("auto", "fp32", "bf16")
+SPLIT_STRATEGIES = ("stratified", "iid", "dirichlet")
+# The learning rate, weight decay, mu and the server learning rate become float32 scalars of torch operations: a
+# larger value is inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+# KFP carries parameters as JSON / protobuf numbers (doubles): a larger integer changes on its way to a step.
+MAX_EXACT_INT = 2**53 - 1
+# Shard, worker-log, micro-model and round-checkpoint files are numbered with five digits.
+MAX_NUMBERED = 99_999
+_KFP_EXACT = "larger integers change on their way through KFP, which carries numbers as doubles"
+
+
+def require_float(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_ok: bool = True,
+    high_ok: bool = True,
+    flag: str = "",
+    pipeline: bool = False,
+    why: str = "",
+) -> None:
+    """Refuse a value that is not a finite number in the range: one line naming `name` (the field), and in the
+    hint `why`, the worker's `flag` and, with `pipeline`, the pipeline parameter of the same name.
+
+    A run started from the Kubeflow UI reaches the configuration without the CLI's checks, and a nan passes every
+    `value < 0` test: each configuration checks its own numbers with this."""
+    try:
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (low <= value if low_ok else low < value)
+            and (value <= high if high_ok else value < high)
+        )
+    except OverflowError:  # an int beyond any float
+        ok = False
+    if not ok:
+        lower = f"at least {low:g}" if low_ok else f"greater than {low:g}"
+        upper = f"at most {high:g}" if high_ok else f"less than {high:g}"
+        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
+        raise MicrofedError(f"{name} must be a finite number {lower} and {upper}, got {value!r}", hint=hint)
+
+
+def require_int(
+    name: str, value: object, *, low: int, high: int, flag: str = "", pipeline: bool = False, why: str = ""
+) -> None:
+    """Refuse a value that is not an integer (a bool is not one) from `low` to `high`, as `require_float` does."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        hint = "; ".join(h for h in (why, _where(name, flag, pipeline)) if h)
+        raise MicrofedError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r}", hint=hint)
+
+
+def _where(name: str, flag: str, pipeline: bool) -> str:
+    places = [f"the pipeline parameter {name}"] * pipeline + [f"the worker's {flag}"] * bool(flag)
+    return f"set {' or '.join(places)}" if places else ""
+
+
+# Where a parameter goes besides the pipeline: the components that take it, the CLI, the worker's command line.
+SPLIT, TRAIN = "split_dataset", "train"
+
+
+def param(
+    default: Any,
+    help: str,
+    *,
+    steps: tuple[str, ...],
+    cli: bool = True,
+    worker: bool = False,
+    ints: tuple[int, int, str] | None = None,
+    floats: tuple[float, bool, float, bool] | None = None,
+) -> Any:
+    """A config field: its default, its one-line help (CLI and worker --help), the components that take it
+    (`steps`), whether it is a CLI option and a worker flag, and its range: `ints` (least, most, why) or `floats`
+    (least, least allowed, most, most allowed; always finite)."""
+    meta = {"help": help, "steps": steps, "cli": cli, "worker": worker, "ints": ints, "floats": floats}
+    return field(default=default, metadata=meta)
+
+
+def check_ranges(section: object, *, names: Iterable[str] | None = None) -> None:
+    """Refuse a field of `section` outside its range (`param(ints=...)`, `param(floats=...)`), naming the field,
+    the pipeline parameter and the worker's or the CLI's flag."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        if names is not None and f.name not in names:
+            continue
+        value, flag = getattr(section, f.name), "--" + f.name.replace("_", "-")
+        if f.metadata.get("ints"):
+            low, high, why = f.metadata["ints"]
+            require_int(f.name, value, low=low, high=high, flag=flag, pipeline=True, why=why)
+        elif f.metadata.get("floats"):
+            low_f, low_ok, high_f, high_ok = f.metadata["floats"]
+            require_float(
+                f.name, value, low=low_f, low_ok=low_ok, high=high_f, high_ok=high_ok, flag=flag, pipeline=True
+            )
+
+
+_ANY_INT = (0, MAX_EXACT_INT, _KFP_EXACT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the split step reads."""
+
+    dataset: str = param(
+        "fashion-mnist",
+        "fashion-mnist, mnist, cifar10, a .zip / folder with train/ and test/ class folders, "
+        "or a .csv listing image,label[,split]",
+        steps=(SPLIT,),
+    )
+    image_size: int = param(0, "resize images to this square side (0 keeps their size)", steps=(SPLIT,))
+    train_limit: int = param(
+        0,
+        "use at most this many training examples (0 = all)",
+        steps=(SPLIT,),
+        ints=(0, MAX_EXACT_INT, f"0 uses every example; {_KFP_EXACT}"),
+    )
+    test_limit: int = param(
+        0,
+        "use at most this many test examples (0 = all)",
+        steps=(SPLIT,),
+        ints=(0, MAX_EXACT_INT, f"0 uses every example; {_KFP_EXACT}"),
+    )
+    bad_images: str = param(
+        "fail", "fail on an image that cannot be decoded, or skip it (counted in the manifest)", steps=(SPLIT,)
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitSection:
+    """How the training examples are divided into shards (training/shards.py's SplitConfig takes its defaults
+    from here)."""
+
+    workers: int = param(
+        3,
+        "shards = workers (PyTorchJob replicas; local processes here)",
+        steps=(SPLIT,),
+        ints=(1, MAX_NUMBERED, "one shard per worker; shard, log and model files are numbered with five digits"),
+    )
+    split: str = param("stratified", "stratified, iid or dirichlet", steps=(SPLIT,))
+    split_ratios: str = param(
+        "", "relative shard sizes for stratified/iid, comma-separated, e.g. 1,2,1 (empty = equal)", steps=(SPLIT,)
+    )
+    alpha: float = param(
+        0.5,
+        "Dirichlet concentration (with --split dirichlet)",
+        steps=(SPLIT,),
+        floats=(0.0, False, sys.float_info.max, True),
+    )
+    val_fraction: float = param(
+        0.05,
+        "share of the training set held out to validate each round and keep the best (0 = none)",
+        steps=(SPLIT,),
+        floats=(0.0, True, 0.5, False),
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.split not in SPLIT_STRATEGIES:
+            raise MicrofedError(
+                f"unknown split strategy {self.split!r}", hint=f"use one of {', '.join(SPLIT_STRATEGIES)}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Optimiser, schedule and augmentation of the local train loop (the optim section of RunConfig)."""
+
+    optimizer: str = param("adam", "adam, adamw or sgd", steps=(TRAIN,), worker=True)
+    """`adam`, `adamw` or `sgd` (with Nesterov momentum)."""
+    lr: float = param(3e-3, "peak learning rate", steps=(TRAIN,), worker=True, floats=(0.0, False, FLOAT32_MAX, True))
+    """Peak learning rate."""
+    weight_decay: float = param(0.0, "weight decay", steps=(TRAIN,), worker=True, floats=(0.0, True, FLOAT32_MAX, True))
+    """L2 penalty (decoupled for adamw)."""
+    momentum: float = param(
+        0.9,
+        "SGD's (Nesterov) momentum; ignored by adam and adamw",
+        steps=(TRAIN,),
+        worker=True,
+        floats=(0.0, True, 1.0, False),
+    )
+    """SGD momentum; ignored by Adam."""
+    schedule: str = param(
+        "cosine", "cosine (warm-up, then decay over all rounds) or constant", steps=(TRAIN,), worker=True
+    )
+    """`cosine`: linear warm-up then cosine decay to 0 over all rounds; `constant`: fixed lr."""
+    warmup_fraction: float = param(
+        0.02,
+        "share of all steps spent warming up (cosine only)",
+        steps=(TRAIN,),
+        worker=True,
+        floats=(0.0, True, 1.0, False),
+    )
+    """Share of all steps spent warming up (cosine only)."""
+    augment: str = param("none", "none, flip, crop or crop-flip", steps=(TRAIN,), worker=True)
+    """`none`, `flip` (horizontal), `crop` (pad 2, random crop), or `crop-flip`."""
+    batch_size: int = param(
+        128, "examples per step on each worker", steps=(TRAIN,), worker=True, ints=(1, MAX_EXACT_INT, _KFP_EXACT)
+    )
+    """Examples per step on each worker."""
+    precision: str = param("auto", "auto (bf16 where the hardware has it), fp32 or bf16", steps=(TRAIN,), worker=True)
+    """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
+    AVX512-BF16/AMX, CUDA GPUs that support bf16), else fp32. Evaluation always runs in fp32."""
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("augment", self.augment, AUGMENTATIONS),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in allowed:
+                raise MicrofedError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
+        check_ranges(self, names=("lr", "weight_decay"))
+        # from 1 up no gradient is ever forgotten (the steps grow); torch's Nesterov SGD refuses 0
+        sgd = self.optimizer == "sgd"
+        why = "sgd uses Nesterov momentum, which needs one" if sgd else ""
+        require_float(
+            "momentum",
+            self.momentum,
+            low=0.0,
+            low_ok=not sgd,
+            high=1.0,
+            high_ok=False,
+            flag="--momentum",
+            pipeline=True,
+            why=why,
+        )
+        check_ranges(self, names=("warmup_fraction", "batch_size"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """The training strategy and its settings (training/strategies.py's Strategy, which checks them against the
+    registry, takes its defaults from here)."""
+
+    strategy: str = param("fedavg", "how the workers train and their models are combined", steps=(TRAIN,), worker=True)
+    mu: float = param(
+        0.01, "fedprox: weight of the proximal term", steps=(TRAIN,), worker=True, floats=(0.0, True, FLOAT32_MAX, True)
+    )
+    server_momentum: float = param(
+        0.9,
+        "the server optimizer's momentum (beta, or an adaptive optimizer's beta1)",
+        steps=(TRAIN,),
+        worker=True,
+        floats=(0.0, True, 1.0, False),
+    )
+    server_lr: float = param(
+        0.0,
+        "the server optimizer's learning rate; 0 = the strategy's own default",
+        steps=(TRAIN,),
+        worker=True,
+        floats=(0.0, True, FLOAT32_MAX, True),
+    )
+    fedbn: bool = param(False, "keep BatchNorm layers out of the in-job averages (FedBN)", steps=(TRAIN,), worker=True)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """The model and the rounds."""
+
+    model: str = param(
+        "cnn-fmnist",
+        "cnn-small, cnn-fmnist, resnet18, vgg16, squeezenet, efficientnet_v2_s, mobilenet_v3_small, "
+        "or a factory package.module:function, path/file.py:function, gs://.../file.py:function",
+        steps=(TRAIN,),
+        worker=True,
+    )
+    rounds: int = param(
+        4,
+        "rounds of local training followed by a weighted average",
+        steps=(TRAIN,),
+        worker=True,
+        ints=(1, MAX_NUMBERED, "round checkpoints are numbered with five digits"),
+    )
+    local_epochs: int = param(
+        3, "epochs over each worker's shard per round", steps=(TRAIN,), worker=True, ints=(1, MAX_EXACT_INT, _KFP_EXACT)
+    )
+    seed: int = param(
+        0,
+        "seed of the split, the initial weights and the data order",
+        steps=(SPLIT, TRAIN),
+        worker=True,
+        ints=(0, MAX_EXACT_INT, f"numpy takes no negative seed; {_KFP_EXACT}"),
+    )
+    patience: int = param(
+        0,
+        "stop after this many rounds without a better validation accuracy (0 = run every round)",
+        steps=(TRAIN,),
+        worker=True,
+        ints=(0, MAX_EXACT_INT, f"0 runs every round; {_KFP_EXACT}"),
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+# Not CLI options: `microfed run` always runs its workers as local processes, and `submit`'s --namespace is the
+# profile's (the Kubeflow UI sets these for a cluster run).
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Where the train step runs its workers, and the measured-usage cache its plans start from."""
+
+    launcher: str = param(
+        "pytorchjob",
+        "local (processes in the train step) or pytorchjob (a Training Operator job)",
+        steps=(TRAIN,),
+        cli=False,
+    )
+    namespace: str = param("", "namespace of the PyTorchJob; empty = the train step's own", steps=(TRAIN,), cli=False)
+    accelerators: str = param(
+        "none,nvidia-tesla-t4",
+        "accelerators the resource plan may choose from, comma-separated",
+        steps=(TRAIN,),
+        cli=False,
+    )
+    timeout_minutes: int = param(
+        720, "overall wait for the PyTorchJob, capacity waits included", steps=(TRAIN,), cli=False
+    )
+    service_account: str = param(
+        "pipeline-runner", "Kubernetes service account of the replicas (Workload Identity)", steps=(TRAIN,), cli=False
+    )
+    pool_max_nodes: int = param(
+        0, "the training pool's maximum node count (0 = the cluster's own)", steps=(TRAIN,), cli=False
+    )
+    collective_timeout_minutes: int = param(
+        0,
+        "bound on every collective and the rendezvous, minutes; 0 = from the plan's round time",
+        steps=(TRAIN,),
+        cli=False,
+        worker=True,
+    )
+    usage_cache: str = param(
+        "",
+        "measured-usage cache (folder or .json, local or gs://) that later resource plans start from; "
+        "empty: next to the pipeline root (runs/ for `run`), off: none",
+        steps=(TRAIN,),
+    )
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "split": SplitSection,
+    "optim": OptimConfig,
+    "strategy": StrategyConfig,
+    "loop": LoopConfig,
+    "cluster": ClusterConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every parameter of a run, one section per concern; each field's name is the pipeline parameter's."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitSection = field(default_factory=SplitSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """{parameter name: value} over every section (the pipeline's arguments)."""
+        return {f.name: getattr(getattr(self, f.section), f.name) for f in config_fields()}
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
+        """The config from {parameter name: value}; a missing name keeps its default, an unknown one is an error."""
+        known = {f.name: f.section for f in config_fields()}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise MicrofedError(f"unknown parameters {unknown}", hint=f"use {', '.join(known)}")
+        parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for name, value in values.items():
+            parts[known[name]][name] = value
+        return cls(**{s: _SECTIONS[s](**parts[s]) for s in _SECTIONS})
+
+    def to_argv(self) -> list[str]:
+        """The flags that make `from_argv` return this config."""
+        return to_argv(self.flat())
+
+    @classmethod
+    def from_argv(cls, argv: Iterable[str]) -> RunConfig:
+        parser = argparse.ArgumentParser(prog="microfed-config")
+        add_arguments(parser)
+        return cls.from_flat(vars(parser.parse_args(list(argv))))
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One parameter: its section, name, type, default, help and where it goes (see `param`)."""
+
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+    steps: tuple[str, ...]
+    cli: bool
+    worker: bool
+    ints: tuple[int, int, str] | None
+    floats: tuple[float, bool, float, bool] | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def config_fields() -> list[ConfigField]:
+    """Every RunConfig field, section by section."""
+    out = []
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            out.append(
+                ConfigField(
+                    section,
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    m["help"],
+                    m["steps"],
+                    m["cli"],
+                    m["worker"],
+                    m["ints"],
+                    m["floats"],
+                )
+            )
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """{parameter name: default}: what the pipeline's signature and the CLI's options start from."""
+    return {f.name: f.default for f in config_fields()}
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str] | None = None,
+    *,
+    extra_help: Mapping[str, Callable[[], str]] | None = None,
+    types: Mapping[str, type] | None = None,
+    show_default: bool = True,
+) -> None:
+    """One option per field (all, or `names`): `--local-epochs`, typed, with the field's default and help; a bool
+    as --name / --no-name. `extra_help[name]()` is appended to a field's help (e.g. the strategies' registry);
+    `types[name]` replaces a field's type (the worker takes fractions of a minute)."""
+    chosen = None if names is None else set(names)
+    for f in config_fields():
+        if chosen is not None and f.name not in chosen:
+            continue
+        text = f.help
+        if extra_help and f.name in extra_help:
+            text = f"{text}: {extra_help[f.name]()}"
+        if show_default:
+            text = f"{text} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(
+                f.flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text
+            )
+        else:
+            kind = (types or {}).get(f.name, f.type)
+            parser.add_argument(f.flag, dest=f.name, type=kind, default=kind(f.default), help=text)
+
+
+def to_argv(values: Mapping[str, Any]) -> list[str]:
+    """The flags `add_arguments`' options read back as `values`: floats by repr (exact), bools as --x / --no-x."""
+    argv: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
