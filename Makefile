@@ -54,10 +54,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# mypy cannot follow the package-dir mapping: give it the import names through a tree of links.
+# mypy reads the import names through src/microfed/ (pyproject.toml's [tool.mypy]).
 typecheck: install
-	@mkdir -p .typecheck/microfed
-	@for d in training components pipelines; do ln -sfn ../../$$d .typecheck/microfed/$$d; done
 	$(VENV)/bin/mypy
 
 # Static checks of infra/ (the providers cannot be downloaded here, so no terraform validate): formatting, every block
@@ -95,4 +93,4 @@ bench: install data
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf runs pipeline.yaml .pytest_cache .mypy_cache .ruff_cache .typecheck
+	rm -rf runs pipeline.yaml .pytest_cache .mypy_cache .ruff_cache

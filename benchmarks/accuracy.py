@@ -78,7 +78,7 @@ def run_federated(
     """Split `dataset` into `workers` shards, train them with the pipeline's train step (one worker process per
     shard, FedAvg between rounds), aggregate, and evaluate the global model on the test set after every round.
 
-    `split.num_shards` is set to `workers`. `worker_overrides` replace WorkerConfig fields (dataclasses.replace),
+    `split.workers` is set to `workers`. `worker_overrides` replace WorkerConfig fields (dataclasses.replace),
     e.g. a strategy's options; the defaults are the pipeline's (cnn-fmnist, OptimConfig(), seed 0), with the
     worker's own per-round evaluation turned off (it would only add time: the rounds are evaluated here).
     Each call works in a new folder under `tmp`. Returns:
@@ -93,7 +93,7 @@ def run_federated(
       seconds           wall seconds of the train and aggregate steps; train_seconds of the train step alone
       shard_sizes       n_k of every shard
     """
-    split = dataclasses.replace(split, num_shards=workers)
+    split = dataclasses.replace(split, workers=workers)
     tmp.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"fed-{workers}w-", dir=tmp))
     shards, micro, model_dir = work / "shards", work / "micro", work / "model"
@@ -132,8 +132,8 @@ def run_federated(
     round_accuracy.append(final)
     return {
         "workers": workers,
-        "strategy": split.strategy,
-        "alpha": split.alpha if split.strategy == "dirichlet" else None,
+        "split": split.split,
+        "alpha": split.alpha if split.split == "dirichlet" else None,
         "rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
         "accuracy": final,
@@ -161,7 +161,7 @@ def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path) -> dict[str, 
     return run_federated(
         dataset,
         workers=1,
-        split=SplitConfig(num_shards=1, val_fraction=0.0),
+        split=SplitConfig(workers=1, val_fraction=0.0),
         rounds=epochs,
         local_epochs=1,
         tmp=tmp,
@@ -179,7 +179,7 @@ class Config:
     """The goal as the largest allowed gap to centralized, in accuracy points; None: reported only."""
 
     def split(self) -> SplitConfig:
-        return SplitConfig(num_shards=self.workers, strategy=self.strategy, alpha=self.alpha, seed=0, val_fraction=0.0)
+        return SplitConfig(workers=self.workers, split=self.strategy, alpha=self.alpha, seed=0, val_fraction=0.0)
 
     def label(self, epochs: int) -> str:
         data = "stratified" if self.strategy == "stratified" else f"Dirichlet a={self.alpha:g}"
@@ -303,7 +303,7 @@ def accuracy(quick: bool) -> list[dict[str, Any]]:
                 curve_runs["3 workers, stratified, multi-round"] = fed
         if not quick:  # the pipeline's defaults (make run): 4 rounds x 3 local epochs, 3 stratified workers
             default = run_federated(
-                dataset, workers=3, split=SplitConfig(num_shards=3, val_fraction=0.0), rounds=4, local_epochs=3, tmp=tmp
+                dataset, workers=3, split=SplitConfig(workers=3, val_fraction=0.0), rounds=4, local_epochs=3, tmp=tmp
             )
             _progress("make run defaults (4 x 3 epochs)", default, started)
             curve_runs["3 workers, stratified, 4 rounds x 3 epochs (make run's defaults)"] = default
@@ -336,7 +336,7 @@ def strategies(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for alpha in (0.5, 0.1):
-            split = SplitConfig(num_shards=3, strategy="dirichlet", alpha=alpha, seed=0, val_fraction=0.0)
+            split = SplitConfig(workers=3, split="dirichlet", alpha=alpha, seed=0, val_fraction=0.0)
             runs = {}
             for label, settings in settings_by_label.items():
                 runs[label] = run_federated(

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from microfed.training.aggregation import weighted_average
 from microfed.training.datasets import load_dataset
+from microfed.training.layout import GLOBAL_MODEL_FILE, shard_files
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.resources import estimate_memory
 from microfed.training.shards import SplitConfig, load_shard, subsample, write_shards
@@ -112,7 +113,7 @@ def data_path(quick: bool) -> list[dict[str, Any]]:
         # ours: decode the PNG tree once (the split step), then train from the uint8 shard
         split_s = timed(
             lambda: write_shards(
-                load_dataset(str(folder)), Path(tmp) / "shards", SplitConfig(num_shards=1, val_fraction=0.0)
+                load_dataset(str(folder)), Path(tmp) / "shards", SplitConfig(workers=1, val_fraction=0.0)
             )
         )
         shard = load_shard(Path(tmp) / "shards", 0)
@@ -297,7 +298,7 @@ def _in_process(arguments: dict[str, Any], tmp: Path) -> dict[str, float]:
         seconds["split"] = timed(
             lambda: split_step(
                 SplitOptions(source=a["dataset"], train_limit=a["train_limit"], test_limit=a["test_limit"]),
-                SplitConfig(num_shards=a["workers"], seed=0, val_fraction=0.0),
+                SplitConfig(workers=a["workers"], seed=0, val_fraction=0.0),
                 shards,
             )
         )
@@ -314,7 +315,7 @@ def _in_process(arguments: dict[str, Any], tmp: Path) -> dict[str, float]:
         seconds["aggregate"] = timed(lambda: aggregate_step(micro, model))
         seconds["evaluate"] = timed(lambda: evaluate_step(model, shards, micro, report))
         seconds["export"] = timed(lambda: export_step(model, shards, exported))
-    MEASURED["micro_model_bytes"] = float((model / "model.safetensors").stat().st_size)
+    MEASURED["micro_model_bytes"] = float((model / GLOBAL_MODEL_FILE).stat().st_size)
     return seconds
 
 
@@ -368,7 +369,7 @@ def orchestration(quick: bool) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- parallel
 
 
-def _train_throughput(shards: Path, out: Path, world_size: int, examples: int, epochs: int) -> dict[str, float]:
+def _train_throughput(shards: Path, out: Path, workers: int, examples: int, epochs: int) -> dict[str, float]:
     """images/s of the train step (worker processes started and joined) and of the training epochs alone."""
     from microfed.training.step_train import train_step
 
@@ -383,7 +384,7 @@ def _train_throughput(shards: Path, out: Path, world_size: int, examples: int, e
         eval_every_round=False,
     )
     with contextlib.redirect_stdout(io.StringIO()):
-        record = train_step(cfg, world_size)
+        record = train_step(cfg, workers)
     epoch_s = max(sum(e["seconds"] for r in w["rounds"] for e in r["epochs"]) for w in record["workers"])
     return {"step": examples * epochs / record["seconds"], "epochs": examples * epochs / epoch_s}
 
@@ -393,7 +394,7 @@ def parallel(quick: bool) -> list[dict[str, Any]]:
     dataset = fashion_mnist(n, 500)
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 2):
-            write_shards(dataset, Path(tmp) / f"shards{k}", SplitConfig(num_shards=k, seed=0, val_fraction=0.0))
+            write_shards(dataset, Path(tmp) / f"shards{k}", SplitConfig(workers=k, seed=0, val_fraction=0.0))
         # interleaved and best of 2: other load on a shared machine only slows a run down
         runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for _ in range(2):
@@ -401,7 +402,7 @@ def parallel(quick: bool) -> list[dict[str, Any]]:
                 micro = Path(tmp) / f"micro{k}-{len(runs[k])}"
                 runs[k].append(_train_throughput(Path(tmp) / f"shards{k}", micro, k, n, epochs))
         t = {k: {key: max(r[key] for r in rs) for key in ("step", "epochs")} for k, rs in runs.items()}
-        shard_bytes = (Path(tmp) / "shards1" / "shard-00000.safetensors").stat().st_size
+        shard_bytes = (Path(tmp) / "shards1" / shard_files(0).tensors).stat().st_size
     MEASURED["single_img_s"] = t[1]["epochs"]
     MEASURED["shard_bytes_per_example"] = shard_bytes / n
     cores = os.cpu_count() or 1

@@ -163,7 +163,7 @@ def peers(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shards = tmp / "shards"
-        write_shards(dataset, shards, SplitConfig(num_shards=WORKERS, strategy="stratified", seed=0, val_fraction=0.0))
+        write_shards(dataset, shards, SplitConfig(workers=WORKERS, split="stratified", seed=0, val_fraction=0.0))
         # one pass, in this order; the 1-minute load average at the start of each leg tells how much other
         # work shared the cores with it (on a shared machine it moves more than the methods differ)
         load: dict[str, float] = {}

@@ -61,8 +61,8 @@ def split_dataset(
                 bad_images=bad_images,
             ),
             SplitConfig(
-                num_shards=workers,
-                strategy=split,
+                workers=workers,
+                split=split,
                 ratios=parse_ratios(split_ratios),
                 alpha=alpha,
                 seed=seed,
@@ -72,7 +72,7 @@ def split_dataset(
         )
     shards.metadata.update(
         {
-            "num_shards": workers,
+            "workers": workers,
             "classes": len(summary["class_names"]),
             "train_examples": summary["num_train_examples"],
             "val_examples": summary["num_val_examples"],
@@ -106,7 +106,7 @@ def train(
     patience: int = 0,
     launcher: str = "pytorchjob",
     worker_image: str = "",
-    namespace: str = "",
+    job_namespace: str = "",
     accelerators: str = "none,nvidia-tesla-t4",
     timeout_minutes: int = 720,
     service_account: str = "pipeline-runner",
@@ -137,45 +137,19 @@ def train(
     collective_timeout_minutes: how long a worker waits in one collective (a fast rank at the end of a round waits
     for the slowest) before it counts its peer as lost; 0 = from the plan's round time (x 4, at least 30).
     """
+    params = dict(locals())  # first: every parameter by name, the artifacts and KFP's placeholders dropped below
     from microfed.components.train_adapter import train_component_step
     from microfed.training.errors import reported_errors
-    from microfed.training.strategies import Strategy
-    from microfed.training.train import OptimConfig
 
     with reported_errors():
         record = train_component_step(
             shards=(shards.path, shards.uri),
             out=(micro_models.path, micro_models.uri),
-            launcher=launcher,
-            model=model,
-            rounds=rounds,
-            local_epochs=local_epochs,
-            seed=seed,
-            strategy=Strategy(name=strategy, mu=mu, server_momentum=server_momentum, server_lr=server_lr, fedbn=fedbn),
-            patience=patience,
-            optim=OptimConfig(
-                optimizer=optimizer,
-                lr=lr,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                schedule=schedule,
-                warmup_fraction=warmup_fraction,
-                augment=augment,
-                batch_size=batch_size,
-                precision=precision,
-            ),
-            worker_image=worker_image,
-            namespace=namespace,
-            accelerators=accelerators,
-            timeout_minutes=timeout_minutes,
-            service_account=service_account,
-            pool_max_nodes=pool_max_nodes,
-            collective_timeout_minutes=collective_timeout_minutes,
+            params={k: v for k, v in params.items() if k not in ("shards", "micro_models", "run_id", "task_name")},
             run_id=run_id,
             task_name=task_name,
-            usage_cache=usage_cache,
         )
-    micro_models.metadata.update({"workers": record["world_size"], "n_k": [w["n_k"] for w in record["workers"]]})
+    micro_models.metadata.update({"workers": len(record["workers"]), "n_k": [w["n_k"] for w in record["workers"]]})
 
 
 @dsl.component(base_image=_IMAGE, install_kfp_package=False)
@@ -216,11 +190,12 @@ def evaluate(
     import shutil
 
     from microfed.training.errors import reported_errors
+    from microfed.training.layout import REPORT_FILE
     from microfed.training.step_evaluate import evaluate_step
 
     with reported_errors():
         m = evaluate_step(global_model.path, shards.path, micro_models.path, report.path)
-    shutil.copyfile(f"{report.path}/report.html", report_html.path)
+    shutil.copyfile(f"{report.path}/{REPORT_FILE}", report_html.path)
     metrics.log_metric("accuracy", m["accuracy"])
     metrics.log_metric("loss", m["loss"])
     split = "val" if m["round_split"] == "validation" else "test"
@@ -232,11 +207,12 @@ def evaluate(
         metrics.log_metric("macro_accuracy", m["macro_accuracy"])
     if m.get("skipped_images"):
         metrics.log_metric("skipped_images", m["skipped_images"]["total"])
-    for name, acc in m["per_class_accuracy"].items():
-        if acc is None:  # a class without test images has no accuracy (metrics.json says null); the UI wants numbers
+    for name, class_accuracy in m["per_class_accuracy"].items():
+        # a class without test images has no accuracy (the metrics say null); the UI wants numbers
+        if class_accuracy is None:
             continue
         # Metric names show as table rows in the UI; keep them to one safe token ("T-shirt/top" has a slash).
-        metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), acc)
+        metrics.log_metric("accuracy_" + re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_"), class_accuracy)
     for i, n in enumerate(m["shard_sizes"]):
         metrics.log_metric(f"shard_{i}_examples", n)
     for step, seconds in m["timings"].items():

@@ -10,15 +10,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from microfed.training.config import RunConfig, add_arguments, config_fields, defaults
+from microfed.training.config import ConfigField, RunConfig, add_arguments, config_fields
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import (
+    EXPORT_DIR,
+    GLOBAL_MODEL_FILE,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    PIPELINE_FILE,
+    REPORT_FILE,
+)
 from microfed.training.text import printable
 
 __all__ = ["build_parser", "main", "pipeline_arguments"]
@@ -31,22 +38,10 @@ def _registry_help() -> str:
     return strategy_help()
 
 
-def _strategy_help() -> str:
-    return f"{_FIELDS['strategy'].help}: {_registry_help()}"
-
-
-# One option per RunConfig field that is a CLI option (training/config.py: name, type, default, help and range all
-# come from there), so `run`, `submit`, the compiled YAML and the Kubeflow UI show the same defaults.
-_FIELDS = {f.name: f for f in config_fields() if f.cli}
-_PARAMS: dict[str, tuple[type, str | Callable[[], str]]] = {
-    name: (f.type, _strategy_help if name == "strategy" else f.help) for name, f in _FIELDS.items()
-}
-# The numbers each option accepts, checked before anything runs: a value outside them would fail a step minutes
-# later, or (nan, inf) fail KFP's serialisation of the parameters with a protobuf traceback. name → (least, most,
-# why) for integers (--image-size is checked on its own: 0, or a range); name → (least, whether the least is
-# allowed, most, whether the most is allowed) for floats, which must be finite.
-_INT_RANGES: dict[str, tuple[int, int, str]] = {name: f.ints for name, f in _FIELDS.items() if f.ints}
-_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {name: f.floats for name, f in _FIELDS.items() if f.floats}
+def _fields(command: str) -> dict[str, ConfigField]:
+    """The RunConfig fields that are options of `microfed COMMAND` (training/config.py: name, type, default, help and
+    range all come from there), so `run`, `submit`, the compiled YAML and the Kubeflow UI show the same defaults."""
+    return {f.name: f for f in config_fields() if command in f.cli}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on this machine with kfp.local")
-    _add_pipeline_params(run)
+    _add_pipeline_params(run, "run")
     run.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     run.add_argument("--json", action="store_true", help="print only metrics.json (no progress, no summary)")
     run.add_argument("--quiet", action="store_true", help="print only the run folder (no progress, no summary)")
     run.add_argument("--verbose", action="store_true", help="show every step's full KFP log (always in kfp.log)")
     comp = sub.add_parser("compile", help="write the pipeline YAML to upload to Kubeflow Pipelines")
-    comp.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
+    comp.add_argument("-o", "--output", default=PIPELINE_FILE, help=f"output file (default: {PIPELINE_FILE})")
     comp.add_argument(
         "--image",
         default=None,
@@ -78,9 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit_parser(sub)
     exp = sub.add_parser("export", help="write a run's global model as ONNX or TorchScript, checked against PyTorch")
     exp.add_argument("run_dir", type=Path, help="a run folder written by `microfed run`")
-    exp.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
-    exp.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
-    exp.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference (default: 1e-4)")
+    from microfed.training.step_export import EXPORT_DEFAULTS as EXPORT
+
+    exp.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default=EXPORT["export_format"])
+    exp.add_argument("--out", type=Path, default=None, help=f"output folder (default: RUN_DIR/{EXPORT_DIR})")
+    exp.add_argument(
+        "--tolerance",
+        type=float,
+        default=EXPORT["tolerance"],
+        help=f"largest allowed logit difference (default: {EXPORT['tolerance']:g})",
+    )
+    exp.add_argument(
+        "--parity-images",
+        type=int,
+        default=EXPORT["parity_images"],
+        help=f"test images the export is checked on (default: {EXPORT['parity_images']})",
+    )
     exp.add_argument(
         "--model-code",
         default=None,
@@ -99,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_pipeline_params(parser: argparse.ArgumentParser) -> None:
-    """One flag per pipeline parameter, so `run` and `submit` accept the same ones."""
-    add_arguments(parser, _FIELDS, extra_help={"strategy": _registry_help})
+def _add_pipeline_params(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per pipeline parameter the command takes: `submit` has the cluster settings besides `run`'s."""
+    add_arguments(parser, _fields(command), extra_help={"strategy": _registry_help})
 
 
 def _add_submit_parser(sub: Any) -> None:
@@ -136,18 +144,17 @@ def _add_submit_parser(sub: Any) -> None:
         default=os.environ.get("KF_PIPELINES_TOKEN"),
         help="bearer token for the API; prefer the KF_PIPELINES_TOKEN variable, which stays out of shell history",
     )
-    _add_pipeline_params(submit)
+    _add_pipeline_params(submit, "submit")
 
 
-def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline arguments from parsed flags, checked here so bad input fails before any step runs."""
+def pipeline_arguments(args: argparse.Namespace, command: str = "run") -> dict[str, Any]:
+    """The pipeline arguments from parsed flags, checked by RunConfig before any step runs; a local dataset or
+    factory file becomes an absolute path, because the steps run in other processes."""
     from microfed.training.datasets import check_source
     from microfed.training.models import absolute_factory_path
-    from microfed.training.shards import SplitConfig, parse_ratios
-    from microfed.training.strategies import Strategy
 
-    values = {name: getattr(args, name) for name in _PARAMS}
-    _check_values(values)
+    values = {name: getattr(args, name) for name in _fields(command)}
+    RunConfig.from_flat(values)  # every field's type, range and choice (training/config.py)
     dataset = values["dataset"]
     try:
         kind = check_source(dataset)
@@ -168,71 +175,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         raise MicrofedError(
             f"--model {values['model']!r}: {getattr(e, 'strerror', None) or e}", hint="check the factory file's path"
         ) from None
-    SplitConfig(
-        num_shards=values["workers"],
-        strategy=values["split"],
-        ratios=parse_ratios(values["split_ratios"]),
-        alpha=values["alpha"],
-        seed=values["seed"],
-        val_fraction=values["val_fraction"],
-    )
-    Strategy(
-        name=values["strategy"],
-        mu=values["mu"],
-        server_momentum=values["server_momentum"],
-        server_lr=values["server_lr"],
-        fedbn=values["fedbn"],
-    )
-    RunConfig.from_flat(values)  # every section's own checks (the optim section is OptimConfig)
-    if values["bad_images"] not in ("fail", "skip"):
-        raise MicrofedError(f"--bad-images must be fail or skip, got {values['bad_images']!r}")
     return values
-
-
-def _check_values(values: dict[str, Any]) -> None:
-    """Types and ranges of the pipeline arguments (_INT_RANGES, _FLOAT_RANGES, --image-size), before the
-    dataclasses that check their own fields' meaning."""
-    from microfed.training.datasets import DatasetLimits
-    from microfed.training.models import MIN_IMAGE_SIDE
-
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, str) and "\0" in value:
-            raise MicrofedError(f"{flag} {value!r} holds a NUL character", hint=f"check the value of {flag}")
-    for name in ("dataset", "model"):
-        if not values[name].strip():
-            raise MicrofedError(f"--{name} is empty", hint=f"`microfed run --help` lists what --{name} accepts")
-    for name, (least, most, why) in _INT_RANGES.items():
-        value = values[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
-            raise MicrofedError(
-                f"--{name.replace('_', '-')} must be an integer from {least} to {most:,}, got {value!r}", hint=why
-            )
-    # 0 keeps the images' size; else the side of the square images: as large as one image may be when decoded
-    most_side = math.isqrt(DatasetLimits().max_image_pixels)
-    size = values["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or not (size == 0 or MIN_IMAGE_SIDE <= size <= most_side):
-        raise MicrofedError(
-            f"--image-size must be 0 (keep the images' size) or from {MIN_IMAGE_SIDE} to {most_side}, got {size!r}",
-            hint=f"the models need at least {MIN_IMAGE_SIDE} pixels a side; one image may have at most "
-            f"{DatasetLimits().max_image_pixels:,} pixels",
-        )
-    for name, (lower, lower_ok, upper, upper_ok) in _FLOAT_RANGES.items():
-        value = values[name]
-        ok = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (lower <= value if lower_ok else lower < value)
-            and (value <= upper if upper_ok else value < upper)
-        )
-        if not ok:
-            low = f"at least {lower:g}" if lower_ok else f"greater than {lower:g}"
-            high = f"at most {upper:g}" if upper_ok else f"less than {upper:g}"
-            raise MicrofedError(
-                f"--{name.replace('_', '-')} must be a finite number {low} and {high}, got {value!r}",
-                hint=f"pass a number such as --{name.replace('_', '-')} {defaults()[name]}",
-            )
 
 
 def _summary(result: Any) -> str:
@@ -256,9 +199,9 @@ def _summary(result: Any) -> str:
         *_class_mean_line(m),
         *_skipped_line(m),
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
-        f"model           {printable(result.run_dir / 'model.safetensors')} (+ model_config.json)",
-        f"metrics         {printable(result.run_dir / 'metrics.json')}",
-        f"report          {printable(result.run_dir / 'report.html')}",
+        f"model           {printable(result.run_dir / GLOBAL_MODEL_FILE)} (+ {MODEL_CONFIG_FILE})",
+        f"metrics         {printable(result.run_dir / METRICS_FILE)}",
+        f"report          {printable(result.run_dir / REPORT_FILE)}",
     ]
     return "\n".join(lines)
 
@@ -325,48 +268,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _cluster_dataset(dataset: str) -> str:
-    """The dataset as the cluster reads it: a built-in name or a gs:// URI, never a path on this machine."""
-    from microfed.training.datasets import DATASET_NAMES
-
-    if dataset.startswith("gs://"):
-        return dataset
-    name = dataset.strip().lower().replace("_", "-")
-    if name in DATASET_NAMES:
-        return name
-    raise MicrofedError(
-        f"--dataset {dataset!r} is not a dataset name or a gs:// URI; the cluster cannot read paths on this machine",
-        hint=f"copy it to a bucket (gcloud storage cp -r {dataset} gs://BUCKET/) and pass --dataset gs://BUCKET/..., "
-        f"or use one of {', '.join(DATASET_NAMES)}",
-    )
-
-
-def _cluster_model(model: str) -> None:
-    """Refuse a factory file on this machine: the cluster's workers cannot read it."""
-    from microfed.training.models import factory_file
-
-    file = factory_file(model)
-    if file is not None and not file.startswith("gs://"):
-        raise MicrofedError(
-            f"--model {model!r} names a file on this machine; the cluster's workers cannot read it",
-            hint=f"copy it to a bucket (gcloud storage cp {file} gs://BUCKET/) and pass "
-            "--model gs://BUCKET/FILE.py:FUNCTION, or install its package in the image and pass "
-            "package.module:function",
-        )
-
-
 def _submit(args: argparse.Namespace) -> int:
     from microfed.pipelines.submit import submit
 
-    dataset = _cluster_dataset(args.dataset)
-    _cluster_model(args.model)
-    # The other flags are checked here, before anything is uploaded; the dataset is the cluster's to read, so a
-    # built-in name stands in for it during the local checks.
-    arguments = pipeline_arguments(argparse.Namespace(**{**vars(args), "dataset": "fashion-mnist"}))
-    arguments["dataset"] = dataset
+    # submit() checks the arguments, and what a cluster can read, before it uploads anything
     result = submit(
         args.host,
-        arguments,
+        {name: getattr(args, name) for name in _fields("submit")},
         namespace=args.namespace,
         experiment=args.experiment,
         pipeline_name=args.pipeline_name,
@@ -386,27 +294,29 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from microfed.training.export import export_model, parity_images_from_shards
+    from microfed.training.layout import recorded_test_set
+    from microfed.training.step_export import export_step
 
     run_dir: Path = args.run_dir
-    if not (run_dir / "model.safetensors").exists():
-        raise MicrofedError(f"{run_dir} holds no model.safetensors", hint="pass a run folder written by `microfed run`")
+    if not (run_dir / GLOBAL_MODEL_FILE).exists():
+        raise MicrofedError(
+            f"{run_dir} holds no {GLOBAL_MODEL_FILE}", hint="pass a run folder written by `microfed run`"
+        )
     # parity on the run's own test images when its shards are still there, else on a fixed random batch
-    test = next(run_dir.glob("kfp/*/split-dataset/shards/test.safetensors"), None)
-    images = parity_images_from_shards(test.parent, 64) if test else None
-    r = export_model(
+    test = recorded_test_set(run_dir)
+    out = args.out or run_dir / EXPORT_DIR
+    record = export_step(
         run_dir,
-        args.out or run_dir / "export",
+        test.parent if test else None,
+        out,
         fmt=args.fmt,
-        parity_images=images,
+        parity_images=args.parity_images,
         tolerance=args.tolerance,
         model_code=args.model_code,
         allow_changed_model_code=args.allow_changed_model_code,
+        trust_recorded_code=False,
     )
-    print(
-        f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB); parity: max |logit difference| "
-        f"{r['parity']['max_abs_diff']:.1e} on {r['parity']['images']} images (tolerance {args.tolerance})"
-    )
+    print(f"wrote {printable(Path(out) / record['file'])}")
     return 0
 
 

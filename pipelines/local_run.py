@@ -2,8 +2,9 @@
 
 What can be checked before the pipeline starts is checked first (`check_run`): the run folder and its name,
 the usage cache's folder, and whether this machine can hold the worker processes. Once it runs, a failing step's
-own error reaches the caller as one MicrofedError line (see `_StepProcesses` and training/errors.py), and Ctrl-C
-stops the steps and their workers before `RunInterrupted` is raised.
+own error reaches the caller as one MicrofedError line (see `_step_error` and training/errors.py), and Ctrl-C
+stops the steps and their workers (pipelines/step_processes.py) before `RunInterrupted` is raised. What it shows
+meanwhile comes from the events the steps emit into the run folder's events.jsonl (pipelines/progress.py).
 
 A run leaves its results in the run folder and nothing elsewhere but the cache folder (`cache_dir`): kfp.local's
 workspace and the component files each step writes (`mktemp -d` in kfp's command for lightweight components),
@@ -20,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +28,35 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
 import yaml
 
-from microfed.pipelines.progress import Display, make_display
-from microfed.training.errors import ERROR_FILE_ENV, MicrofedError, read_error_records
-from microfed.training.io import read_json, write_json
-from microfed.training.model_files import MODEL_CONFIG_FILE, MODEL_FILE
+from microfed.pipelines.progress import Display, follow_events, make_display
+from microfed.pipelines.step_processes import StepProcesses
+from microfed.training.errors import MicrofedError, read_error_records
+from microfed.training.layout import (
+    ERRORS_FILE,
+    EVENTS_FILE,
+    GLOBAL_MODEL_FILE,
+    KFP_DIR,
+    KFP_LOG_FILE,
+    MODEL_CONFIG_FILE,
+    ONNX_MODEL_FILE,
+    PIPELINE_FILE,
+    REPORT_FILE,
+    SIDECAR_FILE,
+    USAGE_CACHE_FILE,
+    Metrics,
+    RunArtifacts,
+    read_dataset_manifest,
+    read_job_record,
+    read_metrics,
+    write_metrics,
+    write_run_artifacts,
+)
 from microfed.training.predict import ORT_TELEMETRY_ENV
+from microfed.training.step_log import EVENTS_ENV
 from microfed.training.text import is_printable
 
 __all__ = ["RunInterrupted", "RunResult", "StepFailed", "cache_dir", "check_run", "run_local", "tool_environment"]
@@ -49,8 +68,7 @@ MIB = 1024**2
 WORKER_PROCESS_MEMORY = 256 * MIB
 # Most file systems limit one name (one path component) to 255 bytes.
 MAX_NAME_BYTES = 255
-# After Ctrl-C: how long a step may take to stop its workers (training/launch.py gives them 5 s, then kills).
-_STEP_STOP_SECONDS = 15.0
+# In the run folder: the events the steps and workers emit (training/step_log.py), which the display follows.
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Fallback when a step recorded no error (it died before its body ran): the last exception line of its log.
@@ -65,7 +83,7 @@ _FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'")
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    metrics: dict[str, Any]
+    metrics: Metrics
 
 
 class StepFailed(MicrofedError):
@@ -106,11 +124,16 @@ def tool_environment() -> dict[str, str]:
     }
 
 
-def step_environment(temp: Path) -> dict[str, str]:
+def step_environment(temp: Path, events: Path | None = None) -> dict[str, str]:
     """The environment of a step process: this one's, `tool_environment`, and TMPDIR: `temp`, a folder of the
     run's temporary folder, so that kfp's component files (`program_path=$(mktemp -d)`,
-    kfp/dsl/component_factory.py) and the temp files of the step and its workers are removed with it."""
-    return {**os.environ, **tool_environment(), "TMPDIR": str(temp)}
+    kfp/dsl/component_factory.py) and the temp files of the step and its workers are removed with it. With
+    `events`, EVENTS_ENV names it: the file the step and its workers (which inherit it, training/launch.py)
+    append their events to."""
+    env = {**os.environ, **tool_environment(), "TMPDIR": str(temp)}
+    if events is not None:
+        env[EVENTS_ENV] = str(events)
+    return env
 
 
 # ------------------------------------------------------------------------------------------- pre-flight
@@ -242,16 +265,17 @@ def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbos
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MicrofedError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
-    compile_pipeline(run_dir / "pipeline.yaml")
+    compile_pipeline(run_dir / PIPELINE_FILE)
     start = time.perf_counter()
-    tasks = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
+    tasks = yaml.safe_load((run_dir / PIPELINE_FILE).read_text())["root"]["dag"]["tasks"]
     display = make_display(sys.stdout, verbose=verbose, quiet=quiet, steps=len(tasks))
-    # Removed on the way out after _StepProcesses has stopped the steps (a `with` exits in reverse order), even if
+    events = run_dir / EVENTS_FILE
+    # Removed on the way out after StepProcesses has stopped the steps (a `with` exits in reverse order), even if
     # a worker left a file it cannot delete behind.
     with (
         tempfile.TemporaryDirectory(prefix="microfed-run-", ignore_cleanup_errors=True) as tmp,
-        _StepProcesses(Path(tmp) / "errors.jsonl", step_environment(_folder(Path(tmp) / "tmp"))) as steps,
-        _capture(run_dir / "kfp.log", display) as tee,
+        StepProcesses(Path(tmp) / ERRORS_FILE, step_environment(_folder(Path(tmp) / "tmp"), events)) as steps,
+        _capture(run_dir / KFP_LOG_FILE, display, events) as tee,
         warnings.catch_warnings(),
     ):
         # No venv per step: the steps run in this Python environment, which has microfed installed. kfp.local
@@ -259,7 +283,7 @@ def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbos
         # workspace_root it would be a mkdtemp() of its own, left behind if the run stops before the pipeline starts.
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
-            pipeline_root=str(run_dir / "kfp"),
+            pipeline_root=str(run_dir / KFP_DIR),
             workspace_root=str(Path(tmp) / "kfp-workspace"),
             raise_on_error=True,
         )
@@ -268,29 +292,45 @@ def _execute(arguments: dict[str, Any], run_dir: Path, runs_dir: Path, *, verbos
         try:
             # Locally the train step starts the workers as processes; compiled YAML defaults to PyTorchJob.
             # The measured-usage cache outlives a run: beside the run folders, unless the caller chose one.
-            cache = arguments.get("usage_cache") or str(runs_dir.resolve() / "usage-cache.json")
+            cache = arguments.get("usage_cache") or str(runs_dir.resolve() / USAGE_CACHE_FILE)
             task = microfed_pipeline(**{**arguments, "launcher": "local", "usage_cache": cache})
         except RuntimeError as e:
-            raise _step_error(str(e), steps, tee.error, run_dir / "kfp.log") from None
+            raise _step_error(str(e), steps, tee.error, run_dir / KFP_LOG_FILE) from None
     total = time.perf_counter() - start
-    model_dir = Path(task.outputs["global_model"].path)
-    report_dir = Path(task.outputs["report"].path)
-    for f in (MODEL_FILE, MODEL_CONFIG_FILE):
+    # where each step's output is in kfp.local's pipeline root (`microfed export` finds the test images there)
+    artifacts = _artifacts(task.outputs, run_dir)
+    write_run_artifacts(run_dir, artifacts)
+    model_dir, report_dir = run_dir / artifacts["global_model"], run_dir / artifacts["report"]
+    for f in (GLOBAL_MODEL_FILE, MODEL_CONFIG_FILE):
         shutil.copy2(model_dir / f, run_dir / f)
     # the ONNX model and its sidecar (class names, input size), for `microfed predict` without torch
-    exported = Path(task.outputs["exported"].path)
-    for f in ("model.onnx", "model.json"):
-        shutil.copy2(exported / f, run_dir / f)
-    metrics: dict[str, Any] = read_json(report_dir / "metrics.json")
+    for f in (ONNX_MODEL_FILE, SIDECAR_FILE):
+        shutil.copy2(run_dir / artifacts["exported"] / f, run_dir / f)
+    metrics = read_metrics(report_dir)
     steps_seconds = sum(metrics["timings"].values())
     metrics["timings"] = {**metrics["timings"], "orchestration": max(0.0, total - steps_seconds), "total": total}
     metrics["config"] = {**arguments, "launcher": "local"}
-    write_json(run_dir / "metrics.json", metrics)
+    write_metrics(run_dir, metrics)
     # the evaluate step's report, again with what only the whole run knows: total time, the CLI's arguments
-    job, dataset = read_json(report_dir / "job.json"), read_json(report_dir / "dataset.json")
+    job, dataset = read_job_record(report_dir), read_dataset_manifest(report_dir)
     html = render_report(metrics, config=metrics["config"], dataset=dataset, workers=job["workers"])
-    write_report(run_dir / "report.html", html)
+    write_report(run_dir / REPORT_FILE, html)
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def _artifacts(outputs: Any, run_dir: Path) -> RunArtifacts:
+    """The local paths of the pipeline's outputs, relative to the run folder (which may move)."""
+
+    def where(name: str) -> str:
+        return os.path.relpath(Path(outputs[name].path).resolve(), run_dir.resolve())
+
+    return {
+        "shards": where("shards"),
+        "micro_models": where("micro_models"),
+        "global_model": where("global_model"),
+        "report": where("report"),
+        "exported": where("exported"),
+    }
 
 
 def _folder(path: Path) -> Path:
@@ -298,125 +338,10 @@ def _folder(path: Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------- the steps' processes
-
-
-class _StepProcesses:
-    """Starts kfp.local's step processes in place of kfp 2.16's `subprocess_task_handler.run_local_subprocess`
-    (kubeflow/pipelines sdk-2.16.1, sdk/python/kfp/local/subprocess_task_handler.py): the same command, its
-    output and errors merged and printed line by line, the same return code. It adds what `microfed run` needs:
-
-    - ERROR_FILE_ENV in the step's environment: a failing step records its own error there
-      (`training.errors.reported_errors`), which `_step_error` turns into the run's one-line error;
-    - the rest of that environment from `env` (`step_environment`: the run's temporary folder as TMPDIR, where
-      kfp's command writes the step's component file), by default this process's;
-    - output that is not UTF-8 shown with replacement characters, where kfp's strict decoding would end the
-      run with a UnicodeDecodeError;
-    - the process kept, so that after Ctrl-C `stop` can wait for the step to stop its workers, or stop it.
-
-    kfp.local runs a pipeline without control flow (ours) one step at a time, in this thread.
-    """
-
-    def __init__(self, error_file: Path, env: dict[str, str] | None = None) -> None:
-        self.error_file = error_file
-        self.env = env
-        self.process: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> _StepProcesses:
-        from kfp.local import subprocess_task_handler
-
-        self._module = subprocess_task_handler
-        self._original = subprocess_task_handler.run_local_subprocess
-        subprocess_task_handler.run_local_subprocess = self.run
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._module.run_local_subprocess = self._original
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
-            self.stop()
-
-    def run(self, full_command: list[str]) -> int:
-        env = {**(os.environ if self.env is None else self.env), ERROR_FILE_ENV: str(self.error_file)}
-        with subprocess.Popen(
-            full_command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-            env=env,
-        ) as process:
-            self.process = process
-            assert process.stdout is not None
-            for line in process.stdout:
-                print(line, end="")
-            print("\n")  # kfp's separation of one step's output from the next line
-        return process.wait()
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode if self.process is not None else None
-
-    def stop(self) -> None:
-        """After Ctrl-C: let the running step stop its workers, then make sure all of it has exited.
-
-        A Ctrl-C at a terminal reaches every process of the foreground group: kfp's `sh -c` around the step, the
-        step, and its workers; the step then stops its workers itself (training/launch.py) and exits. Any other
-        SIGINT (sent to this process alone) is passed on to those processes the same way. What still runs after
-        _STEP_STOP_SECONDS gets SIGTERM (on which the launcher stops its workers too), then SIGKILL.
-        """
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            if not _terminal_interrupted_our_group():
-                _signal_tree(process, signal.SIGINT)
-            try:
-                process.wait(_STEP_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                _signal_tree(process, signal.SIGTERM)
-                process.wait(5)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a step that ignores SIGTERM
-            _signal_tree(process, signal.SIGKILL)
-            process.wait()
-
-
-def _terminal_interrupted_our_group() -> bool:
-    """Whether this process belongs to its terminal's foreground group, which a Ctrl-C there signals whole."""
-    for fd in (0, 1, 2):
-        with contextlib.suppress(OSError, AttributeError):
-            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-                return True
-    return False
-
-
-def _signal_tree(process: subprocess.Popen[str], signum: int) -> None:
-    """Send `signum` to every process below `process` (Linux /proc; elsewhere none), then to `process`."""
-    for pid in [*_descendants(process.pid), process.pid]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # the command name, in parentheses, may hold spaces: the fields after its closing parenthesis
-            fields = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 # --------------------------------------------------------------------------------------- a step's failure
 
 
-def _step_error(kfp_message: str, steps: _StepProcesses, log_error: str | None, log: Path) -> MicrofedError:
+def _step_error(kfp_message: str, steps: StepProcesses, log_error: str | None, log: Path) -> MicrofedError:
     """The run's error when kfp.local reports a failed step: the step's own error, as one line."""
     plain = _ANSI.sub("", kfp_message)
     task = m.group(1) if (m := _FAILED_TASK.search(plain)) else None
@@ -494,11 +419,12 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _capture(log_path: Path, display: Display) -> Iterator[_Tee]:
+def _capture(log_path: Path, display: Display, events: Path) -> Iterator[_Tee]:
+    """kfp.local's output to the run's log (and, for --verbose, the display); the steps' events to the display."""
     with open(log_path, "w", encoding="utf-8", errors="replace") as log:
         tee = _Tee(display, log)
         try:
-            with contextlib.redirect_stdout(tee):
+            with follow_events(events, display), contextlib.redirect_stdout(tee):
                 yield tee
         finally:
             display.close()

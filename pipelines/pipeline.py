@@ -4,15 +4,17 @@
 
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import yaml
 from kfp import compiler, dsl
 
 from microfed.components import aggregate, evaluate, export, split_dataset, train
 from microfed.components.image import component_image
-from microfed.training.config import defaults
+from microfed.training.config import config_fields, defaults
+from microfed.training.config_checks import SPLIT, TRAIN
 from microfed.training.io import atomic_write_bytes
+from microfed.training.layout import PIPELINE_FILE
 
 __all__ = ["PIPELINE_NAME", "compile_pipeline", "microfed_pipeline"]
 
@@ -20,6 +22,11 @@ PIPELINE_NAME = "microfed"
 # Every parameter's default comes from RunConfig (training/config.py), the one place a default changes; KFP reads
 # the values (plain literals) from the signature. worker_image is the components' image, not a run setting.
 _D = defaults()
+
+
+def _taking(step: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's parameters that the component `step` takes: the RunConfig fields listed for it."""
+    return {f.name: params[f.name] for f in config_fields() if step in f.steps}
 
 
 def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
@@ -41,6 +48,10 @@ def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 
 class Outputs(NamedTuple):
+    """The pipeline's outputs: every step's (a local run records where each is, training/layout.py RunArtifacts)."""
+
+    shards: dsl.Dataset
+    micro_models: dsl.Model
     global_model: dsl.Model
     report: dsl.Artifact
     exported: dsl.Model
@@ -83,7 +94,7 @@ def microfed_pipeline(
     usage_cache: str = _D["usage_cache"],
     launcher: str = _D["launcher"],
     worker_image: str = component_image(),
-    namespace: str = _D["namespace"],
+    job_namespace: str = _D["job_namespace"],
     accelerators: str = _D["accelerators"],
     timeout_minutes: int = _D["timeout_minutes"],
     service_account: str = _D["service_account"],
@@ -93,57 +104,17 @@ def microfed_pipeline(
     """Train `model` on `dataset` split into `workers` shards: `rounds` rounds of `local_epochs` local
     epochs, combined by `strategy` (fedavg: averaged with weights n_k / n), keep the round with the best
     accuracy on a validation split held out from train, and evaluate that model once on the test set."""
-    split_task = _step(
-        split_dataset(
-            dataset=dataset,
-            workers=workers,
-            split=split,
-            split_ratios=split_ratios,
-            alpha=alpha,
-            seed=seed,
-            image_size=image_size,
-            train_limit=train_limit,
-            test_limit=test_limit,
-            bad_images=bad_images,
-            val_fraction=val_fraction,
-        ),
-        "split dataset",
-    )
+    params = dict(locals())  # {parameter: its channel}: each component gets the RunConfig fields it takes
+    split_task = _step(split_dataset(**_taking(SPLIT, params)), "split dataset")
     # run_id and task_name are placeholders the KFP 2.14 driver resolves (pipelines/backend_placeholders.json);
     # the pipeline root is not one: the train step reads it from its micro_models URI (training/pipeline_root.py)
     train_task = _step(
         train(
             shards=split_task.outputs["shards"],
-            model=model,
-            rounds=rounds,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            schedule=schedule,
-            warmup_fraction=warmup_fraction,
-            augment=augment,
-            precision=precision,
-            seed=seed,
-            strategy=strategy,
-            mu=mu,
-            server_momentum=server_momentum,
-            server_lr=server_lr,
-            fedbn=fedbn,
-            patience=patience,
-            launcher=launcher,
             worker_image=worker_image,
-            namespace=namespace,
-            accelerators=accelerators,
-            timeout_minutes=timeout_minutes,
-            service_account=service_account,
-            pool_max_nodes=pool_max_nodes,
-            collective_timeout_minutes=collective_timeout_minutes,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-            usage_cache=usage_cache,
+            **_taking(TRAIN, params),
         ),
         "train micro-models",
     )
@@ -162,6 +133,8 @@ def microfed_pipeline(
         export(global_model=agg_task.outputs["global_model"], shards=split_task.outputs["shards"]), "export (ONNX)"
     )
     return Outputs(
+        shards=split_task.outputs["shards"],
+        micro_models=train_task.outputs["micro_models"],
         global_model=agg_task.outputs["global_model"],
         report=eval_task.outputs["report"],
         exported=export_task.outputs["exported"],
@@ -176,7 +149,7 @@ def compile_pipeline(path: str | Path, image: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        compiled = Path(tmp) / "pipeline.yaml"
+        compiled = Path(tmp) / PIPELINE_FILE
         compiler.Compiler().compile(microfed_pipeline, str(compiled))
         text = compiled.read_text()
     if image:

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +25,24 @@ import kfp_server_api
 import urllib3
 
 from microfed.pipelines.pipeline import PIPELINE_NAME, compile_pipeline
+from microfed.training.config import RunConfig
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import PIPELINE_FILE
 
-__all__ = ["DEFAULT_EXPERIMENT", "PORT_FORWARD_HINT", "SubmitResult", "run_url", "submit"]
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "PORT_FORWARD_HINT",
+    "SubmitResult",
+    "cluster_arguments",
+    "cluster_dataset",
+    "cluster_model",
+    "run_url",
+    "submit",
+]
 
 DEFAULT_EXPERIMENT = "microfed"
+# Pipeline parameters that are not run settings: the workers' image (`compile --image`).
+_NOT_RUN_SETTINGS = ("worker_image",)
 
 PORT_FORWARD_HINT = (
     "check the URL; without an ingress, forward the Kubeflow Pipelines UI with "
@@ -78,8 +91,9 @@ def submit(
     authentication that needs more options (IAP client ids, cookies, credentials objects).
     """
     host = _check_host(host)
+    arguments = cluster_arguments(arguments)
     with tempfile.TemporaryDirectory() as tmp:
-        package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", image=image))
+        package = str(compile_pipeline(Path(tmp) / PIPELINE_FILE, image=image))
         # kfp prints a "... details: URL" line per call; on stderr they stay visible without mixing into
         # what a caller reads from stdout (the CLI prints only the run URL there).
         with _server_errors(host), contextlib.redirect_stdout(sys.stderr):
@@ -96,6 +110,49 @@ def submit(
     return SubmitResult(
         pipeline_id=pipeline_id, version_id=version_id, run_id=run.run_id, run_url=run_url(host, run.run_id)
     )
+
+
+def cluster_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's arguments checked before anything is uploaded: as RunConfig checks them (training/config.py), and
+    for what the cluster can read. The dataset must be a built-in name or a gs:// URI, a model factory a gs:// file
+    or an installed package: paths on this machine mean nothing in a pod."""
+    values = dict(arguments)
+    RunConfig.from_flat({k: v for k, v in values.items() if k not in _NOT_RUN_SETTINGS})
+    if "dataset" in values:
+        values["dataset"] = cluster_dataset(values["dataset"])
+    if "model" in values:
+        cluster_model(values["model"])
+    return values
+
+
+def cluster_dataset(dataset: str) -> str:
+    """The dataset as the cluster reads it: a built-in name or a gs:// URI, never a path on this machine."""
+    from microfed.training.datasets import DATASET_NAMES
+
+    if dataset.startswith("gs://"):
+        return dataset
+    name = dataset.strip().lower().replace("_", "-")
+    if name in DATASET_NAMES:
+        return name
+    raise MicrofedError(
+        f"--dataset {dataset!r} is not a dataset name or a gs:// URI; the cluster cannot read paths on this machine",
+        hint=f"copy it to a bucket (gcloud storage cp -r {dataset} gs://BUCKET/) and pass --dataset gs://BUCKET/..., "
+        f"or use one of {', '.join(DATASET_NAMES)}",
+    )
+
+
+def cluster_model(model: str) -> None:
+    """Refuse a factory file on this machine: the cluster's workers cannot read it."""
+    from microfed.training.models import factory_file
+
+    file = factory_file(model)
+    if file is not None and not file.startswith("gs://"):
+        raise MicrofedError(
+            f"--model {model!r} names a file on this machine; the cluster's workers cannot read it",
+            hint=f"copy it to a bucket (gcloud storage cp {file} gs://BUCKET/) and pass "
+            "--model gs://BUCKET/FILE.py:FUNCTION, or install its package in the image and pass "
+            "package.module:function",
+        )
 
 
 def run_url(host: str, run_id: str) -> str:

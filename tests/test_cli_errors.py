@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from microfed.pipelines import local_run
+from microfed.pipelines import local_run, step_processes
 from microfed.pipelines.cli import _summary, main
-from microfed.pipelines.local_run import RunResult, StepFailed, _step_error, _StepProcesses
+from microfed.pipelines.local_run import RunResult, StepFailed, _step_error
+from microfed.pipelines.step_processes import StepProcesses
 from microfed.training.errors import ERROR_FILE_ENV, MicrofedError, read_error_records
 from microfed.training.text import is_printable, printable
 from tests.conftest import write_zip
@@ -221,8 +222,8 @@ def test_a_step_records_other_errors_as_not_the_users_and_nothing_without_the_va
     ]
 
 
-def steps_with(tmp_path: Path, *records: dict[str, Any], returncode: int | None = 1) -> _StepProcesses:
-    steps = _StepProcesses(tmp_path / "errors.jsonl")
+def steps_with(tmp_path: Path, *records: dict[str, Any], returncode: int | None = 1) -> StepProcesses:
+    steps = StepProcesses(tmp_path / "errors.jsonl")
     (tmp_path / "errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     steps.process = types.SimpleNamespace(returncode=returncode)  # type: ignore[assignment]
     return steps
@@ -289,27 +290,27 @@ def test_a_failing_train_step_reaches_the_cli_as_its_own_line(
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
     [
-        ("--weight-decay", "nan", "--weight-decay must be a finite number at least 0"),
-        ("--lr", "inf", "--lr must be a finite number greater than 0"),
-        ("--alpha", "1e999", "--alpha must be a finite number"),
-        ("--mu", "-0.5", "--mu must be a finite number at least 0"),
+        ("--weight-decay", "nan", "weight_decay must be a finite number at least 0"),
+        ("--lr", "inf", "lr must be a finite number greater than 0"),
+        ("--alpha", "1e999", "alpha must be a finite number"),
+        ("--mu", "-0.5", "mu must be a finite number at least 0"),
         ("--server-lr", "1e39", "at most 3.40282e+38"),
         ("--server-momentum", "1", "less than 1"),
-        ("--val-fraction", "-inf", "--val-fraction must be a finite number"),
-        ("--seed", "-1", "--seed must be an integer from 0 to 9,007,199,254,740,991"),
-        ("--seed", str(10**20), "--seed must be an integer from 0"),
-        ("--workers", "0", "--workers must be an integer from 1 to 99,999"),
-        ("--workers", "100000", "--workers must be an integer from 1 to 99,999"),
-        ("--rounds", "0", "--rounds must be an integer from 1"),
-        ("--local-epochs", "-3", "--local-epochs must be an integer from 1"),
-        ("--batch-size", "0", "--batch-size must be an integer from 1"),
-        ("--patience", "-1", "--patience must be an integer from 0"),
-        ("--train-limit", str(2**60), "--train-limit must be an integer from 0"),
-        ("--image-size", "3", "--image-size must be 0 (keep the images' size) or from 8 to 9459"),
-        ("--image-size", "100000", "--image-size must be 0"),
+        ("--val-fraction", "-inf", "val_fraction must be a finite number"),
+        ("--seed", "-1", "seed must be an integer from 0 to 9,007,199,254,740,991"),
+        ("--seed", str(10**20), "seed must be an integer from 0"),
+        ("--workers", "0", "workers must be an integer from 1 to 99,999"),
+        ("--workers", "100000", "workers must be an integer from 1 to 99,999"),
+        ("--rounds", "0", "rounds must be an integer from 1"),
+        ("--local-epochs", "-3", "local_epochs must be an integer from 1"),
+        ("--batch-size", "0", "batch_size must be an integer from 1"),
+        ("--patience", "-1", "patience must be an integer from 0"),
+        ("--train-limit", str(2**60), "train_limit must be an integer from 0"),
+        ("--image-size", "3", "image_size must be 0 (keep the images' size) or from 8 to 9459"),
+        ("--image-size", "100000", "image_size must be 0"),
         ("--workers", "nan", "argument --workers: invalid int value: 'nan'"),
         ("--lr", "", "argument --lr: invalid float value: ''"),
-        ("--dataset", "", "--dataset is empty"),
+        ("--dataset", "", "dataset is empty"),
     ],
 )
 def test_a_value_outside_an_options_range_is_refused_before_the_pipeline(
@@ -394,8 +395,8 @@ def test_an_interrupt_sent_to_the_run_alone_reaches_its_step_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGINT to `microfed run` only (not from a terminal): passed on to kfp's `sh -c` and what runs below it."""
-    monkeypatch.setattr(local_run, "_terminal_interrupted_our_group", lambda: False)  # even under `pytest -s`
-    steps = _StepProcesses(tmp_path / "errors.jsonl")
+    monkeypatch.setattr(step_processes, "_terminal_interrupted_our_group", lambda: False)  # even under `pytest -s`
+    steps = StepProcesses(tmp_path / "errors.jsonl")
     script = (
         "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('child stopped', flush=True)\n"
     )
@@ -412,11 +413,11 @@ def test_an_interrupt_sent_to_the_run_alone_reaches_its_step_processes(
     thread = threading.Thread(target=run_step)
     thread.start()
     deadline = time.monotonic() + 20
-    while not (steps.process and local_run._descendants(steps.process.pid)) and time.monotonic() < deadline:
+    while not (steps.process and step_processes._descendants(steps.process.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert steps.process is not None
     time.sleep(0.5)  # let the Python child install its KeyboardInterrupt handling
-    tree = [steps.process.pid, *local_run._descendants(steps.process.pid)]
+    tree = [steps.process.pid, *step_processes._descendants(steps.process.pid)]
     started = time.monotonic()
     steps.stop()
     thread.join(10)

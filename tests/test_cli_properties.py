@@ -21,14 +21,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from microfed.pipelines import local_run
-from microfed.pipelines.cli import _PARAMS, main
+from microfed.pipelines.cli import _fields, main
 from microfed.training.text import is_printable
 
 pytestmark = pytest.mark.unit
 
-_INT_OPTIONS = [name for name, (kind, _) in _PARAMS.items() if kind is int]
-_FLOAT_OPTIONS = [name for name, (kind, _) in _PARAMS.items() if kind is float]
-_TEXT_OPTIONS = [name for name, (kind, _) in _PARAMS.items() if kind is str and name not in ("dataset", "model")]
+_RUN = _fields("run")
+_INT_OPTIONS = [name for name, f in _RUN.items() if f.type is int]
+_FLOAT_OPTIONS = [name for name, f in _RUN.items() if f.type is float]
+_TEXT_OPTIONS = [name for name, f in _RUN.items() if f.type is str and name not in ("dataset", "model")]
 
 # The values that broke things before, and their neighbours.
 _SPECIAL = ["", " ", "nan", "NaN", "-nan", "inf", "-inf", "1e999", "-1e999", "0", "-0", "-1", "1e-320", "0x10"]

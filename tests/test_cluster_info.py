@@ -240,7 +240,7 @@ class RecordingBackend:
 
 def created_pods(tmp_path: Path, info: ClusterInfo) -> list[dict[str, Any]]:
     write_shards(
-        synthetic_dataset(n_train=60, n_test=20), tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2)
+        synthetic_dataset(n_train=60, n_test=20), tmp_path / "shards", SplitConfig(val_fraction=0.0, workers=2)
     )
     cfg = WorkerConfig(local_epochs=1, shards=tmp_path / "shards", out=tmp_path / "out", model="cnn-small", rounds=1)
     backend = RecordingBackend()

@@ -14,13 +14,14 @@ import pytest
 
 from microfed.training import storage
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import micro_model_file
 from microfed.training.pytorchjob import JobConfig, build_pytorchjob, job_name
 from microfed.training.pytorchjob_launch import JobFailed, JobTerminated
 from microfed.training.shards import SplitConfig, parse_ratios, write_shards
 from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_train import ClusterOptions, train_step
 from microfed.training.train import OptimConfig
-from microfed.training.worker import WorkerConfig, config_to_argv, micro_model_name
+from microfed.training.worker import WorkerConfig, config_to_argv
 from tests.conftest import synthetic_dataset
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 from tests.local_operator import LocalOperator, OomKill
@@ -66,7 +67,7 @@ def shards_on_gcs(
     ratios: str = "",
 ) -> str:
     local = tmp_path / "shards"
-    split = SplitConfig(val_fraction=0.0, num_shards=workers, ratios=parse_ratios(ratios))
+    split = SplitConfig(val_fraction=0.0, workers=workers, ratios=parse_ratios(ratios))
     write_shards(synthetic_dataset(n_train=n_train, n_test=30), local, split)
     storage.upload_tree(local, gcs.uri("run/shards"))
     return gcs.uri("run/shards")
@@ -210,7 +211,7 @@ def test_every_rank_outputs_are_durable_when_the_operator_declares_success(
     operator.wait_until(lambda: operator.state("train-durable") in ("Succeeded", "Failed"), timeout=240, what="the end")
     assert operator.state("train-durable") == "Succeeded"
     files = set(storage.list_files(micro))
-    missing = [r for r in range(3) if f"worker-{r:05d}.json" not in files or micro_model_name(r) not in files]
+    missing = [r for r in range(3) if f"worker-{r:05d}.json" not in files or micro_model_file(r) not in files]
     assert missing == [], f"ranks {missing} had not written their outputs when the job succeeded"
     operator.delete("train-durable")
 

@@ -68,7 +68,7 @@ def test_components_run_one_by_one_on_a_zip(kfp_local: Path, shapes_zip: Path) -
     # 90 training images: 18 held out for validation, 72 into two shards
     assert summary["num_val_examples"] == 18
     assert [s["num_examples"] for s in summary["shards"]] == [36, 36]
-    assert split.outputs["shards"].metadata["num_shards"] == 2
+    assert split.outputs["shards"].metadata["workers"] == 2
 
     micro = Path(train_only(shards_uri=str(shards), model="cnn-small").output.path)
     assert sorted(p.name for p in micro.glob("micro-model-*.safetensors")) == [

@@ -51,20 +51,19 @@ COMPONENT_ONLY = {
     ("export", "parity_images"): "a setting of `microfed export`; the pipeline keeps its default",
     ("export", "tolerance"): "a setting of `microfed export`; the pipeline keeps its default",
 }
-# RunConfig fields that are not CLI options.
-NOT_CLI = {
+# RunConfig fields that are options of `submit` only.
+SUBMIT_ONLY = {
     "launcher": "`microfed run` always runs its workers as local processes",
-    "namespace": "`submit --namespace` is the profile's; the job's is set in the Kubeflow UI",
-    "accelerators": "a cluster setting, set in the Kubeflow UI",
-    "timeout_minutes": "a cluster setting, set in the Kubeflow UI",
-    "service_account": "a cluster setting, set in the Kubeflow UI",
-    "pool_max_nodes": "a cluster setting, set in the Kubeflow UI",
-    "collective_timeout_minutes": "a cluster setting, set in the Kubeflow UI",
+    "job_namespace": "a cluster setting (submit's --namespace is the profile's, where the run goes)",
+    "accelerators": "a cluster setting",
+    "timeout_minutes": "a cluster setting",
+    "service_account": "a cluster setting",
+    "pool_max_nodes": "a cluster setting",
 }
 # RunConfig fields the train step reads itself rather than passing to the workers.
 TRAIN_STEP_ONLY = {
     "launcher": "how the step starts the workers",
-    "namespace": "where the step creates the PyTorchJob",
+    "job_namespace": "where the step creates the PyTorchJob",
     "accelerators": "the step's resource plan",
     "timeout_minutes": "the step's wait for the job",
     "service_account": "the job's pods",
@@ -166,10 +165,11 @@ def test_no_pipeline_or_component_parameter_is_missing_from_runconfig() -> None:
 def test_the_cli_has_every_option_with_runconfigs_default(command: str) -> None:
     options = _options(_subparser(command))
     for field in FIELDS:
-        if not field.cli:
-            assert field.name in NOT_CLI, f"{field.name} is not a CLI option: say why in NOT_CLI"
+        if command not in field.cli:
+            assert command == "run" and field.name in SUBMIT_ONLY, f"`microfed {command}` lacks {field.flag}"
+            assert field.name not in options
             continue
-        assert field.name not in NOT_CLI
+        assert command == "submit" or field.name not in SUBMIT_ONLY
         assert field.name in options, f"`microfed {command}` has no {field.flag}"
         assert options[field.name].default == field.default
         assert field.flag in options[field.name].option_strings
@@ -207,8 +207,8 @@ def test_the_lower_layers_take_runconfigs_defaults() -> None:
         d["server_momentum"],
         d["fedbn"],
     )
-    split = SplitConfig(num_shards=d["workers"])
-    assert (split.strategy, split.alpha, split.seed, split.val_fraction) == (
+    split = SplitConfig(workers=d["workers"])
+    assert (split.split, split.alpha, split.seed, split.val_fraction) == (
         d["split"],
         d["alpha"],
         d["seed"],
@@ -236,7 +236,7 @@ def test_the_cli_passes_momentum_and_warmup_to_the_pipeline() -> None:
     args = cli.build_parser().parse_args(["run", "--momentum", "0.8", "--warmup-fraction", "0.1"])
     values = cli.pipeline_arguments(args)
     assert values["momentum"] == 0.8 and values["warmup_fraction"] == 0.1
-    assert set(values) == {f.name for f in FIELDS if f.cli}
+    assert set(values) == {f.name for f in FIELDS if "run" in f.cli}
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,18 @@ def test_the_cli_passes_momentum_and_warmup_to_the_pipeline() -> None:
         ({"val_fraction": 0.5}, "val_fraction must be a finite number at least 0 and less than 0.5"),
         ({"warmup_fraction": float("nan")}, "warmup_fraction must be a finite number"),
         ({"optimizer": "sgd", "momentum": 0.0}, "momentum must be a finite number greater than 0"),
-        ({"split": "random"}, "unknown split strategy 'random'"),
+        ({"split": "random"}, "unknown split 'random'"),
+        ({"split_ratios": "1,2"}, "split_ratios has 2 values but there are 3 workers"),
+        ({"split_ratios": "1,x,1"}, "split_ratios '1,x,1' is not a comma-separated list of numbers"),
+        ({"split": "dirichlet", "split_ratios": "1,1,1"}, "split_ratios apply to stratified and iid splits"),
+        ({"image_size": 4}, "image_size must be 0 .keep the images' size. or from 8"),
+        ({"bad_images": "ignore"}, "unknown bad_images 'ignore'"),
+        ({"dataset": " "}, "dataset is empty"),
+        ({"model": ""}, "model is empty"),
+        ({"job_namespace": "a\0b"}, "job_namespace 'a.x00b' holds a NUL character"),
+        ({"launcher": "k8s"}, "unknown launcher 'k8s'"),
+        ({"timeout_minutes": 0}, "timeout_minutes must be an integer from 1"),
+        ({"pool_max_nodes": -1}, "pool_max_nodes must be an integer from 0"),
         ({"server_momentum": 1.0}, "server_momentum must be a finite number at least 0 and less than 1"),
     ],
 )
@@ -264,3 +275,42 @@ def test_to_argv_writes_floats_exactly_and_bools_as_flags() -> None:
         "--rounds",
         "3",
     ]
+
+
+def test_the_train_component_reads_its_parameters_through_runconfig(tmp_path: Path) -> None:
+    # the Kubeflow UI passes whatever was typed: the component's body checks every value with RunConfig's rules
+    # before it reads anything, and refuses a parameter RunConfig lacks
+    from microfed.components.train_adapter import train_component_step
+
+    def call(**params: Any) -> None:
+        train_component_step(
+            shards=(str(tmp_path), str(tmp_path)),
+            out=(str(tmp_path), str(tmp_path)),
+            params=params,
+            run_id="r",
+            task_name="t",
+        )
+
+    with pytest.raises(MicrofedError, match="local_epochs must be an integer from 1"):
+        call(local_epochs=0, worker_image="img")
+    with pytest.raises(MicrofedError, match="unknown parameters"):
+        call(local_epoch=2)
+
+
+def test_the_components_train_passes_every_parameter_it_declares() -> None:
+    # the component body forwards its parameters by name (locals()): each is a RunConfig field or COMPONENT_ONLY
+    declared = set(_component_parameters("train"))
+    assert declared - set(BY_NAME) == {name for step, name in COMPONENT_ONLY if step == "train"}
+
+
+def test_the_export_settings_have_one_default() -> None:
+    # the export component's literals, `microfed export`'s options and the step's defaults: EXPORT_DEFAULTS
+    from microfed.training.step_export import EXPORT_DEFAULTS
+
+    assert _component_literal_defaults("export") == EXPORT_DEFAULTS
+    options = _options(_subparser("export"))
+    assert (options["fmt"].default, options["parity_images"].default, options["tolerance"].default) == (
+        EXPORT_DEFAULTS["export_format"],
+        EXPORT_DEFAULTS["parity_images"],
+        EXPORT_DEFAULTS["tolerance"],
+    )

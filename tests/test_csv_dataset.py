@@ -124,7 +124,7 @@ def test_check_source_and_split_step_take_a_csv(tree: tuple[Path, list[tuple[str
     assert check_source(csv_path) == "csv" and check_source(str(csv_path)) == "csv"
     assert check_source("gs://bucket/data/list.csv") == "csv"  # only its form is checked: nothing is fetched
     summary = split_step(
-        SplitOptions(source=str(csv_path)), SplitConfig(val_fraction=0.0, num_shards=2), tmp_path / "shards"
+        SplitOptions(source=str(csv_path)), SplitConfig(val_fraction=0.0, workers=2), tmp_path / "shards"
     )
     assert summary["num_train_examples"] == 12 and summary["num_test_examples"] == 6
     assert summary["class_names"] == list(CLASSES)
@@ -345,7 +345,7 @@ def test_gs_csv_with_relative_paths_and_gs_uris(gcs: GcsEmulator, tmp_path: Path
         assert sorted(got.images.flatten(1).sum(1).tolist()) == sorted(want.images.flatten(1).sum(1).tolist())
     # the split step reads a gs:// CSV in place (no folder download)
     summary = split_step(
-        SplitOptions(source=gcs.uri("data/list.csv")), SplitConfig(val_fraction=0.0, num_shards=2), tmp_path / "shards"
+        SplitOptions(source=gcs.uri("data/list.csv")), SplitConfig(val_fraction=0.0, workers=2), tmp_path / "shards"
     )
     assert summary["num_train_examples"] == 6
 

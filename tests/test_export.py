@@ -161,7 +161,7 @@ def test_resnet18_with_batchnorm_exports_in_eval_mode(tmp_path: Path) -> None:
 
 def test_parity_uses_the_test_images_of_a_shards_folder(gray_dir: Path, tmp_path: Path) -> None:
     write_shards(
-        synthetic_dataset(n_train=30, n_test=12), tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2)
+        synthetic_dataset(n_train=30, n_test=12), tmp_path / "shards", SplitConfig(val_fraction=0.0, workers=2)
     )
     images = parity_images_from_shards(tmp_path / "shards", limit=10)
 

@@ -12,6 +12,7 @@ import torch
 
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_safetensors
+from microfed.training.layout import micro_model_file
 from microfed.training.shards import SplitConfig, write_shards
 from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_evaluate import evaluate_step
@@ -27,7 +28,7 @@ from microfed.training.strategies import (
     unpack_server_state,
 )
 from microfed.training.train import OptimConfig
-from microfed.training.worker import DistEnv, WorkerConfig, build_parser, micro_model_name, run_worker
+from microfed.training.worker import DistEnv, WorkerConfig, build_parser, run_worker
 from tests.conftest import synthetic_dataset
 
 OPTIM = OptimConfig(batch_size=16, lr=0.01, precision="fp32")
@@ -202,7 +203,7 @@ def test_the_registry_names_the_strategies_and_their_defaults() -> None:
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adaptive") / "shards"
     write_shards(
-        synthetic_dataset(n_train=150, n_test=60), out, SplitConfig(num_shards=2, ratios=(1, 2), val_fraction=0.2)
+        synthetic_dataset(n_train=150, n_test=60), out, SplitConfig(workers=2, ratios=(1, 2), val_fraction=0.2)
     )
     return out
 
@@ -210,7 +211,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_resumed_fedadam_job_continues_with_the_same_server_state(tmp_path: Path) -> None:
     # Prepare: one worker in this process (no process group); the server step runs with one worker too
     shards = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=64, n_test=20), shards, SplitConfig(val_fraction=0.0, num_shards=1))
+    write_shards(synthetic_dataset(n_train=64, n_test=20), shards, SplitConfig(val_fraction=0.0, workers=1))
     env = DistEnv(rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1", master_port=0)
 
     def cfg(out: Path) -> WorkerConfig:
@@ -229,7 +230,7 @@ def test_a_resumed_fedadam_job_continues_with_the_same_server_state(tmp_path: Pa
     # a job that stopped during round 2: round 1's checkpoint is all it left
     run_worker(cfg(tmp_path / "cut"), env)
     cut = tmp_path / "cut"
-    for name in ("checkpoints/round-00002.safetensors", micro_model_name(0), "worker-00000.json"):
+    for name in ("checkpoints/round-00002.safetensors", micro_model_file(0), "worker-00000.json"):
         (cut / name).unlink()
     from microfed.training.checkpoint import checkpoint_uri, parse_checkpoint
     from microfed.training.storage import read_bytes
@@ -242,7 +243,7 @@ def test_a_resumed_fedadam_job_continues_with_the_same_server_state(tmp_path: Pa
 
     # Assert: resumed after round 1, and the same model and server state as the uninterrupted job
     assert record["resumed_from_round"] == 1
-    for name in (micro_model_name(0), "server-state.safetensors"):
+    for name in (micro_model_file(0), "server-state.safetensors"):
         whole, _ = read_safetensors(tmp_path / "whole" / name)
         again, _ = read_safetensors(cut / name)
         assert whole.keys() == again.keys()

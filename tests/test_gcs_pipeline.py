@@ -29,7 +29,7 @@ def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> No
     storage.write_bytes(zip_uri, write_zip(tmp_path / "shapes.zip").read_bytes())
     shards, micro, model, report = (gcs.uri(f"run/{name}") for name in ("shards", "micro", "model", "report"))
 
-    summary = split_step(SplitOptions(source=zip_uri), SplitConfig(num_shards=2, val_fraction=0.2), shards)
+    summary = split_step(SplitOptions(source=zip_uri), SplitConfig(workers=2, val_fraction=0.2), shards)
     assert summary["class_names"] == list(CLASSES)
     assert {"dataset.json", "shard-00000.safetensors", "shard-00001.json", "test.safetensors"} <= set(
         storage.list_files(shards)
@@ -44,7 +44,7 @@ def test_steps_run_end_to_end_on_gs_uris(gcs: GcsEmulator, tmp_path: Path) -> No
         threads=1,
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
-    job = train_step(cfg, world_size=2)
+    job = train_step(cfg, workers=2)
     assert [w["n_k"] for w in job["workers"]] == [36, 36]
     written = set(storage.list_files(micro))
     assert {

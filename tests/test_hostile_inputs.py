@@ -39,7 +39,8 @@ from microfed.training.datasets import (
 )
 from microfed.training.errors import MicrofedError
 from microfed.training.io import write_json, write_safetensors
-from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
+from microfed.training.layout import MODEL_CONFIG_FILE
+from microfed.training.model_files import ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, read_dataset_manifest, subsample, write_shards
 from microfed.training.step_aggregate import aggregate_step
@@ -290,7 +291,7 @@ def test_a_hostile_zip_leaves_nothing_behind(
     out = tmp_path / "shards"
 
     with pytest.raises(MicrofedError, match=re.compile(pattern, re.DOTALL)):
-        split_step(SplitOptions(source=str(path)), SplitConfig(val_fraction=0.0, num_shards=2), out)
+        split_step(SplitOptions(source=str(path)), SplitConfig(val_fraction=0.0, workers=2), out)
 
     assert not [p for p in out.rglob("*")]  # no shard, manifest or temporary file
     assert sorted(p for p in tmp_path.rglob("*") if p != out) == before  # nothing extracted anywhere near
@@ -389,7 +390,7 @@ def test_a_sparse_3_gb_png_is_refused_by_its_size_before_it_is_read(
     assert re.fullmatch(message, str(caught.value))
     out = tmp_path / "shards"
     with pytest.raises(MicrofedError, match=message):  # the split step fails with the same line, not MemoryError
-        split_step(SplitOptions(source=str(root)), SplitConfig(val_fraction=0.0, num_shards=2), out)
+        split_step(SplitOptions(source=str(root)), SplitConfig(val_fraction=0.0, workers=2), out)
     assert not list(out.rglob("*"))
     with pytest.warns(SkippedImagesWarning, match="huge.png"):
         data = load_dataset(root, bad_images="skip")
@@ -495,7 +496,7 @@ def test_skipping_bad_images_warns_counts_them_and_the_manifest_names_them(tmp_p
 
     with pytest.warns(SkippedImagesWarning, match=r"skipped 3 unreadable image\(s\)"):
         data = load_dataset(str(path), bad_images="skip")
-    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=2, strategy="iid"))
+    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, workers=2, split="iid"))
 
     assert len(data.train.labels) == 4 and len(data.test.labels) == 2  # the good ones, all of them
     assert {f.file for f in data.train.skipped} == {"pets/train/dog/cut.jpg", "pets/train/cat/bomb.png"}
@@ -558,7 +559,7 @@ def test_class_names_are_exact_in_the_manifest_and_escaped_in_messages(tmp_path:
     weird = f"cat{ESCAPE}{BIDI}"
     files = {f"train/{weird}/0.png": png(value=5), "train/dog/1.png": png(value=250), "test/dog/2.png": png()}
     data = load_dataset(str(make_zip(tmp_path / "weird.zip", files)))
-    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, num_shards=1))
+    summary = write_shards(data, tmp_path / "shards", SplitConfig(val_fraction=0.0, workers=1))
 
     assert summary["class_names"] == [weird, "dog"]
     assert json.loads((tmp_path / "shards" / "dataset.json").read_text())["class_names"][0] == weird
@@ -583,7 +584,7 @@ def micro_folder(tmp_path: Path, states: list[dict[str, torch.Tensor]], archs: l
         meta = {"n_k": "10", "rank": str(rank), ARCHITECTURE_KEY: json.dumps(arch.to_dict(), sort_keys=True)}
         write_safetensors(micro / name, state, meta)
         workers.append({"rank": rank, "n_k": 10, "file": name})
-    write_json(micro / "job.json", {"workers": workers})
+    write_json(micro / "job.json", {"config": {}, "workers": workers, "plan": None, "usage": None, "seconds": 0.0})
     card = ModelCard(architecture=archs[0], class_names=("a", "b", "c"), mean=(0.5,), std=(0.25,))
     write_json(micro / MODEL_CONFIG_FILE, card.to_dict())
     return micro

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from microfed.pipelines.cli import _cluster_model
+from microfed.pipelines.submit import cluster_model as _cluster_model
 from microfed.training import storage
 from microfed.training.errors import MicrofedError
 from microfed.training.export import export_model
@@ -186,7 +186,7 @@ def test_submit_refuses_a_factory_file_on_this_machine(factory: Path) -> None:
 @pytest.mark.integration
 def test_two_workers_train_a_factory_model_and_it_exports(factory: Path, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
-    write_shards(synthetic_dataset(n_train=90, n_test=30), shards, SplitConfig(val_fraction=0.0, num_shards=2))
+    write_shards(synthetic_dataset(n_train=90, n_test=30), shards, SplitConfig(val_fraction=0.0, workers=2))
     name = f"{factory}:make_model"
     cfg = WorkerConfig(
         shards=str(shards),
@@ -197,7 +197,7 @@ def test_two_workers_train_a_factory_model_and_it_exports(factory: Path, tmp_pat
         threads=1,
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
-    job = train_step(cfg, world_size=2)
+    job = train_step(cfg, workers=2)
     assert [w["n_k"] for w in job["workers"]] == [45, 45]
     aggregate_step(tmp_path / "micro", tmp_path / "model")
     metrics = evaluate_step(tmp_path / "model", shards, tmp_path / "micro", tmp_path / "eval")

@@ -100,7 +100,11 @@ def test_run_on_a_zip_reports_per_class_results_by_the_zips_class_names(
     assert main(["predict", str(run_dir / "model.onnx"), str(image)]) == 0
     path, label, probability = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and label == "square" and 0.5 < float(probability) <= 1.0
-    # and `microfed export` writes TorchScript too, checked against PyTorch on the run's test images
+    # and `microfed export` writes TorchScript too, checked against PyTorch on the run's test images, which the
+    # run's artifacts record locates in kfp.local's pipeline root
+    artifacts = json.loads((run_dir / "artifacts.json").read_text())
+    assert set(artifacts) == {"shards", "micro_models", "global_model", "report", "exported"}
+    assert (run_dir / artifacts["shards"] / "test.safetensors").is_file() and artifacts["shards"].startswith("kfp/")
     assert main(["export", str(run_dir), "--format", "torchscript"]) == 0
     assert "parity" in capsys.readouterr().out and (run_dir / "export" / "model.torchscript.pt").exists()
 

@@ -18,7 +18,6 @@ from kfp import dsl, local
 from microfed.components import train_adapter
 from microfed.training.errors import MicrofedError
 from microfed.training.pipeline_root import check_replica_uris, pipeline_root_from_artifact_uri, usage_cache_uri
-from microfed.training.train import OptimConfig
 
 RUN_ID = "9b2f7c1e-55a4-4a8e-9c1d-0e3b6f1a2d44"
 
@@ -119,9 +118,9 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The train step's arguments; no worker or job is started."""
     seen: dict[str, Any] = {}
 
-    def fake_train_step(cfg: Any, world_size: int, **kwargs: Any) -> dict[str, Any]:
-        seen.update(cfg=cfg, world_size=world_size, **kwargs)
-        return {"world_size": world_size, "workers": []}
+    def fake_train_step(cfg: Any, workers: int, **kwargs: Any) -> dict[str, Any]:
+        seen.update(cfg=cfg, workers=workers, **kwargs)
+        return {"config": {}, "workers": [], "plan": None, "usage": None, "seconds": 0.0}
 
     monkeypatch.setattr(train_adapter, "train_step", fake_train_step)
     return seen
@@ -130,24 +129,37 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def _component_step(tmp_path: Path, launcher: str, shards_uri: str, out_uri: str, **kwargs: Any) -> None:
     shards = tmp_path / "shards"
     shards.mkdir(exist_ok=True)
-    (shards / "dataset.json").write_text(json.dumps({"shards": [{}, {}]}))
+    manifest = {
+        "dataset": "d",
+        "class_names": ["a"],
+        "image_shape": [1, 2, 2],
+        "mean": [0.5],
+        "std": [0.25],
+        "split": {"split": "iid", "seed": 0, "alpha": 0.5, "ratios": None, "workers": 2, "val_fraction": 0.0},
+        "num_skipped_files": 0,
+        "num_train_examples": 2,
+        "num_val_examples": 0,
+        "num_test_examples": 0,
+        "shards": [{}, {}],  # two workers: all the component step reads
+        "skipped_files": [],
+    }
+    (shards / "dataset.json").write_text(json.dumps(manifest))
     train_adapter.train_component_step(
         shards=(str(shards), shards_uri),
         out=(str(tmp_path / "micro_models"), out_uri),
-        launcher=launcher,
-        model="cnn-small",
-        rounds=1,
-        local_epochs=1,
-        seed=0,
-        optim=OptimConfig(),
-        worker_image="img",
-        namespace="ns",
-        accelerators="none",
-        timeout_minutes=10,
-        service_account="pipeline-runner",
+        params={
+            "launcher": launcher,
+            "model": "cnn-small",
+            "rounds": 1,
+            "local_epochs": 1,
+            "worker_image": "img",
+            "job_namespace": "ns",
+            "accelerators": "none",
+            "timeout_minutes": 10,
+            **kwargs,
+        },
         run_id=RUN_ID,
         task_name="train",
-        **kwargs,
     )
 
 

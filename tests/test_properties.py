@@ -27,7 +27,7 @@ from microfed.training.aggregation import weighted_average
 from microfed.training.datasets import ImageData, LoadedDataset
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_safetensors, sha256_file
-from microfed.training.shards import SPLIT_STRATEGIES, SplitConfig, assign_shards, write_shards
+from microfed.training.shards import SPLITS, SplitConfig, assign_shards, write_shards
 
 pytestmark = pytest.mark.unit
 
@@ -40,16 +40,14 @@ DISK = settings(max_examples=20, deadline=None, suppress_health_check=[HealthChe
 @st.composite
 def split_cases(draw: st.DrawFn) -> tuple[list[int], SplitConfig]:
     per_class = draw(st.lists(st.integers(0, 30), min_size=1, max_size=6))
-    num_shards = draw(st.integers(1, 6))
-    strategy = draw(st.sampled_from(SPLIT_STRATEGIES))
+    workers = draw(st.integers(1, 6))
+    split = draw(st.sampled_from(SPLITS))
     ratios = None
-    if strategy != "dirichlet" and draw(st.booleans()):
-        ratios = tuple(draw(st.lists(st.floats(0.1, 10.0), min_size=num_shards, max_size=num_shards)))
+    if split != "dirichlet" and draw(st.booleans()):
+        ratios = tuple(draw(st.lists(st.floats(0.1, 10.0), min_size=workers, max_size=workers)))
     alpha = draw(st.sampled_from([0.05, 0.5, 5.0, 100.0]))
     seed = draw(st.integers(0, 2**32 - 1))
-    config = SplitConfig(
-        val_fraction=0.0, num_shards=num_shards, strategy=strategy, ratios=ratios, alpha=alpha, seed=seed
-    )
+    config = SplitConfig(val_fraction=0.0, workers=workers, split=split, ratios=ratios, alpha=alpha, seed=seed)
     return per_class, config
 
 
@@ -67,15 +65,15 @@ def class_names(n: int) -> tuple[str, ...]:
 def test_every_example_lands_in_exactly_one_shard_or_the_split_is_refused(case: tuple[list[int], SplitConfig]) -> None:
     per_class, config = case
     labels = labels_for(per_class)
-    n, k = len(labels), config.num_shards
+    n, k = len(labels), config.workers
 
     try:
         parts = assign_shards(labels, class_names(len(per_class)), config)
     except MicrofedError as e:
         # Refusals are for splits that cannot be made, and they never happen where one obviously can.
         assert "empty" in str(e) or "too few" in str(e) or "dirichlet" in str(e)
-        assert not (config.strategy == "iid" and config.ratios is None and n >= k)
-        assert not (config.strategy == "stratified" and config.ratios is None and min(per_class) >= k)
+        assert not (config.split == "iid" and config.ratios is None and n >= k)
+        assert not (config.split == "stratified" and config.ratios is None and min(per_class) >= k)
         return
 
     assert len(parts) == k
@@ -84,7 +82,7 @@ def test_every_example_lands_in_exactly_one_shard_or_the_split_is_refused(case: 
     assert all(p.numel() > 0 and p.dtype == torch.int64 for p in parts)
     again = assign_shards(labels, class_names(len(per_class)), config)
     assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))  # deterministic for the seed
-    if config.strategy == "stratified" and config.ratios is None:
+    if config.split == "stratified" and config.ratios is None:
         for part in parts:  # every shard holds n_c / k of class c, rounded either way
             counts = torch.bincount(labels[part], minlength=len(per_class)).tolist()
             assert all(abs(count - size / k) < 1 for count, size in zip(counts, per_class, strict=True))

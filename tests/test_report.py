@@ -45,7 +45,7 @@ def fake_run(
         "image_shape": [1, 28, 28],
         "mean": [0.2860405969887955],
         "std": [0.35302424451492254],
-        "split": {"strategy": "dirichlet" if alpha else "stratified", "seed": seed, "alpha": alpha or 0.5},
+        "split": {"split": "dirichlet" if alpha else "stratified", "seed": seed, "alpha": alpha or 0.5},
         "num_train_examples": int(hist.sum()),
         "num_test_examples": 100 * c,
         "shards": [
@@ -315,7 +315,7 @@ def test_the_report_of_a_real_run_shows_its_metrics_json(tmp_path: Path, shapes_
     from microfed.training.worker import WorkerConfig
 
     shards, micro, model, out = (tmp_path / d for d in ("shards", "micro", "model", "eval"))
-    split_step(SplitOptions(source=str(shapes_zip)), SplitConfig(num_shards=2, seed=3, val_fraction=0.2), shards)
+    split_step(SplitOptions(source=str(shapes_zip)), SplitConfig(workers=2, seed=3, val_fraction=0.2), shards)
     cfg = WorkerConfig(
         local_epochs=1,
         shards=str(shards),

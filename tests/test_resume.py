@@ -34,7 +34,8 @@ from microfed.training.checkpoint import (
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_json, write_safetensors
 from microfed.training.launch import WorkerFailed, launch_local
-from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
+from microfed.training.layout import MODEL_CONFIG_FILE, micro_model_file
+from microfed.training.model_files import ModelCard
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, write_shards
 from microfed.training.step_aggregate import aggregate_step
@@ -42,7 +43,7 @@ from microfed.training.step_evaluate import evaluate_step
 from microfed.training.step_split import SplitOptions, split_step
 from microfed.training.step_train import train_step
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
-from microfed.training.worker import WorkerConfig, config_to_argv, micro_model_name
+from microfed.training.worker import WorkerConfig, config_to_argv
 from tests.conftest import synthetic_dataset, write_zip
 from tests.gcs_emulator import GcsEmulator, gcs  # noqa: F401
 
@@ -82,7 +83,7 @@ FAULTY_WORKER = textwrap.dedent("""
 def shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
     write_shards(
-        synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(val_fraction=0.0, num_shards=2, ratios=(1, 2))
+        synthetic_dataset(n_train=120, n_test=60), out, SplitConfig(val_fraction=0.0, workers=2, ratios=(1, 2))
     )
     return out
 
@@ -109,7 +110,7 @@ def worker_config(shards: Path, out: Path) -> WorkerConfig:
 
 
 def states_of(folder: Path) -> list[dict[str, torch.Tensor]]:
-    return [read_safetensors(folder / micro_model_name(rank))[0] for rank in range(2)]
+    return [read_safetensors(folder / micro_model_file(rank))[0] for rank in range(2)]
 
 
 @pytest.mark.integration
@@ -118,7 +119,7 @@ def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_i
 ) -> None:
     # Prepare: the reference, an uninterrupted run with the same seed.
     reference = tmp_path / "reference"
-    train_step(worker_config(shards, reference), world_size=2)
+    train_step(worker_config(shards, reference), workers=2)
     # Rank 1 dies by SIGKILL right after the first epoch of round 2 (its third epoch).
     monkeypatch.setenv("FAULT", "kill")
     monkeypatch.setenv("FAULT_RANK", "1")
@@ -127,7 +128,7 @@ def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_i
     resumed = tmp_path / "resumed"
 
     # Execute
-    job = train_step(worker_config(shards, resumed), world_size=2)
+    job = train_step(worker_config(shards, resumed), workers=2)
 
     # Assert: it died, the group was restarted once, and it went on after round 1's checkpoint.
     assert faulty.exists()
@@ -166,7 +167,7 @@ def test_a_worker_killed_in_round_2_is_restarted_and_resumes_from_round_1_with_i
     # A retried train step (same inputs, same output folder) resumes after round 2, trains round 3 only, and
     # writes the same micro-models again, no new checkpoint and no duplicate.
     files_before = sorted(p.relative_to(resumed) for p in resumed.rglob("*") if "logs" not in p.parts)
-    again = train_step(worker_config(shards, resumed), world_size=2)
+    again = train_step(worker_config(shards, resumed), workers=2)
     assert [w["resumed_from_round"] for w in again["workers"]] == [2, 2]
     assert sorted(p.relative_to(resumed) for p in resumed.rglob("*") if "logs" not in p.parts) == files_before
     for got, want in zip(states_of(resumed), states_of(reference), strict=True):
@@ -350,7 +351,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
 
 def test_split_gives_the_same_bytes_and_aggregate_the_same_model_when_run_again(tmp_path: Path) -> None:
     source = write_zip(tmp_path / "shapes.zip", per_class_train=8, per_class_test=2)
-    split = SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", alpha=0.5, seed=3)
+    split = SplitConfig(val_fraction=0.0, workers=2, split="dirichlet", alpha=0.5, seed=3)
     first, second = tmp_path / "first", tmp_path / "second"
 
     split_step(SplitOptions(source=str(source)), split, first)
@@ -372,9 +373,9 @@ def test_split_gives_the_same_bytes_and_aggregate_the_same_model_when_run_again(
     for rank, seed in enumerate((1, 2)):
         torch.manual_seed(seed)
         state = build_model(SMALL).state_dict()
-        write_safetensors(micro / micro_model_name(rank), state, {"n_k": str(10 * (rank + 1))})
-    write_json(micro / "job.json", {"workers": [{"rank": r, "n_k": 10 * (r + 1), "file": micro_model_name(r)}
-                                                 for r in range(2)]})  # fmt: skip
+        write_safetensors(micro / micro_model_file(rank), state, {"n_k": str(10 * (rank + 1))})
+    workers = [{"rank": r, "n_k": 10 * (r + 1), "file": micro_model_file(r)} for r in range(2)]
+    write_json(micro / "job.json", {"config": {}, "workers": workers, "plan": None, "usage": None, "seconds": 0.0})
     card = ModelCard(architecture=SMALL, class_names=("a", "b", "c"), mean=(0.5,), std=(0.25,))
     write_json(micro / MODEL_CONFIG_FILE, card.to_dict())
     aggregate_step(micro, tmp_path / "model-1")

@@ -19,7 +19,7 @@ import torch
 from microfed.training.datasets import ImageData, LoadedDataset
 from microfed.training.errors import MicrofedError
 from microfed.training.shards import (
-    SPLIT_STRATEGIES,
+    SPLITS,
     SplitConfig,
     assign_shards,
     load_shard,
@@ -80,36 +80,32 @@ UNEVEN_4 = [23, 41, 7, 12]  # 83 examples, 4 classes, no count divisible by the 
 # ----------------------------------------------------------------------------------- assign_shards
 
 
-@pytest.mark.parametrize("strategy", SPLIT_STRATEGIES)
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 7])
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("workers", [1, 2, 3, 7])
 @pytest.mark.parametrize("per_class", [BALANCED_10, UNEVEN_4])
-def test_every_example_lands_in_exactly_one_shard(strategy: str, num_shards: int, per_class: list[int]) -> None:
+def test_every_example_lands_in_exactly_one_shard(split: str, workers: int, per_class: list[int]) -> None:
     # Prepare
     labels = make_labels(per_class)
 
     # Execute
-    parts = assign_shards(
-        labels, names(len(per_class)), SplitConfig(val_fraction=0.0, num_shards=num_shards, strategy=strategy)
-    )
+    parts = assign_shards(labels, names(len(per_class)), SplitConfig(val_fraction=0.0, workers=workers, split=split))
 
     # Assert
-    assert len(parts) == num_shards
+    assert len(parts) == workers
     assert_partition(parts, len(labels))
     assert all(len(p) > 0 for p in parts)
 
 
-@pytest.mark.parametrize("strategy", SPLIT_STRATEGIES)
-def test_split_is_deterministic_for_a_seed_and_changes_with_it(strategy: str) -> None:
+@pytest.mark.parametrize("split", SPLITS)
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(split: str) -> None:
     # Prepare
     labels = make_labels(BALANCED_10)
 
-    def split(seed: int) -> list[torch.Tensor]:
-        return assign_shards(
-            labels, names(10), SplitConfig(val_fraction=0.0, num_shards=3, strategy=strategy, seed=seed)
-        )
+    def parts(seed: int) -> list[torch.Tensor]:
+        return assign_shards(labels, names(10), SplitConfig(val_fraction=0.0, workers=3, split=split, seed=seed))
 
     # Execute
-    first, again, other = split(11), split(11), split(12)
+    first, again, other = parts(11), parts(11), parts(12)
 
     # Assert
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -120,25 +116,25 @@ def test_split_does_not_modify_the_labels() -> None:
     labels = make_labels(UNEVEN_4)
     before = labels.clone()
 
-    assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, strategy="dirichlet"))
+    assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, workers=3, split="dirichlet"))
 
     assert torch.equal(labels, before)
 
 
 @pytest.mark.parametrize("per_class", [BALANCED_10, UNEVEN_4, [101] * 10])
-@pytest.mark.parametrize("num_shards", [2, 3, 7])
-def test_stratified_shards_keep_the_class_proportions(per_class: list[int], num_shards: int) -> None:
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_stratified_shards_keep_the_class_proportions(per_class: list[int], workers: int) -> None:
     # Prepare
     labels = make_labels(per_class)
     num_classes = len(per_class)
 
     # Execute
-    parts = assign_shards(labels, names(num_classes), SplitConfig(val_fraction=0.0, num_shards=num_shards, seed=3))
+    parts = assign_shards(labels, names(num_classes), SplitConfig(val_fraction=0.0, workers=workers, seed=3))
 
     # Assert: class c gets n_c / k examples in every shard, rounded up or down (so within one example).
     for part in parts:
         for c, count in enumerate(histogram(labels[part], num_classes)):
-            assert abs(count - per_class[c] / num_shards) < 1, (c, count)
+            assert abs(count - per_class[c] / workers) < 1, (c, count)
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= num_classes
 
@@ -148,7 +144,7 @@ def test_stratified_with_ratios_follows_the_ratios() -> None:
     labels = make_labels([40] * 4)
 
     # Execute
-    parts = assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, ratios=(1, 2, 1)))
+    parts = assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, workers=3, ratios=(1, 2, 1)))
 
     # Assert
     assert [len(p) for p in parts] == [40, 80, 40]
@@ -174,9 +170,7 @@ def test_stratified_with_ratios_gives_each_class_its_share_rounded_up_or_down(
     num_classes = len(per_class)
 
     # Execute
-    parts = assign_shards(
-        labels, names(num_classes), SplitConfig(val_fraction=0.0, num_shards=len(ratios), ratios=ratios)
-    )
+    parts = assign_shards(labels, names(num_classes), SplitConfig(val_fraction=0.0, workers=len(ratios), ratios=ratios))
 
     # Assert: shard i holds floor or ceil of n_c * r_i / sum(r) examples of class c.
     for i, (part, r) in enumerate(zip(parts, ratios, strict=True)):
@@ -189,9 +183,7 @@ def test_stratified_with_ratios_gives_each_class_its_share_rounded_up_or_down(
 def test_iid_with_ratios_follows_the_ratios() -> None:
     labels = make_labels([50] * 4)  # 200 examples -> 50 / 100 / 50
 
-    parts = assign_shards(
-        labels, names(4), SplitConfig(val_fraction=0.0, num_shards=3, strategy="iid", ratios=(1, 2, 1))
-    )
+    parts = assign_shards(labels, names(4), SplitConfig(val_fraction=0.0, workers=3, split="iid", ratios=(1, 2, 1)))
 
     assert [len(p) for p in parts] == [50, 100, 50]
 
@@ -203,7 +195,7 @@ def test_stratified_with_too_few_examples_of_a_class_names_the_class() -> None:
 
     # Execute / Assert
     with pytest.raises(MicrofedError, match=r"'Sandal' has 2 training examples") as info:
-        assign_shards(labels, class_names, SplitConfig(val_fraction=0.0, num_shards=3))
+        assign_shards(labels, class_names, SplitConfig(val_fraction=0.0, workers=3))
     assert "workers" in str(info.value)
 
 
@@ -212,10 +204,8 @@ def test_dirichlet_with_small_alpha_gives_skewed_non_empty_shards() -> None:
     labels = make_labels([100] * 10)
 
     # Execute
-    skewed = assign_shards(
-        labels, names(10), SplitConfig(val_fraction=0.0, num_shards=5, strategy="dirichlet", alpha=0.1)
-    )
-    even = assign_shards(labels, names(10), SplitConfig(val_fraction=0.0, num_shards=5))
+    skewed = assign_shards(labels, names(10), SplitConfig(val_fraction=0.0, workers=5, split="dirichlet", alpha=0.1))
+    even = assign_shards(labels, names(10), SplitConfig(val_fraction=0.0, workers=5))
 
     # Assert
     def largest_share(part: torch.Tensor) -> float:
@@ -230,8 +220,8 @@ def test_a_label_outside_the_class_names_is_not_dropped_silently() -> None:
     # Prepare: label 5 (and -1) index no class of ("a", "b"); the design says nothing is dropped silently.
     labels = torch.tensor([0, 1, 0, 1, 5, 0, 1, -1, 0, 1])
 
-    for strategy in SPLIT_STRATEGIES:
-        config = SplitConfig(val_fraction=0.0, num_shards=2, strategy=strategy)
+    for split in SPLITS:
+        config = SplitConfig(val_fraction=0.0, workers=2, split=split)
         # Execute: either a clear error, or every example assigned.
         try:
             parts = assign_shards(labels, ("a", "b"), config)
@@ -244,46 +234,46 @@ def test_a_label_outside_the_class_names_is_not_dropped_silently() -> None:
 # ------------------------------------------------------------------------------------- SplitConfig
 
 
-def test_split_config_rejects_an_unknown_strategy_and_lists_the_allowed_ones() -> None:
+def test_split_config_rejects_an_unknown_split_and_lists_the_allowed_ones() -> None:
     with pytest.raises(MicrofedError, match=r"'random'") as info:
-        SplitConfig(val_fraction=0.0, num_shards=2, strategy="random")
+        SplitConfig(val_fraction=0.0, workers=2, split="random")
     for allowed in ("stratified", "iid", "dirichlet"):
         assert allowed in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [0, -1])
 def test_split_config_rejects_fewer_than_one_shard(bad: int) -> None:
-    with pytest.raises(MicrofedError, match=rf"at least 1, got {bad}"):
-        SplitConfig(val_fraction=0.0, num_shards=bad)
+    with pytest.raises(MicrofedError, match=rf"workers must be an integer from 1 to 99,999, got {bad}"):
+        SplitConfig(val_fraction=0.0, workers=bad)
 
 
 @pytest.mark.parametrize("ratios", [(1.0,), (1.0, 2.0, 3.0)])
 def test_split_config_rejects_ratios_of_the_wrong_length(ratios: tuple[float, ...]) -> None:
     with pytest.raises(MicrofedError, match=rf"ratios has {len(ratios)} values but there are 2 workers"):
-        SplitConfig(val_fraction=0.0, num_shards=2, ratios=ratios)
+        SplitConfig(val_fraction=0.0, workers=2, ratios=ratios)
 
 
 @pytest.mark.parametrize("ratios", [(1.0, 0.0), (1.0, -1.0), (1.0, math.nan)])
 def test_split_config_rejects_non_positive_ratios(ratios: tuple[float, ...]) -> None:
     with pytest.raises(MicrofedError, match="ratios must be positive"):
-        SplitConfig(val_fraction=0.0, num_shards=2, ratios=ratios)
+        SplitConfig(val_fraction=0.0, workers=2, ratios=ratios)
 
 
 def test_split_config_rejects_ratios_for_dirichlet() -> None:
     with pytest.raises(MicrofedError, match="not dirichlet"):
-        SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", ratios=(1.0, 1.0))
+        SplitConfig(val_fraction=0.0, workers=2, split="dirichlet", ratios=(1.0, 1.0))
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.5, math.nan, math.inf])
 def test_split_config_rejects_a_non_positive_alpha(alpha: float) -> None:
-    with pytest.raises(MicrofedError, match="alpha must be a positive number"):
-        SplitConfig(val_fraction=0.0, num_shards=2, strategy="dirichlet", alpha=alpha)
+    with pytest.raises(MicrofedError, match="alpha must be a finite number greater than 0"):
+        SplitConfig(val_fraction=0.0, workers=2, split="dirichlet", alpha=alpha)
 
 
 def test_split_config_is_frozen_and_keyword_only() -> None:
-    config: Any = SplitConfig(val_fraction=0.0, num_shards=2)  # Any: these misuses are the point of the test
+    config: Any = SplitConfig(val_fraction=0.0, workers=2)  # Any: these misuses are the point of the test
     with pytest.raises(AttributeError):
-        config.num_shards = 3
+        config.workers = 3
     with pytest.raises(TypeError):
         cast(Any, SplitConfig)(2)
 
@@ -364,8 +354,8 @@ def dataset() -> LoadedDataset:
     return LoadedDataset(name="synthetic", train=train, test=test)
 
 
-def written(dataset: LoadedDataset, out: Path, num_shards: int = 3) -> dict[str, object]:
-    return write_shards(dataset, out, SplitConfig(val_fraction=0.0, num_shards=num_shards, seed=7))
+def written(dataset: LoadedDataset, out: Path, workers: int = 3) -> dict[str, object]:
+    return write_shards(dataset, out, SplitConfig(val_fraction=0.0, workers=workers, seed=7))
 
 
 def test_shards_round_trip_to_the_training_set(dataset: LoadedDataset, tmp_path: Path) -> None:
@@ -398,7 +388,7 @@ def test_shard_manifests_describe_their_shard(dataset: LoadedDataset, tmp_path: 
         assert m["class_names"] == list(dataset.train.class_names)
         assert m["image_shape"] == [3, 4, 5]
         assert m["mean"] == pytest.approx(mean) and m["std"] == pytest.approx(std)  # training set only
-        assert m["split"]["strategy"] == "stratified" and m["split"]["seed"] == 7
+        assert m["split"]["split"] == "stratified" and m["split"]["seed"] == 7
         data = (tmp_path / f"shard-{i:05d}.safetensors").read_bytes()
         assert m["sha256"] == hashlib.sha256(data).hexdigest()
     test = load_test_set(tmp_path).manifest

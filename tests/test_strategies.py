@@ -12,13 +12,14 @@ from torch import nn
 from microfed.training.aggregation import batchnorm_keys, proximal_step, server_update
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_safetensors
+from microfed.training.layout import micro_model_file
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, load_shard, read_dataset_manifest, write_shards
 from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_train import train_step
 from microfed.training.strategies import Strategy
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
-from microfed.training.worker import WorkerConfig, micro_model_name
+from microfed.training.worker import WorkerConfig
 from tests.conftest import synthetic_dataset
 
 OPTIM = OptimConfig(batch_size=16, lr=0.01, precision="fp32")
@@ -28,14 +29,14 @@ OPTIM = OptimConfig(batch_size=16, lr=0.01, precision="fp32")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("strategies") / "shards"
     data = synthetic_dataset(n_train=150, n_test=40)
-    write_shards(data, out, SplitConfig(num_shards=2, ratios=(1, 2), val_fraction=0.2))
+    write_shards(data, out, SplitConfig(workers=2, ratios=(1, 2), val_fraction=0.2))
     return out
 
 
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("strategies") / "one"
-    write_shards(synthetic_dataset(n_train=96, n_test=20), out, SplitConfig(val_fraction=0.0, num_shards=1))
+    write_shards(synthetic_dataset(n_train=96, n_test=20), out, SplitConfig(val_fraction=0.0, workers=1))
     return out
 
 
@@ -177,7 +178,7 @@ def test_fedavgm_with_momentum_0_equals_fedavg(shards: Path, tmp_path: Path) -> 
 @pytest.mark.integration
 def test_ddp_ranks_train_one_model_on_unequal_shards(shards: Path, tmp_path: Path) -> None:
     train(shards, tmp_path, 2, strategy=Strategy(name="ddp"))
-    micro = [read_safetensors(tmp_path / "micro" / micro_model_name(r))[0] for r in range(2)]
+    micro = [read_safetensors(tmp_path / "micro" / micro_model_file(r))[0] for r in range(2)]
     assert_same(micro[0], micro[1])  # one model (BatchNorm statistics settled in-job)
     job = read_json(tmp_path / "micro" / "job.json")
     # both ranks took as many steps per epoch as the larger shard (80 examples / 16 = 5)
@@ -203,8 +204,8 @@ def test_the_aggregate_step_keeps_the_round_with_the_best_validation_accuracy(sh
     assert normal["val_accuracy"] == best_acc
     # spoil round 2: micro-models of untrained weights; round 1's model must now win
     for r in range(2):
-        state, meta = read_safetensors(micro / micro_model_name(r))
-        write_safetensors(micro / micro_model_name(r), {k: torch.zeros_like(v) for k, v in state.items()}, meta)
+        state, meta = read_safetensors(micro / micro_model_file(r))
+        write_safetensors(micro / micro_model_file(r), {k: torch.zeros_like(v) for k, v in state.items()}, meta)
     spoiled = aggregate_step(micro, tmp_path / "spoiled", shards)
     assert spoiled["selected_round"] == 1
     assert spoiled["val_history"][1]["val_accuracy"] < spoiled["val_history"][0]["val_accuracy"]
@@ -221,7 +222,7 @@ def test_patience_stops_when_validation_accuracy_stops_improving(shards: Path, t
     train(shards, tmp_path, 2, rounds=5, patience=1, optim=frozen)
     job = read_json(tmp_path / "micro" / "job.json")
     assert all(len(w["rounds"]) == 2 and w["stopped_after_round"] == 2 for w in job["workers"])
-    assert read_safetensors(tmp_path / "micro" / micro_model_name(0))[1]["rounds"] == "2"
+    assert read_safetensors(tmp_path / "micro" / micro_model_file(0))[1]["rounds"] == "2"
     assert read_json(tmp_path / "micro" / "rounds.json")["stopped_after_round"] == 2
 
 

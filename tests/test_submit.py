@@ -310,3 +310,31 @@ def test_cli_submit_checks_parameters_before_uploading(kfp_server: FakeKfp, caps
 
     assert code == 2 and not kfp_server.requests
     assert "--rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"dataset": "/home/me/pets.zip"}, "the cluster cannot read paths on this machine"),
+        ({"model": "nets/my_net.py:make"}, "names a file on this machine"),
+        ({"rounds": 0}, "rounds must be an integer from 1"),
+        ({"launcher": "slurm"}, "unknown launcher 'slurm'"),
+        ({"split_ratios": "1,2"}, "split_ratios has 2 values but there are 3 workers"),
+    ],
+)
+def test_submit_itself_refuses_what_the_cluster_cannot_run_before_any_request(
+    kfp_server: FakeKfp, arguments: dict[str, Any], message: str
+) -> None:
+    # the notebook calls submit() directly: the same rules as the CLI, before anything reaches the server
+    with pytest.raises(MicrofedError, match=message):
+        submit(kfp_server.url, arguments, namespace=None, experiment="microfed")
+    assert not kfp_server.requests
+
+
+def test_cli_submit_sends_the_cluster_settings(kfp_server: FakeKfp) -> None:
+    flags = ["--job-namespace", "team-a", "--accelerators", "none", "--timeout-minutes", "90", "--launcher", "local"]
+    assert main(["submit", "--host", kfp_server.url, "--namespace", "profile-a", *flags]) == 0
+    (run,) = kfp_server.runs
+    params = run["runtime_config"]["parameters"]
+    assert (params["job_namespace"], params["accelerators"], params["timeout_minutes"]) == ("team-a", "none", 90)
+    assert params["launcher"] == "local" and kfp_server.experiments[0]["namespace"] == "profile-a"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from microfed.training import step_train
+from microfed.training.layout import USAGE_CACHE_FILE
 from microfed.training.models import ModelConfig
 from microfed.training.resources import (
     MEASURED_MEMORY_HEADROOM,
@@ -25,7 +26,6 @@ from microfed.training.shards import SplitConfig, write_shards
 from microfed.training.storage import read_bytes, write_bytes
 from microfed.training.train import OptimConfig
 from microfed.training.usage import (
-    CACHE_FILE,
     Usage,
     UsageKey,
     UsageMonitor,
@@ -229,7 +229,7 @@ MEASURED = MeasuredUsage(
 def test_cache_round_trips(base: str) -> None:
     assert read_measured(base, KEY) == {}  # no cache yet
     uri = update_cache(base, KEY, MEASURED, {"replicas": 3})
-    assert uri == cache_uri(base) and uri.endswith(CACHE_FILE)
+    assert uri == cache_uri(base) and uri.endswith(USAGE_CACHE_FILE)
     cuda = MeasuredUsage(
         device="cuda", memory_fixed_bytes=2 * GIB, bytes_per_example=PER_EXAMPLE, cpu_cores=1.0,
         gpu_memory_fixed_bytes=GIB,
@@ -250,7 +250,7 @@ def test_cache_round_trips(base: str) -> None:
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"version": 99, "entries": {}}'])
 def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tmp_path: Path, content: bytes) -> None:
-    uri = str(tmp_path / CACHE_FILE)
+    uri = str(tmp_path / USAGE_CACHE_FILE)
     write_bytes(uri, content)
     with pytest.warns(UserWarning, match=f"usage cache {uri} is unreadable and ignored"):
         assert read_measured(str(tmp_path), KEY) == {}
@@ -264,7 +264,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tmp_path: Path, 
 
 def test_a_malformed_entry_is_ignored_with_a_warning(tmp_path: Path) -> None:
     bad = {"version": 1, "entries": {KEY.text(): {"cpu": {"memory_fixed_bytes": "lots"}, "cuda": []}}}
-    (tmp_path / CACHE_FILE).write_text(json.dumps(bad))
+    (tmp_path / USAGE_CACHE_FILE).write_text(json.dumps(bad))
     with pytest.warns(UserWarning, match="is malformed and ignored"):
         assert read_measured(str(tmp_path), KEY) == {}
 
@@ -317,9 +317,25 @@ def test_measured_memory_that_fits_no_replica_is_reported() -> None:
 def write_dataset_manifest(folder: Path, shard_sizes: list[int]) -> Path:
     folder.mkdir(parents=True)
     manifest = {
-        "image_shape": [1, 28, 28],
+        "dataset": "synthetic",
         "class_names": [str(i) for i in range(10)],
+        "image_shape": [1, 28, 28],
+        "mean": [0.5],
+        "std": [0.25],
+        "split": {
+            "split": "iid",
+            "seed": 0,
+            "alpha": 0.5,
+            "ratios": None,
+            "workers": len(shard_sizes),
+            "val_fraction": 0.0,
+        },
+        "num_skipped_files": 0,
+        "num_train_examples": sum(shard_sizes),
+        "num_val_examples": 0,
+        "num_test_examples": 0,
         "shards": [{"num_examples": n} for n in shard_sizes],
+        "skipped_files": [],
     }
     (folder / "dataset.json").write_text(json.dumps(manifest))
     return folder
@@ -344,7 +360,7 @@ def test_the_usage_cache_changes_the_next_plan_of_the_train_step(base: str, tmp_
 def test_a_local_train_step_records_usage_and_fills_the_cache(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     write_shards(
-        synthetic_dataset(n_train=120, n_test=60), shards, SplitConfig(val_fraction=0.0, num_shards=2, ratios=(1, 2))
+        synthetic_dataset(n_train=120, n_test=60), shards, SplitConfig(val_fraction=0.0, workers=2, ratios=(1, 2))
     )
     cfg = WorkerConfig(
         shards=shards,
@@ -356,14 +372,14 @@ def test_a_local_train_step_records_usage_and_fills_the_cache(tmp_path: Path) ->
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
     cache = str(tmp_path / "root")
-    job = step_train.train_step(cfg, world_size=2, usage_cache=cache)
+    job = step_train.train_step(cfg, workers=2, usage_cache=cache)
     for w in job["workers"]:
         u = Usage.from_dict(w["usage"])
         assert u.memory_peak_bytes > 100 * MIB and u.cpu_seconds > 0 and u.epoch_seconds_mean is not None
     report = job["usage"]
     assert report["plan"].startswith("the plan a cluster run would have got")
     assert [r["rank"] for r in report["replicas"]] == [0, 1]
-    assert report["cache"] == os.path.join(cache, CACHE_FILE)
+    assert report["cache"] == os.path.join(cache, USAGE_CACHE_FILE)
     assert report["lowest_utilisation"]["memory"] > 0
     o = cfg.optim
     key = UsageKey(

@@ -21,6 +21,7 @@ from microfed.training.aggregation import weighted_average
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors
 from microfed.training.launch import EXIT_PEER_LOST, WorkerFailed, free_port, launch_local
+from microfed.training.layout import micro_model_file
 from microfed.training.shards import SplitConfig, write_shards
 from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_evaluate import evaluate_step
@@ -32,7 +33,6 @@ from microfed.training.worker import (
     WorkerConfig,
     collective_timeout,
     config_to_argv,
-    micro_model_name,
     parse_config,
     stall_timeout,
 )
@@ -46,7 +46,7 @@ def shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
     # 150 examples: 30 held out for validation, 120 into shards of 40 and 80
     data = synthetic_dataset(n_train=150, n_test=60)
-    write_shards(data, out, SplitConfig(num_shards=2, ratios=(1, 2), val_fraction=0.2))
+    write_shards(data, out, SplitConfig(workers=2, ratios=(1, 2), val_fraction=0.2))
     return out
 
 
@@ -89,7 +89,7 @@ def test_worker_by_hand_with_torchrun_two_gloo_processes(shards: Path, tmp_path:
     # shard RANK is what each worker trained on: ratios 1:2 of 120 examples
     assert [r["n_k"] for r in records] == [40, 80]
     for rank, rec in enumerate(records):
-        _, meta = read_safetensors(out / micro_model_name(rank))
+        _, meta = read_safetensors(out / micro_model_file(rank))
         assert meta["n_k"] == str(rec["n_k"]) and meta["rank"] == str(rank)
         assert len(rec["rounds"]) == 2
     # the ranks evaluated the in-job average of round 1 on the validation split (never the test set); the last
@@ -118,12 +118,12 @@ def test_launcher_runs_the_same_worker_and_the_pipeline_steps_finish_it(shards: 
         threads=1,
         optim=OptimConfig(batch_size=16, lr=0.01),
     )
-    job = train_step(cfg, world_size=2)
+    job = train_step(cfg, workers=2)
     assert [w["n_k"] for w in job["workers"]] == [40, 80]
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-00000.log", "worker-00001.log"]
     agg = aggregate_step(out, tmp_path / "model")
     assert agg["weights"] == pytest.approx([1 / 3, 2 / 3])
-    states = [read_safetensors(out / micro_model_name(r))[0] for r in range(2)]
+    states = [read_safetensors(out / micro_model_file(r))[0] for r in range(2)]
     global_state, meta = read_safetensors(tmp_path / "model" / "model.safetensors")
     expected = weighted_average(states, [40, 80])
     assert meta["n"] == "120"

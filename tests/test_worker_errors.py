@@ -122,7 +122,7 @@ def factories(tmp_path: Path) -> Path:
 def shards(tmp_path: Path, workers: int) -> Path:
     out = tmp_path / f"shards-{workers}"
     # 120 examples: shards of 40 and 80 for two workers
-    split = SplitConfig(val_fraction=0.0, num_shards=workers, ratios=(1, 2) if workers == 2 else None)
+    split = SplitConfig(val_fraction=0.0, workers=workers, ratios=(1, 2) if workers == 2 else None)
     write_shards(synthetic_dataset(n_train=120, n_test=30), out, split)
     return out
 
@@ -349,7 +349,7 @@ def test_the_worker_refuses_nan_from_its_command_line_in_one_line(
     assert worker.main(["--shards", "s", "--out", "o", "--weight-decay", "nan"]) == 2
     assert capsys.readouterr().err == (
         "[microfed worker] error: weight_decay must be a finite number at least 0 and at most 3.40282e+38, got nan "
-        "(set the pipeline parameter weight_decay or the worker's --weight-decay)\n"
+        "(set the pipeline parameter weight_decay (--weight-decay))\n"
     )
 
 
@@ -357,5 +357,5 @@ def test_a_configuration_error_names_the_worker_flag_and_the_pipeline_parameter(
     with pytest.raises(MicrofedError) as caught:
         WorkerConfig(shards="s", out="o", rounds=0)
     assert caught.value.hint == (
-        "round checkpoints are numbered with five digits; set the pipeline parameter rounds or the worker's --rounds"
+        "round checkpoints are numbered with five digits; set the pipeline parameter rounds (--rounds)"
     )

@@ -21,7 +21,6 @@ the zombie of a restarted rank 0, fails instead of overwriting). Nothing here un
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import CHECKPOINT_DIR, round_checkpoint_file, round_of_checkpoint
 from microfed.training.storage import join, list_files, read_bytes, write_bytes
 
 __all__ = [
@@ -51,10 +51,8 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
 FORMAT = "microfed.checkpoint/v1"
 _META_KEY = "microfed"
-_NAME = re.compile(r"round-(\d{5})\.safetensors")
 
 
 @dataclass
@@ -230,7 +228,7 @@ def parse_checkpoint(data: bytes, name: str) -> Checkpoint:
 
 
 def checkpoint_uri(out: str, round_: int) -> str:
-    return join(out, CHECKPOINT_DIR, f"round-{round_:05d}.safetensors")
+    return join(out, CHECKPOINT_DIR, round_checkpoint_file(round_))
 
 
 def write_checkpoint(out: str, round_: int, data: bytes) -> str:
@@ -242,7 +240,7 @@ def write_checkpoint(out: str, round_: int, data: bytes) -> str:
 
 def latest_round(out: str) -> int:
     """The highest round with a committed checkpoint under `out`, or 0 when there is none."""
-    rounds = [int(m.group(1)) for name in list_files(join(out, CHECKPOINT_DIR)) if (m := _NAME.fullmatch(name))]
+    rounds = [r for name in list_files(join(out, CHECKPOINT_DIR)) if (r := round_of_checkpoint(name)) is not None]
     return max(rounds, default=0)
 
 

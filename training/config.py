@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -26,12 +27,13 @@ from microfed.training.errors import MicrofedError
 __all__ = [
     "AUGMENTATIONS",
     "FLOAT32_MAX",
+    "LAUNCHERS",
     "MAX_EXACT_INT",
     "MAX_NUMBERED",
     "OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",
-    "SPLIT_STRATEGIES",
+    "SPLITS",
     "ClusterConfig",
     "ConfigField",
     "DataConfig",
@@ -52,17 +54,23 @@ __all__ = [
 from microfed.training.config_checks import (
     _KFP_EXACT,
     AUGMENTATIONS,
+    BAD_IMAGES,
     FLOAT32_MAX,
+    LAUNCHERS,
     MAX_EXACT_INT,
     MAX_NUMBERED,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
     SPLIT,
-    SPLIT_STRATEGIES,
+    SPLITS,
+    SUBMIT,
     TRAIN,
+    check_choice,
+    check_image_size,
     check_ranges,
     param,
+    parse_ratios,
     require_float,
     require_int,
 )
@@ -99,6 +107,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if not self.dataset.strip():
+            raise MicrofedError("dataset is empty", hint="`microfed run --help` lists what --dataset accepts")
+        check_choice("bad_images", self.bad_images, BAD_IMAGES)
+        check_image_size(self.image_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,10 +143,22 @@ class SplitSection:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.split not in SPLIT_STRATEGIES:
-            raise MicrofedError(
-                f"unknown split strategy {self.split!r}", hint=f"use one of {', '.join(SPLIT_STRATEGIES)}"
-            )
+        check_choice("split", self.split, SPLITS)
+        ratios = self.ratios()
+        if ratios is not None:
+            if len(ratios) != self.workers:
+                raise MicrofedError(
+                    f"split_ratios has {len(ratios)} values but there are {self.workers} workers",
+                    hint="give one ratio per worker (--split-ratios)",
+                )
+            if not all(math.isfinite(r) and r > 0 for r in ratios):
+                raise MicrofedError(f"split_ratios must be positive numbers, got {list(ratios)}")
+            if self.split == "dirichlet":
+                raise MicrofedError("split_ratios apply to stratified and iid splits, not dirichlet")
+
+    def ratios(self) -> tuple[float, ...] | None:
+        """The relative shard sizes `split_ratios` gives; None for equal sizes."""
+        return parse_ratios(self.split_ratios)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,11 +166,8 @@ class OptimConfig:
     """Optimiser, schedule and augmentation of the local train loop (the optim section of RunConfig)."""
 
     optimizer: str = param("adam", "adam, adamw or sgd", steps=(TRAIN,), worker=True)
-    """`adam`, `adamw` or `sgd` (with Nesterov momentum)."""
     lr: float = param(3e-3, "peak learning rate", steps=(TRAIN,), worker=True, floats=(0.0, False, FLOAT32_MAX, True))
-    """Peak learning rate."""
     weight_decay: float = param(0.0, "weight decay", steps=(TRAIN,), worker=True, floats=(0.0, True, FLOAT32_MAX, True))
-    """L2 penalty (decoupled for adamw)."""
     momentum: float = param(
         0.9,
         "SGD's (Nesterov) momentum; ignored by adam and adamw",
@@ -154,7 +175,6 @@ class OptimConfig:
         worker=True,
         floats=(0.0, True, 1.0, False),
     )
-    """SGD momentum; ignored by Adam."""
     schedule: str = param(
         "cosine", "cosine (warm-up, then decay over all rounds) or constant", steps=(TRAIN,), worker=True
     )
@@ -166,26 +186,22 @@ class OptimConfig:
         worker=True,
         floats=(0.0, True, 1.0, False),
     )
-    """Share of all steps spent warming up (cosine only)."""
     augment: str = param("none", "none, flip, crop or crop-flip", steps=(TRAIN,), worker=True)
-    """`none`, `flip` (horizontal), `crop` (pad 2, random crop), or `crop-flip`."""
     batch_size: int = param(
         128, "examples per step on each worker", steps=(TRAIN,), worker=True, ints=(1, MAX_EXACT_INT, _KFP_EXACT)
     )
-    """Examples per step on each worker."""
     precision: str = param("auto", "auto (bf16 where the hardware has it), fp32 or bf16", steps=(TRAIN,), worker=True)
     """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
     AVX512-BF16/AMX, CUDA GPUs that support bf16), else fp32. Evaluation always runs in fp32."""
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("schedule", self.schedule, SCHEDULES),
-            ("augment", self.augment, AUGMENTATIONS),
-            ("precision", self.precision, PRECISIONS),
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("augment", AUGMENTATIONS),
+            ("precision", PRECISIONS),
         ):
-            if value not in allowed:
-                raise MicrofedError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
+            check_choice(name, getattr(self, name), allowed)
         check_ranges(self, names=("lr", "weight_decay"))
         # from 1 up no gradient is ever forgotten (the steps grow); torch's Nesterov SGD refuses 0
         sgd = self.optimizer == "sgd"
@@ -271,10 +287,11 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if not self.model.strip():
+            raise MicrofedError("model is empty", hint="`microfed run --help` lists what --model accepts")
 
 
-# Not CLI options: `microfed run` always runs its workers as local processes, and `submit`'s --namespace is the
-# profile's (the Kubeflow UI sets these for a cluster run).
+# `microfed run` always runs its workers as local processes: the cluster settings are options of `submit` only.
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     """Where the train step runs its workers, and the measured-usage cache its plans start from."""
@@ -283,30 +300,46 @@ class ClusterConfig:
         "pytorchjob",
         "local (processes in the train step) or pytorchjob (a Training Operator job)",
         steps=(TRAIN,),
-        cli=False,
+        cli=(SUBMIT,),
     )
-    namespace: str = param("", "namespace of the PyTorchJob; empty = the train step's own", steps=(TRAIN,), cli=False)
+    job_namespace: str = param(
+        "",
+        "namespace of the PyTorchJob; empty = the train step's own (the profile's on a multi-user installation)",
+        steps=(TRAIN,),
+        cli=(SUBMIT,),
+    )
     accelerators: str = param(
         "none,nvidia-tesla-t4",
         "accelerators the resource plan may choose from, comma-separated",
         steps=(TRAIN,),
-        cli=False,
+        cli=(SUBMIT,),
     )
     timeout_minutes: int = param(
-        720, "overall wait for the PyTorchJob, capacity waits included", steps=(TRAIN,), cli=False
+        720,
+        "overall wait for the PyTorchJob, capacity waits included",
+        steps=(TRAIN,),
+        cli=(SUBMIT,),
+        ints=(1, MAX_EXACT_INT, _KFP_EXACT),
     )
     service_account: str = param(
-        "pipeline-runner", "Kubernetes service account of the replicas (Workload Identity)", steps=(TRAIN,), cli=False
+        "pipeline-runner",
+        "Kubernetes service account of the replicas (Workload Identity)",
+        steps=(TRAIN,),
+        cli=(SUBMIT,),
     )
     pool_max_nodes: int = param(
-        0, "the training pool's maximum node count (0 = the cluster's own)", steps=(TRAIN,), cli=False
+        0,
+        "the training pool's maximum node count (0 = the cluster's own)",
+        steps=(TRAIN,),
+        cli=(SUBMIT,),
+        ints=(0, MAX_EXACT_INT, f"0: the cluster's own; {_KFP_EXACT}"),
     )
     collective_timeout_minutes: int = param(
         0,
         "bound on every collective and the rendezvous, minutes; 0 = from the plan's round time",
         steps=(TRAIN,),
-        cli=False,
         worker=True,
+        ints=(0, MAX_EXACT_INT, f"0: from the plan's round time; {_KFP_EXACT}"),
     )
     usage_cache: str = param(
         "",
@@ -314,6 +347,11 @@ class ClusterConfig:
         "empty: next to the pipeline root (runs/ for `run`), off: none",
         steps=(TRAIN,),
     )
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise MicrofedError(f"unknown launcher {self.launcher!r}", hint=f"use one of {', '.join(LAUNCHERS)}")
+        check_ranges(self)
 
 
 _SECTIONS: dict[str, type] = {
@@ -374,7 +412,7 @@ class ConfigField:
     default: Any
     help: str
     steps: tuple[str, ...]
-    cli: bool
+    cli: tuple[str, ...]
     worker: bool
     ints: tuple[int, int, str] | None
     floats: tuple[float, bool, float, bool] | None

@@ -12,21 +12,30 @@ from collections.abc import Iterable
 from dataclasses import field
 from typing import Any
 
+from microfed.training.dataset_limits import MAX_IMAGE_PIXELS
 from microfed.training.errors import MicrofedError
 
 __all__ = [
     "AUGMENTATIONS",
+    "BAD_IMAGES",
     "FLOAT32_MAX",
+    "LAUNCHERS",
     "MAX_EXACT_INT",
     "MAX_NUMBERED",
+    "MIN_IMAGE_SIDE",
     "OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",
     "SPLIT",
-    "SPLIT_STRATEGIES",
+    "RUN",
+    "SPLITS",
+    "SUBMIT",
     "TRAIN",
+    "check_choice",
+    "check_image_size",
     "check_ranges",
     "param",
+    "parse_ratios",
     "require_float",
     "require_int",
 ]
@@ -35,7 +44,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 PRECISIONS = ("auto", "fp32", "bf16")
-SPLIT_STRATEGIES = ("stratified", "iid", "dirichlet")
+SPLITS = ("stratified", "iid", "dirichlet")
+LAUNCHERS = ("local", "pytorchjob")
+BAD_IMAGES = ("fail", "skip")
+# Smallest side (pixels) an image may have; the two 2x2 poolings of the CNNs (training/models.py) need at least 4,
+# and anything below 8 is almost certainly a mix-up of height and channels.
+MIN_IMAGE_SIDE = 8
 # The learning rate, weight decay, mu and the server learning rate become float32 scalars of torch operations: a
 # larger value is inf there.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -90,12 +104,15 @@ def require_int(
 
 
 def _where(name: str, flag: str, pipeline: bool) -> str:
-    places = [f"the pipeline parameter {name}"] * pipeline + [f"the worker's {flag}"] * bool(flag)
-    return f"set {' or '.join(places)}" if places else ""
+    """Where the value is set: the pipeline parameter (the Kubeflow UI) and the flag (`microfed`, the worker)."""
+    if pipeline:
+        return f"set the pipeline parameter {name}" + (f" ({flag})" if flag else "")
+    return f"set {flag}" if flag else ""
 
 
-# Where a parameter goes besides the pipeline: the components that take it, the CLI, the worker's command line.
+# Where a parameter goes besides the pipeline: the components that take it, the CLI commands, the worker's flags.
 SPLIT, TRAIN = "split_dataset", "train"
+RUN, SUBMIT = "run", "submit"
 
 
 def param(
@@ -103,16 +120,47 @@ def param(
     help: str,
     *,
     steps: tuple[str, ...],
-    cli: bool = True,
+    cli: tuple[str, ...] = (RUN, SUBMIT),
     worker: bool = False,
     ints: tuple[int, int, str] | None = None,
     floats: tuple[float, bool, float, bool] | None = None,
 ) -> Any:
     """A config field: its default, its one-line help (CLI and worker --help), the components that take it
-    (`steps`), whether it is a CLI option and a worker flag, and its range: `ints` (least, most, why) or `floats`
-    (least, least allowed, most, most allowed; always finite)."""
+    (`steps`), the `microfed` commands that have it as an option (`cli`), whether it is a worker flag, and its
+    range: `ints` (least, most, why) or `floats` (least, least allowed, most, most allowed; always finite)."""
     meta = {"help": help, "steps": steps, "cli": cli, "worker": worker, "ints": ints, "floats": floats}
     return field(default=default, metadata=meta)
+
+
+def check_image_size(size: object) -> None:
+    """0 keeps the images' size; else the side of the square images: as large as one image may be when decoded."""
+    most = math.isqrt(MAX_IMAGE_PIXELS)
+    if not isinstance(size, int) or isinstance(size, bool) or not (size == 0 or MIN_IMAGE_SIDE <= size <= most):
+        raise MicrofedError(
+            f"image_size must be 0 (keep the images' size) or from {MIN_IMAGE_SIDE} to {most}, got {size!r}",
+            hint=f"the models need at least {MIN_IMAGE_SIDE} pixels a side; one image may have at most "
+            f"{MAX_IMAGE_PIXELS:,} pixels (--image-size)",
+        )
+
+
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
+    """Refuse a value that is not one of `allowed`, naming the field and its flag."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        flag = "--" + name.replace("_", "-")
+        raise MicrofedError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)} ({flag})")
+
+
+def parse_ratios(text: str) -> tuple[float, ...] | None:
+    """`"1,2,1"` → (1.0, 2.0, 1.0); an empty string means equal shard sizes (None)."""
+    if not text.strip():
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise MicrofedError(
+            f"split_ratios {text!r} is not a comma-separated list of numbers", hint="e.g. --split-ratios 1,2,1"
+        ) from None
 
 
 def check_ranges(section: object, *, names: Iterable[str] | None = None) -> None:
@@ -122,6 +170,8 @@ def check_ranges(section: object, *, names: Iterable[str] | None = None) -> None
         if names is not None and f.name not in names:
             continue
         value, flag = getattr(section, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, str) and "\0" in value:
+            raise MicrofedError(f"{f.name} {value!r} holds a NUL character", hint=f"check the value of {flag}")
         if f.metadata.get("ints"):
             low, high, why = f.metadata["ints"]
             require_int(f.name, value, low=low, high=high, flag=flag, pipeline=True, why=why)

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from microfed.training.step_log import event
+
 __all__ = ["ERROR_FILE_ENV", "MicrofedError", "read_error_records", "reported_errors"]
 
 # Set by `microfed run` for the pipeline steps it starts (pipelines/local_run.py): the file a failing step
@@ -37,8 +39,9 @@ def reported_errors() -> Iterator[None]:
     kfp.local runs each step in a subprocess whose only channel back is its log, where a traceback can span
     many lines and a message several (a failed worker's carries its log tail). With ERROR_FILE_ENV set, the
     error is appended there as one JSON line (type, message, hint, whether it is a MicrofedError or an
-    OSError, i.e. about the user's input or machine, rather than a bug). Without it (a cluster, a test) this
-    only re-raises: the step still fails with its traceback in the log, as before.
+    OSError, i.e. about the user's input or machine, rather than a bug), and the same as an `error` event
+    (training/step_log.py). Without them (a cluster, a test) this only re-raises: the step still fails with its
+    traceback in the log, as before.
     """
     try:
         yield
@@ -50,15 +53,16 @@ def reported_errors() -> Iterator[None]:
 
 
 def _record(exc: Exception) -> None:
-    path = os.environ.get(ERROR_FILE_ENV)
-    if not path:
-        return
     record = {
         "type": type(exc).__name__,
         "message": exc.message if isinstance(exc, MicrofedError) else str(exc),
         "hint": exc.hint if isinstance(exc, MicrofedError) else "",
         "user": isinstance(exc, MicrofedError | OSError),
     }
+    event("error", **record)  # for the progress display (training/step_log.py); this file is for the run's error
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 

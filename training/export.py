@@ -30,9 +30,11 @@ from torch import nn
 
 from microfed.training.errors import MicrofedError
 from microfed.training.io import atomic_write_bytes, read_json, sha256_bytes, sha256_file, write_json
-from microfed.training.model_files import MODEL_FILE, ModelCard, load_model
+from microfed.training.layout import GLOBAL_MODEL_FILE, ONNX_MODEL_FILE, SIDECAR_FILE, TORCHSCRIPT_MODEL_FILE
+from microfed.training.model_files import ModelCard, load_model
 from microfed.training.predict import disable_onnxruntime_telemetry
 from microfed.training.shards import load_test_set
+from microfed.training.step_export import EXPORT_DEFAULTS
 
 __all__ = [
     "EXPORT_FILES",
@@ -44,8 +46,7 @@ __all__ = [
 ]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript")
-EXPORT_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-SIDECAR_FILE = "model.json"
+EXPORT_FILES: dict[str, str] = {"onnx": ONNX_MODEL_FILE, "torchscript": TORCHSCRIPT_MODEL_FILE}
 SIDECAR_FORMAT = "microfed.export/v1"
 # ONNX metadata_props key holding the model section of the sidecar (class names, input, preprocessing).
 ONNX_METADATA_KEY = "microfed"
@@ -81,9 +82,9 @@ def export_model(
     model_dir: str | Path,
     out_dir: str | Path,
     *,
-    fmt: str = "onnx",
+    fmt: str = EXPORT_DEFAULTS["export_format"],
     parity_images: torch.Tensor | None = None,
-    tolerance: float = 1e-4,
+    tolerance: float = EXPORT_DEFAULTS["tolerance"],
     model_code: str | None = None,
     allow_changed_model_code: bool = False,
     trust_recorded_code: bool = False,
@@ -145,12 +146,12 @@ def export_model(
     # Model file first, sidecar last: a sidecar entry always describes a complete file.
     path = out / EXPORT_FILES[fmt]
     atomic_write_bytes(path, data)
-    sidecar = _merged_sidecar(out / SIDECAR_FILE, model_info, sha256_file(model_dir / MODEL_FILE), fmt, entry)
+    sidecar = _merged_sidecar(out / SIDECAR_FILE, model_info, sha256_file(model_dir / GLOBAL_MODEL_FILE), fmt, entry)
     write_json(out / SIDECAR_FILE, sidecar)
     return {**entry, "format": fmt, "path": str(path), "sidecar": str(out / SIDECAR_FILE)}
 
 
-def parity_images_from_shards(shards_dir: str | Path, limit: int = 64) -> torch.Tensor:
+def parity_images_from_shards(shards_dir: str | Path, limit: int = EXPORT_DEFAULTS["parity_images"]) -> torch.Tensor:
     """The first `limit` test images of a shards folder (checksum verified), uint8 (N, C, H, W)."""
     if limit < 1:
         raise MicrofedError(f"parity image count must be at least 1, got {limit}")
@@ -211,7 +212,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, model_info: dict[str, 
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="microfed-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
+        path = Path(tmp) / ONNX_MODEL_FILE
         torch.onnx.export(
             model,
             (example,),
@@ -302,7 +303,7 @@ def _merged_sidecar(
     return {
         "format": SIDECAR_FORMAT,
         **model_info,
-        "source": {"file": MODEL_FILE, "sha256": source_sha256},
+        "source": {"file": GLOBAL_MODEL_FILE, "sha256": source_sha256},
         "exports": dict(sorted(exports.items())),
     }
 

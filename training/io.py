@@ -1,6 +1,8 @@
 """Files that are never half-written: write to a temporary name in the same folder, then rename.
 
-Everything on a data or model path is safetensors or JSON; nothing here unpickles.
+Everything on a data or model path is safetensors or JSON; nothing here unpickles. Importing this module imports
+no torch (training/layout.py reads and writes the JSON records with it, and `microfed predict` runs without
+torch): the safetensors functions import it when called.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from microfed.training.errors import MicrofedError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "atomic_write_bytes",
@@ -76,6 +77,8 @@ def write_safetensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:
     """Atomically write tensors (moved to CPU, made contiguous) and return the bytes written."""
+    from safetensors.torch import save as st_save
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = _sorted_header(st_save(cpu, metadata=dict(metadata) if metadata else None))
     atomic_write_bytes(path, data)
@@ -93,6 +96,8 @@ def _sorted_header(data: bytes) -> bytes:
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and the string metadata stored in a safetensors file."""
+    from safetensors.torch import load as st_load
+
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -30,6 +30,7 @@ from microfed.training.job_status import (
     unschedulable,
 )
 from microfed.training.launch import EXIT_PEER_LOST
+from microfed.training.layout import pod_log_file
 from microfed.training.pytorchjob_backend import JobBackend
 
 __all__ = ["Api", "JobFailed", "JobTerminated", "JobTimeout", "JobUnschedulable", "Watch", "WatchPolicy"]
@@ -182,7 +183,7 @@ class Watch:
             text = self.api(f"read the log of {pod}", lambda: self.api.backend.pod_log(pod))
         except Exception as e:  # a pod that never started, or is already gone, has no log: say so in the file
             text = f"(no log: {_first_line(e)})\n"
-        path = self.log_dir / f"{pod}{suffix}.log"
+        path = self.log_dir / pod_log_file(pod, suffix)
         atomic_write_bytes(path, text.encode())
         if not suffix:
             self.logs[pod] = path
@@ -237,7 +238,7 @@ class Watch:
 
     def _tail(self, pod: str) -> str:
         """The last lines of the newest saved log of `pod` (a restarted pod's own log, when it was saved)."""
-        paths = sorted(self.log_dir.glob(f"{pod}*.log"), key=lambda p: p.stat().st_mtime_ns)
+        paths = sorted(self.log_dir.glob(pod_log_file(pod, "*")), key=lambda p: p.stat().st_mtime_ns)
         return _tail(paths[-1].read_text(errors="replace")) if paths else "(no log was saved)"
 
     # --- pods that never start ---------------------------------------------------------------------------

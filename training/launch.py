@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import progress_file, worker_log_file
+from microfed.training.step_log import event
 
 __all__ = [
     "DEFAULT_MAX_RESTARTS",
@@ -93,11 +95,6 @@ class WorkerStalled(MicrofedError):
             "if the worker is only slow, raise collective_timeout_minutes (--collective-timeout-minutes)",
         )
         self.rank, self.doing, self.idle_seconds, self.log_path = rank, doing, idle_seconds, log_path
-
-
-def progress_file(rank: int) -> str:
-    """The name of worker `rank`'s progress record in the PROGRESS_DIR_ENV folder."""
-    return f"progress-{rank:05d}.json"
 
 
 def format_duration(seconds: float) -> str:
@@ -183,6 +180,7 @@ class _StallWatch:
             elif p.rank in self.warned:
                 self.warned.discard(p.rank)
                 print(f"[microfed] worker {p.rank} is making progress again ({i.doing})", flush=True)
+                event("worker_progressing", rank=p.rank, doing=i.doing)
         return idle
 
     def check(self) -> None:
@@ -196,6 +194,14 @@ class _StallWatch:
                     f"while {i.doing}; the run fails if it makes none for {format_duration(i.timeout)} (the "
                     f"collective timeout); its log is {i.proc.log_path}",
                     flush=True,
+                )
+                event(
+                    "worker_stalled",
+                    rank=i.proc.rank,
+                    doing=i.doing,
+                    idle_seconds=round(i.seconds, 1),
+                    timeout_seconds=i.timeout,
+                    log=str(i.proc.log_path),
                 )
 
     def stalled(self) -> WorkerStalled | None:
@@ -217,7 +223,7 @@ class _Idle:
 
 
 def launch_local(
-    world_size: int,
+    workers: int,
     worker_args: Sequence[str],
     *,
     log_dir: str | Path,
@@ -226,17 +232,18 @@ def launch_local(
     poll_seconds: float = 0.2,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> list[Path]:
-    """Run `python -m module worker_args` as WORLD_SIZE processes; return the log paths when all succeed.
+    """Run `python -m module worker_args` as `workers` processes (WORLD_SIZE); return the log paths when all
+    succeed.
 
     A group that fails with a fault (see the module docstring) is started again, at most `max_restarts` times.
     """
-    if world_size < 1:
-        raise MicrofedError(f"workers must be at least 1, got {world_size}")
+    if workers < 1:
+        raise MicrofedError(f"workers must be at least 1, got {workers}")
     if max_restarts < 0:
         raise MicrofedError(f"max_restarts must be >= 0, got {max_restarts}")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    logs = [log_dir / f"worker-{rank:05d}.log" for rank in range(world_size)]
+    logs = [log_dir / worker_log_file(rank) for rank in range(workers)]
     echoed = 0
     # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _in_main_thread() else None
@@ -245,7 +252,7 @@ def launch_local(
             for attempt in range(max_restarts + 1):
                 procs: list[_Proc] = []
                 try:
-                    procs = _start(world_size, worker_args, module, logs, attempt, Path(progress))
+                    procs = _start(workers, worker_args, module, logs, attempt, Path(progress))
                     echoed = _wait(procs, _StallWatch(Path(progress), procs), echo_rank0, poll_seconds, echoed)
                     return logs
                 except _GroupFailed as failed:
@@ -255,9 +262,17 @@ def launch_local(
                     if not failed.restartable or attempt == max_restarts:
                         raise WorkerFailed(f.rank, f.returncode, f.log_path, f.log_tail, restarts=attempt) from None
                     print(
-                        f"[microfed] worker {f.rank} {_describe(f.returncode)}: restarting all {world_size} workers "
+                        f"[microfed] worker {f.rank} {_describe(f.returncode)}: restarting all {workers} workers "
                         f"(restart {attempt + 1} of at most {max_restarts})",
                         flush=True,
+                    )
+                    event(
+                        "group_restart",
+                        rank=f.rank,
+                        returncode=f.returncode,
+                        restart=attempt + 1,
+                        max_restarts=max_restarts,
+                        workers=workers,
                     )
                 finally:
                     _stop(procs)

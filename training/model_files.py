@@ -23,6 +23,7 @@ from torch import nn
 
 from microfed.training.errors import MicrofedError
 from microfed.training.io import read_json, read_safetensors, write_json, write_safetensors
+from microfed.training.layout import GLOBAL_MODEL_FILE, MODEL_CONFIG_FILE, DatasetInfo
 from microfed.training.models import (
     FactoryDigestError,
     ModelConfig,
@@ -32,10 +33,8 @@ from microfed.training.models import (
     factory_sha256,
 )
 
-__all__ = ["MODEL_CONFIG_FILE", "MODEL_FILE", "ModelCard", "load_model", "save_model"]
+__all__ = ["ModelCard", "load_model", "save_model"]
 
-MODEL_FILE = "model.safetensors"
-MODEL_CONFIG_FILE = "model_config.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHANGED_FLAG = "--allow-changed-model-code"
 
@@ -84,7 +83,7 @@ class ModelCard:
         return card
 
     @classmethod
-    def from_manifest(cls, architecture: ModelConfig, manifest: dict[str, Any]) -> ModelCard:
+    def from_manifest(cls, architecture: ModelConfig, manifest: DatasetInfo) -> ModelCard:
         """The card of a model about to be trained; a factory file's sha256 is read now, before training."""
         return cls(
             architecture=architecture,
@@ -100,7 +99,7 @@ def save_model(
     state: dict[str, torch.Tensor],
     card: ModelCard,
     metadata: dict[str, str] | None = None,
-    filename: str = MODEL_FILE,
+    filename: str = GLOBAL_MODEL_FILE,
 ) -> Path:
     out = Path(out_dir)
     path = out / filename
@@ -111,7 +110,7 @@ def save_model(
 
 def load_model(
     model_dir: str | Path,
-    filename: str = MODEL_FILE,
+    filename: str = GLOBAL_MODEL_FILE,
     *,
     model_code: str | None = None,
     allow_changed_model_code: bool = False,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 # Relative, so import sorting does not depend on whether ruff knows `microfed` as first-party.
+from .config_checks import MIN_IMAGE_SIDE
 from .errors import MicrofedError
 from .models_builtin import BUILDERS
 from .models_factory import (
@@ -56,10 +57,6 @@ MODEL_NAMES: tuple[str, ...] = (
     "efficientnet_v2_s",
     "mobilenet_v3_small",
 )
-
-# Smallest side (pixels) an image may have; the two 2x2 poolings of the CNNs need at least 4, and anything
-# below 8 is almost certainly a mix-up of height and channels.
-MIN_IMAGE_SIDE = 8
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,17 +27,15 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import USAGE_CACHE_FILE
 from microfed.training.storage import SCHEME, is_gcs, join
 
 __all__ = [
     "PIPELINE_ROOT_HINT",
-    "USAGE_CACHE_FILE",
     "check_replica_uris",
     "pipeline_root_from_artifact_uri",
     "usage_cache_uri",
 ]
-
-USAGE_CACHE_FILE = "usage-cache.json"
 
 # The driver's output URI salt: uuid.NewString(), the canonical 36-character form.
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

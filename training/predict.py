@@ -29,13 +29,12 @@ from PIL import Image
 
 from microfed.training.errors import MicrofedError
 from microfed.training.image_decode import DECODE_ERRORS, decode_chw, decode_reason
+from microfed.training.layout import ONNX_MODEL_FILE, SIDECAR_FILE
 from microfed.training.text import printable
 
 __all__ = ["Prediction", "Predictor", "add_arguments", "disable_onnxruntime_telemetry", "main", "predict", "run"]
 
-SIDECAR_FILE = "model.json"  # export.SIDECAR_FILE; not imported from there, which imports torch
-ONNX_METADATA_KEY = "microfed"  # export.ONNX_METADATA_KEY
-MODEL_FILE = "model.onnx"  # what a model folder is searched for
+ONNX_METADATA_KEY = "microfed"  # export.ONNX_METADATA_KEY; not imported from there, which imports torch
 _DESCRIPTION = "Classify image files with a model exported by `microfed export` (ONNX Runtime, no torch)."
 # Images decoded and run per ONNX Runtime call: bounds memory for long file lists.
 _BATCH = 32
@@ -171,7 +170,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _resolve_model(path: Path) -> Path:
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = path / ONNX_MODEL_FILE  # what a model folder is searched for
     if not path.is_file():
         raise MicrofedError(f"{path}: model file not found", hint="give the model.onnx that `microfed export` wrote")
     if path.suffix == ".pt":

@@ -46,7 +46,7 @@ def render_report(
     metrics: what `evaluate_step` returns (metrics.json). An optional `micro_model_accuracy` list (test
         accuracy of each micro-model, by rank) makes the global-versus-micro-model comparison a test-set one.
     config: the run's parameters (pipeline arguments); shown as a table.
-    dataset: the split step's dataset.json (split strategy, alpha, seed, image shape, normalisation).
+    dataset: the split step's dataset manifest (the split, its alpha and seed, image shape, normalisation).
     workers: the train step's worker records (job.json's `workers`): per-epoch loss and accuracy of every
         micro-model; without them the page uses metrics' per-round training loss only.
     plan: the resource plan of one replica; defaults to metrics' `resource_plan`.

@@ -177,20 +177,20 @@ def _round_ends(x: Sequence[float]) -> list[int]:
 
 
 def split_info(run: Run) -> str:
-    """The split strategy with its alpha (Dirichlet) and seed, e.g. "dirichlet split (alpha 0.5, seed 0)"."""
+    """The split with its alpha (Dirichlet) and seed, e.g. "dirichlet split (alpha 0.5, seed 0)"."""
     split = run.dataset.get("split") or {}
-    strategy = split.get("strategy") or run.config.get("split") or run.config.get("strategy")
-    if not strategy:
+    kind = split.get("split") or run.config.get("split")
+    if not kind:
         return ""
     seed = split.get("seed", run.config.get("seed"))
     extra = []
-    if strategy == "dirichlet":
+    if kind == "dirichlet":
         alpha = split.get("alpha", run.config.get("alpha"))
         if alpha is not None:
             extra.append(f"alpha {alpha}")
     if seed is not None:
         extra.append(f"seed {seed}")
-    return f"{strategy} split" + (f" ({', '.join(extra)})" if extra else "")
+    return f"{kind} split" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def headline(run: Run) -> str:

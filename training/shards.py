@@ -2,7 +2,7 @@
 
 A *shard* is the part of the training set one worker trains on: uint8 images (N, C, H, W) and int64 labels
 in safetensors, plus a JSON manifest (n_k = `num_examples`, class names and histogram, image shape, the
-normalisation statistics of the whole training set, split strategy and seed, the number of image files the
+normalisation statistics of the whole training set, the split and its seed, the number of image files the
 loader skipped as unreadable (`num_skipped_files`; dataset.json names them), and a checksum of the tensors
 file). Every training example lands in exactly one shard. The test set is written once, beside the shards.
 """
@@ -11,21 +11,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from microfed.training.config import SPLIT_STRATEGIES, LoopConfig, SplitSection
+from microfed.training.config import SPLITS, LoopConfig, SplitSection
+from microfed.training.config_checks import parse_ratios
 from microfed.training.datasets import ImageData, LoadedDataset
 from microfed.training.errors import MicrofedError
-from microfed.training.io import read_json, read_safetensors, sha256_bytes, sha256_file, write_json
+from microfed.training.io import read_safetensors, sha256_bytes, sha256_file
 from microfed.training.io import write_safetensors as _write_st
+from microfed.training.layout import (
+    TEST_FILES,
+    VAL_FILES,
+    DatasetInfo,
+    DatasetManifest,
+    PartFiles,
+    PartManifest,
+    ShardEntry,
+    SkippedFile,
+    read_dataset_manifest,
+    read_part_manifest,
+    shard_files,
+    write_dataset_manifest,
+    write_part_manifest,
+)
 
 __all__ = [
-    "SPLIT_STRATEGIES",
+    "SPLITS",
     "Shard",
     "SplitConfig",
     "assign_shards",
@@ -52,9 +67,9 @@ _SPLIT, _LOOP = SplitSection(), LoopConfig()
 class SplitConfig:
     """How training examples are divided among workers."""
 
-    num_shards: int
+    workers: int
     """Number of shards, one per worker (the PyTorchJob's WORLD_SIZE)."""
-    strategy: str = _SPLIT.split
+    split: str = _SPLIT.split
     """`stratified`: every shard gets the class proportions of the whole; `iid`: a uniform random split;
     `dirichlet`: per-class shard proportions drawn from Dirichlet(alpha), i.e. label skew."""
     ratios: tuple[float, ...] | None = None
@@ -68,26 +83,15 @@ class SplitConfig:
     selects the best round; 0 = none."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 0.5):
-            raise MicrofedError(f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
-        if self.num_shards < 1:
-            raise MicrofedError(f"workers must be at least 1, got {self.num_shards}")
-        if self.strategy not in SPLIT_STRATEGIES:
-            raise MicrofedError(
-                f"unknown split strategy {self.strategy!r}", hint=f"use one of {', '.join(SPLIT_STRATEGIES)}"
-            )
-        if self.ratios is not None:
-            if len(self.ratios) != self.num_shards:
-                raise MicrofedError(
-                    f"split ratios has {len(self.ratios)} values but there are {self.num_shards} workers",
-                    hint="give one ratio per worker",
-                )
-            if not all(math.isfinite(r) and r > 0 for r in self.ratios):
-                raise MicrofedError(f"split ratios must be positive numbers, got {list(self.ratios)}")
-            if self.strategy == "dirichlet":
-                raise MicrofedError("split ratios apply to stratified and iid splits, not dirichlet")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise MicrofedError(f"dirichlet alpha must be a positive number, got {self.alpha}")
+        # the ranges and rules of RunConfig's split section (training/config.py), whose field this is
+        ratios = "" if self.ratios is None else ",".join(repr(float(r)) for r in self.ratios)
+        SplitSection(
+            workers=self.workers,
+            split=self.split,
+            split_ratios=ratios,
+            alpha=self.alpha,
+            val_fraction=self.val_fraction,
+        )
 
 
 @dataclass(frozen=True)
@@ -96,23 +100,11 @@ class Shard:
 
     images: torch.Tensor
     labels: torch.Tensor
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: PartManifest | None = None
 
     @property
     def num_examples(self) -> int:
         return int(self.labels.numel())
-
-
-def parse_ratios(text: str) -> tuple[float, ...] | None:
-    """`"1,2,1"` → (1.0, 2.0, 1.0); an empty string means equal shard sizes (None)."""
-    if not text.strip():
-        return None
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise MicrofedError(
-            f"--split-ratios {text!r} is not a comma-separated list of numbers", hint="e.g. --split-ratios 1,2,1"
-        ) from None
 
 
 def _largest_remainder(total: int, ratios: Sequence[float]) -> list[int]:
@@ -136,13 +128,13 @@ def assign_shards(labels: torch.Tensor, class_names: Sequence[str], config: Spli
     if y.size and (y.min() < 0 or y.max() >= len(class_names)):
         bad = sorted({int(v) for v in y if not 0 <= v < len(class_names)})[:5]
         raise MicrofedError(f"labels {bad} are outside the {len(class_names)} class names; no example may be dropped")
-    k = config.num_shards
+    k = config.workers
     ratios = list(config.ratios) if config.ratios else [1.0] * k
-    if config.strategy == "iid":
+    if config.split == "iid":
         perm = rng.permutation(len(y))
         bounds = np.cumsum([0, *_largest_remainder(len(y), ratios)])
         parts = [perm[bounds[i] : bounds[i + 1]] for i in range(k)]
-    elif config.strategy == "stratified":
+    elif config.split == "stratified":
         by_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(len(class_names))]
         counts = _stratified_counts([len(idx) for idx in by_class], ratios)
         for name, idx, cls_counts in zip(class_names, by_class, counts, strict=True):
@@ -270,51 +262,60 @@ def _histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
 
 
 def _write_part(
-    out: Path, stem: str, images: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]
-) -> dict[str, Any]:
-    data = _write_st(out / f"{stem}.safetensors", {"images": images, "labels": labels})
-    manifest = {
+    out: Path, files: PartFiles, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, shard: int | None
+) -> PartManifest:
+    data = _write_st(out / files.tensors, {"images": images, "labels": labels})
+    manifest: PartManifest = {
         **info,
-        "file": f"{stem}.safetensors",
+        "shard": shard,
+        "file": files.tensors,
         "num_examples": int(labels.numel()),
         "class_histogram": _histogram(labels, len(info["class_names"])),
         "sha256": sha256_bytes(data),
     }
-    write_json(out / f"{stem}.json", manifest)
+    write_part_manifest(out / files.manifest, manifest)
     return manifest
 
 
-def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfig) -> dict[str, Any]:
-    """Write `shard-0000i.{safetensors,json}` for each worker, `test.*`, and `dataset.json`; return the latter."""
+def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfig) -> DatasetManifest:
+    """Write `shard_files(i)` for each worker, TEST_FILES, VAL_FILES (when one is held out) and the dataset
+    manifest (training/layout.py); return the latter."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = holdout(dataset.train, config.val_fraction, config.seed)
     mean, std = normalisation_stats(train.images)
-    common = {
+    common: DatasetInfo = {
         "dataset": dataset.name,
         "class_names": list(train.class_names),
         "image_shape": list(train.images.shape[1:]),
         "mean": mean,
         "std": std,
         "split": {
-            "strategy": config.strategy,
+            "split": config.split,
             "seed": config.seed,
             "alpha": config.alpha,
             "ratios": list(config.ratios) if config.ratios else None,
-            "num_shards": config.num_shards,
+            "workers": config.workers,
             "val_fraction": config.val_fraction,
         },
         "num_skipped_files": len(train.skipped) + len(dataset.test.skipped),
     }
-    shards = []
+    shards: list[ShardEntry] = []
     for i, idx in enumerate(assign_shards(train.labels, train.class_names, config)):
-        m = _write_part(out, f"shard-{i:05d}", train.images[idx], train.labels[idx], {**common, "shard": i})
-        shards.append({k: m[k] for k in ("file", "num_examples", "class_histogram", "sha256")})
-    test = _write_part(out, "test", dataset.test.images, dataset.test.labels, {**common, "shard": None})
+        m = _write_part(out, shard_files(i), train.images[idx], train.labels[idx], common, i)
+        shards.append(
+            {
+                "file": m["file"],
+                "num_examples": m["num_examples"],
+                "class_histogram": m["class_histogram"],
+                "sha256": m["sha256"],
+            }
+        )
+    test = _write_part(out, TEST_FILES, dataset.test.images, dataset.test.labels, common, None)
     num_val = 0
     if val is not None:
-        num_val = _write_part(out, "val", val.images, val.labels, {**common, "shard": None})["num_examples"]
-    summary = {
+        num_val = _write_part(out, VAL_FILES, val.images, val.labels, common, None)["num_examples"]
+    summary: DatasetManifest = {
         **common,
         "num_train_examples": int(train.labels.numel()),
         "num_val_examples": num_val,
@@ -322,13 +323,13 @@ def write_shards(dataset: LoadedDataset, out_dir: str | Path, config: SplitConfi
         "shards": shards,
         "skipped_files": _skipped(dataset),
     }
-    write_json(out / "dataset.json", summary)
+    write_dataset_manifest(out, summary)
     return summary
 
 
-def _skipped(dataset: LoadedDataset) -> list[dict[str, str]]:
+def _skipped(dataset: LoadedDataset) -> list[SkippedFile]:
     """The image files the loader left out (bad_images='skip'), listed up to _MAX_SKIPPED_LISTED."""
-    files = [
+    files: list[SkippedFile] = [
         {"split": split, "file": f.file, "reason": f.reason}
         for split, data in (("train", dataset.train), ("test", dataset.test))
         for f in data.skipped
@@ -336,17 +337,12 @@ def _skipped(dataset: LoadedDataset) -> list[dict[str, str]]:
     return files[:_MAX_SKIPPED_LISTED]
 
 
-def read_dataset_manifest(shards_dir: str | Path) -> dict[str, Any]:
-    manifest: dict[str, Any] = read_json(Path(shards_dir) / "dataset.json")
-    return manifest
-
-
-def _load_part(path_stem: Path) -> Shard:
-    manifest = read_json(path_stem.with_suffix(".json"))
-    st_path = path_stem.with_suffix(".safetensors")
+def _load_part(folder: Path, files: PartFiles) -> Shard:
+    manifest = read_part_manifest(folder / files.manifest)
+    st_path = folder / files.tensors
     if sha256_file(st_path) != manifest["sha256"]:
         raise MicrofedError(
-            f"{st_path}: checksum does not match {path_stem.with_suffix('.json').name}",
+            f"{st_path}: checksum does not match {files.manifest}",
             hint="the shard is corrupt or was changed; run the split step again",
         )
     tensors, _ = read_safetensors(st_path)
@@ -362,14 +358,14 @@ def load_shard(shards_dir: str | Path, index: int) -> Shard:
             f"{shards_dir}: there are {count} shards, so RANK must be 0..{count - 1}, got {index}",
             hint="start as many workers as the split step made shards",
         )
-    return _load_part(Path(shards_dir) / f"shard-{index:05d}")
+    return _load_part(Path(shards_dir), shard_files(index))
 
 
 def load_test_set(shards_dir: str | Path) -> Shard:
-    return _load_part(Path(shards_dir) / "test")
+    return _load_part(Path(shards_dir), TEST_FILES)
 
 
 def load_val_set(shards_dir: str | Path) -> Shard | None:
     """The validation split, or None when the split step held none out."""
-    stem = Path(shards_dir) / "val"
-    return _load_part(stem) if stem.with_suffix(".json").exists() else None
+    folder = Path(shards_dir)
+    return _load_part(folder, VAL_FILES) if (folder / VAL_FILES.manifest).exists() else None

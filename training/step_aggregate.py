@@ -20,24 +20,37 @@ from microfed.training.aggregation import check_same_architecture
 from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import read_json, read_safetensors, write_json
-from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard, save_model
+from microfed.training.layout import (
+    AGGREGATE_FILE,
+    BEST_ROUND_FILE,
+    DATASET_FILE,
+    JOB_FILE,
+    MODEL_CONFIG_FILE,
+    ROUNDS_FILE,
+    SERVER_STATE_FILE,
+    VAL_FILES,
+    parse_job_record,
+    read_job_record,
+    worker_record_file,
+)
+from microfed.training.model_files import ModelCard, save_model
 from microfed.training.models import build_model
 from microfed.training.shards import load_val_set
-from microfed.training.step_log import log
+from microfed.training.step_log import log, step
 from microfed.training.storage import exists, join, read_bytes, staged_input, staged_output
 from microfed.training.strategies import Strategy, unpack_server_state
 from microfed.training.train import Preprocess
-from microfed.training.worker import BEST_ROUND_FILE, ROUNDS_FILE, SERVER_STATE_FILE
 
 __all__ = ["aggregate_step"]
 
 
+@step("aggregate")
 def aggregate_step(
     micro_dir: str | Path, out_dir: str | Path, shards_dir: str | Path | None = None, batch_size: int = 512
 ) -> dict[str, Any]:
-    """Combine the micro-models listed in `job.json` by the job's strategy (its `combine_final`: the weighted
-    average, n_k / n, and a server optimizer's last step; ddp's single model passed through) and write the global
-    model.
+    """Combine the micro-models listed in the job record (JOB_FILE) by the job's strategy (its `combine_final`: the
+    weighted average, n_k / n, and a server optimizer's last step; ddp's single model passed through) and write the
+    global model.
 
     With `shards_dir` holding a validation split, the result is round R's model or the best earlier round's,
     whichever has the higher validation accuracy (ties: the earlier round).
@@ -45,26 +58,27 @@ def aggregate_step(
     start = time.perf_counter()
     # only what the average reads: not the workers' logs or checkpoints
     extra = [f for f in (ROUNDS_FILE, BEST_ROUND_FILE, SERVER_STATE_FILE) if exists(join(micro_dir, f))]
-    files = ["job.json", MODEL_CONFIG_FILE, *_micro_model_files(micro_dir), *extra]
+    files = [JOB_FILE, MODEL_CONFIG_FILE, *_micro_model_files(micro_dir), *extra]
     with contextlib.ExitStack() as stack:
         micro = stack.enter_context(staged_input(micro_dir, only=files))
         shards = None
-        if shards_dir is not None and exists(join(shards_dir, "val.json")):
-            shards = stack.enter_context(staged_input(shards_dir, only=["dataset.json", "val.safetensors", "val.json"]))
+        if shards_dir is not None and exists(join(shards_dir, VAL_FILES.manifest)):
+            shards = stack.enter_context(staged_input(shards_dir, only=[DATASET_FILE, *VAL_FILES]))
         out = stack.enter_context(staged_output(out_dir))
         record = _aggregate(micro, out, shards, batch_size)
         record["seconds"] = time.perf_counter() - start
-        write_json(out / "aggregate.json", record)
+        write_json(out / AGGREGATE_FILE, record)
     return record
 
 
 def _micro_model_files(micro_dir: str | Path) -> list[str]:
-    job = json.loads(read_bytes(join(micro_dir, "job.json")))
-    return [str(w["file"]) for w in job["workers"]]
+    uri = join(micro_dir, JOB_FILE)
+    job = parse_job_record(json.loads(read_bytes(uri)), uri)
+    return [w["file"] for w in job["workers"]]
 
 
 def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> dict[str, Any]:
-    job = read_json(micro / "job.json")
+    job = read_job_record(micro)
     states, weights, names, metas = [], [], [], []
     for w in job["workers"]:
         state, meta = read_safetensors(micro / w["file"])
@@ -72,7 +86,7 @@ def _aggregate(micro: Path, out: Path, shards: Path | None, batch_size: int) -> 
         if meta.get("n_k") != str(w["n_k"]):
             raise MicrofedError(
                 f"{micro / w['file']}: n_k {meta.get('n_k')} in the file disagrees with "
-                f"worker-{w['rank']:05d}.json ({w['n_k']})"
+                f"{worker_record_file(w['rank'])} ({w['n_k']})"
             )
         states.append(state)
         weights.append(float(w["n_k"]))

@@ -12,13 +12,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from microfed.training.config import DataConfig
 from microfed.training.datasets import LoadedDataset, load_dataset
-from microfed.training.io import write_json
+from microfed.training.layout import DatasetManifest, write_dataset_manifest
 from microfed.training.shards import SplitConfig, subsample, write_shards
-from microfed.training.step_log import log
+from microfed.training.step_log import log, step
 from microfed.training.storage import is_gcs, staged_file, staged_input, staged_output
 
 __all__ = ["SplitOptions", "split_step"]
@@ -43,7 +42,8 @@ class SplitOptions:
     count in the manifest."""
 
 
-def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -> dict[str, Any]:
+@step("split")
+def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -> DatasetManifest:
     """Decode the dataset once and write the shards; returns the dataset manifest (with `seconds`)."""
     start = time.perf_counter()
     with _staged_source(options.source) as source, staged_output(out_dir) as out:
@@ -54,10 +54,10 @@ def split_step(options: SplitOptions, split: SplitConfig, out_dir: str | Path) -
         test = subsample(data.test, options.test_limit, split.seed)
         summary = write_shards(LoadedDataset(name=data.name, train=train, test=test), out, split)
         summary["seconds"] = time.perf_counter() - start
-        write_json(out / "dataset.json", summary)
+        write_dataset_manifest(out, summary)
     log(
-        f"split {data.name}: {summary['num_train_examples']} training examples into {split.num_shards} "
-        f"{split.strategy} shards of {[s['num_examples'] for s in summary['shards']]}, "
+        f"split {data.name}: {summary['num_train_examples']} training examples into {split.workers} "
+        f"{split.split} shards of {[s['num_examples'] for s in summary['shards']]}, "
         f"{summary['num_test_examples']} test examples ({summary['seconds']:.1f} s)"
     )
     return summary

@@ -19,9 +19,19 @@ from typing import TYPE_CHECKING, Any
 from microfed.training.config import ClusterConfig
 from microfed.training.errors import MicrofedError
 from microfed.training.launch import launch_local
+from microfed.training.layout import (
+    DATASET_FILE,
+    JOB_FILE,
+    LOGS_DIR,
+    JobRecord,
+    WorkerRecord,
+    parse_dataset_manifest,
+    parse_worker_record,
+    worker_record_file,
+)
 from microfed.training.models import ModelConfig
 from microfed.training.resources import ResourcePlan, format_plan, plan_resources
-from microfed.training.step_log import log
+from microfed.training.step_log import event, log, step
 from microfed.training.step_train_cluster import run_on_cluster
 from microfed.training.storage import is_gcs, join, read_bytes, upload_tree, write_bytes
 from microfed.training.usage import UsageKey, job_usage, measured_from_workers, read_measured, update_cache
@@ -74,15 +84,16 @@ class ClusterOptions:
     behind it), None means infra/'s Standard defaults."""
 
 
+@step("train")
 def train_step(
     cfg: WorkerConfig,
-    world_size: int,
+    workers: int,
     *,
     cluster: ClusterOptions | None = None,
     log_dir: Path | None = None,
     usage_cache: str = "",
-) -> dict[str, Any]:
-    """Run one worker per shard, locally (processes) or as a PyTorchJob; returns the job record.
+) -> JobRecord:
+    """Run `workers` workers, one per shard, locally (processes) or as a PyTorchJob; returns the job record.
 
     Worker logs go to `log_dir` (a temporary folder when None) and are uploaded beside the micro-models,
     also when the job fails. `usage_cache` is the measured-usage cache (microfed.training.usage): a local path
@@ -92,15 +103,16 @@ def train_step(
     the plan a cluster run on CPU would have got).
     """
     start = time.perf_counter()
-    log(f"train: {world_size} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
+    log(f"train: {workers} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
+    event("train_plan", workers=workers, rounds=cfg.rounds, local_epochs=cfg.local_epochs, model=cfg.model)
     plan = None
     with tempfile.TemporaryDirectory() as tmp:
         # local output: logs go straight to their place (errors name files that stay); gs://: uploaded after
-        logs = log_dir or (Path(tmp) if is_gcs(cfg.out) else Path(cfg.out) / "logs")
+        logs = log_dir or (Path(tmp) if is_gcs(cfg.out) else Path(cfg.out) / LOGS_DIR)
         logs.mkdir(parents=True, exist_ok=True)
         try:
             if cluster is None:
-                launch_local(world_size, config_to_argv(cfg), log_dir=logs)
+                launch_local(workers, config_to_argv(cfg), log_dir=logs)
             else:
                 from microfed.training.image import image_torch_variant, usable_accelerators
 
@@ -108,27 +120,32 @@ def train_step(
                 plan = _plan(
                     cfg, usable_accelerators(cluster.accelerators, image_torch_variant(), log=log), usage_cache
                 )
-                run_on_cluster(cfg, world_size, cluster, plan, logs)
+                run_on_cluster(cfg, workers, cluster, plan, logs)
         finally:
             if any(logs.iterdir()):
-                upload_tree(logs, join(cfg.out, "logs"))
-    workers = [json.loads(read_bytes(join(cfg.out, f"worker-{r:05d}.json"))) for r in range(world_size)]
-    record = {
-        "world_size": world_size,
+                upload_tree(logs, join(cfg.out, LOGS_DIR))
+    records = [_read_worker_record(cfg.out, r) for r in range(workers)]
+    record: JobRecord = {
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),  # paths as text
-        "workers": workers,
+        "workers": records,
         "plan": plan.to_dict() if plan else None,
-        "usage": _job_usage(cfg, workers, plan, usage_cache),
+        "usage": _job_usage(cfg, records, plan, usage_cache),
         "seconds": time.perf_counter() - start,
     }
-    write_bytes(join(cfg.out, "job.json"), json.dumps(record, indent=2, sort_keys=True).encode())
+    write_bytes(join(cfg.out, JOB_FILE), json.dumps(record, indent=2, sort_keys=True).encode())
     return record
+
+
+def _read_worker_record(out: str, rank: int) -> WorkerRecord:
+    uri = join(out, worker_record_file(rank))
+    return parse_worker_record(json.loads(read_bytes(uri)), uri)
 
 
 def _plan(cfg: WorkerConfig, accelerators: Sequence[str], usage_cache: str = "", note: str = "") -> ResourcePlan:
     """The resource plan of one replica, from the model and the largest shard, and from the measured-usage
     cache's entry for this work when there is one."""
-    summary = json.loads(read_bytes(join(cfg.shards, "dataset.json")))
+    uri = join(cfg.shards, DATASET_FILE)
+    summary = parse_dataset_manifest(json.loads(read_bytes(uri)), uri)
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
     key = UsageKey(
@@ -152,7 +169,7 @@ def _plan(cfg: WorkerConfig, accelerators: Sequence[str], usage_cache: str = "",
 
 
 def _job_usage(
-    cfg: WorkerConfig, workers: list[dict[str, Any]], plan: ResourcePlan | None, usage_cache: str
+    cfg: WorkerConfig, workers: list[WorkerRecord], plan: ResourcePlan | None, usage_cache: str
 ) -> dict[str, Any] | None:
     """The workers' measured use against the plan's requests, and their measurement into the usage cache.
 

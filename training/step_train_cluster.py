@@ -9,10 +9,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from microfed.training.layout import micro_model_file, worker_record_file
 from microfed.training.resources import ResourcePlan
 from microfed.training.step_log import log
 from microfed.training.storage import exists, join
-from microfed.training.worker import WorkerConfig, config_to_argv, micro_model_name
+from microfed.training.worker import WorkerConfig, config_to_argv
 
 if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only when a job is created
     from microfed.training.cluster import ClusterInfo
@@ -21,8 +22,8 @@ if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only when a job
 __all__ = ["run_on_cluster"]
 
 
-def run_on_cluster(cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path) -> None:
-    """Run the workers as one PyTorchJob of `world_size` replicas sized by `plan`, after refusing a job the cluster
+def run_on_cluster(cfg: WorkerConfig, workers: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path) -> None:
+    """Run the workers as one PyTorchJob of `workers` replicas sized by `plan`, after refusing a job the cluster
     can never hold; returns when the job succeeded with every worker's record and micro-model in `cfg.out`. The
     replicas' logs go to `logs`."""
     from microfed.training.pytorchjob import JobConfig, Placement, build_pytorchjob, job_name
@@ -30,14 +31,14 @@ def run_on_cluster(cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, 
 
     namespace = cluster.namespace or _own_namespace()
     info = _cluster_info(cluster)
-    _check_capacity(plan, world_size, cluster, info)
+    _check_capacity(plan, workers, cluster, info)
     worker = _replica_config(cfg, plan)
     job = build_pytorchjob(
         JobConfig(
             name=job_name(cluster.run_id, cluster.task),
             namespace=namespace,
             image=cluster.image,
-            workers=world_size,
+            workers=workers,
             worker_args=config_to_argv(worker),
             plan=plan,
             service_account=cluster.service_account or None,
@@ -57,7 +58,7 @@ def run_on_cluster(cfg: WorkerConfig, world_size: int, cluster: ClusterOptions, 
         capacity_wait_seconds=cluster.capacity_wait_seconds,
         memory_note=_memory_note(plan),
     )
-    missing = functools.partial(_missing_records, cfg.out, world_size)
+    missing = functools.partial(_missing_records, cfg.out, workers)
     outcome = run_pytorchjob(job, backend, policy=policy, log_dir=logs, outputs_missing=missing, log=log)
     restarts = f", replicas restarted: {outcome.restarts}" if outcome.restarts else ""
     log(
@@ -82,7 +83,7 @@ def _cluster_info(cluster: ClusterOptions) -> ClusterInfo:
     return read_cluster_info(_own_namespace(), log=log)
 
 
-def _check_capacity(plan: ResourcePlan, world_size: int, cluster: ClusterOptions, info: ClusterInfo) -> None:
+def _check_capacity(plan: ResourcePlan, workers: int, cluster: ClusterOptions, info: ClusterInfo) -> None:
     """Refuse, before the job exists, a job the cluster can never run."""
     from microfed.training.capacity import check_autopilot_pod, check_gpu_type, check_pool_capacity, pool_limits_of
 
@@ -92,17 +93,17 @@ def _check_capacity(plan: ResourcePlan, world_size: int, cluster: ClusterOptions
         limit = check_autopilot_pod(plan, log=log)
         spot = "Spot " if info.training_spot else ""
         log(
-            f"capacity: Autopilot, {world_size} {spot}pods of the {limit.compute_class} class (at most "
+            f"capacity: Autopilot, {workers} {spot}pods of the {limit.compute_class} class (at most "
             f"{limit.max_cpu:g} cores and {limit.max_memory_bytes / 2**30:g} GiB each); nodes come as pods need "
             "them, within the project's quota"
         )
         return
     # "max node group size reached" is permanent when the job needs more nodes than the pool may ever have
     limits = pool_limits_of(info, plan.accelerator, max_nodes=cluster.pool_max_nodes or None)
-    nodes = check_pool_capacity(plan, world_size, limits, log=log)
+    nodes = check_pool_capacity(plan, workers, limits, log=log)
     if nodes is not None:
         log(
-            f"capacity: {world_size} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool} "
+            f"capacity: {workers} replicas need {nodes} of at most {limits.max_nodes} nodes of {limits.pool} "
             f"({info.source})"
         )
 
@@ -123,10 +124,10 @@ def _replica_config(cfg: WorkerConfig, plan: ResourcePlan) -> WorkerConfig:
     return dataclasses.replace(cfg, threads=threads, collective_timeout_minutes=float(timeout))
 
 
-def _missing_records(out: str, world_size: int) -> list[int]:
+def _missing_records(out: str, workers: int) -> list[int]:
     """Ranks whose record or micro-model is not in `out` yet (a worker uploads its files in parallel)."""
-    names = [lambda r: f"worker-{r:05d}.json", micro_model_name]
-    return [r for r in range(world_size) if not all(exists(join(out, name(r))) for name in names)]
+    names = [worker_record_file, micro_model_file]
+    return [r for r in range(workers) if not all(exists(join(out, name(r))) for name in names)]
 
 
 def _memory_note(plan: ResourcePlan) -> str:

@@ -115,17 +115,28 @@ class Strategy:
         rule = REGISTRY.get(self.name)
         if rule is None:
             raise MicrofedError(f"unknown strategy {self.name!r}", hint=f"use one of {', '.join(REGISTRY)}")
+        # the ranges are RunConfig's (training/config.py); then 0 becomes the strategy's own learning rate
+        StrategyConfig(
+            strategy=self.name,
+            mu=self.mu,
+            server_momentum=self.server_momentum,
+            server_lr=self.server_lr,
+            fedbn=self.fedbn,
+        )
         if self.server_lr == 0:
             object.__setattr__(self, "server_lr", rule.default_server_lr)
-        if not (math.isfinite(self.mu) and self.mu >= 0):
-            raise MicrofedError(f"--mu must be a number >= 0, got {self.mu}")
-        if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
-            raise MicrofedError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise MicrofedError(
-                f"--server-lr must be a positive number, got {self.server_lr}", hint="0 uses the strategy's default"
-            )
         rule.check(self)
+
+    @classmethod
+    def from_config(cls, section: StrategyConfig) -> Strategy:
+        """The strategy of RunConfig's strategy section."""
+        return cls(
+            name=section.strategy,
+            mu=section.mu,
+            server_momentum=section.server_momentum,
+            server_lr=section.server_lr,
+            fedbn=section.fedbn,
+        )
 
     def build(self) -> FederatedStrategy:
         """The strategy's object, whose hooks act on these settings."""

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from microfed.training.errors import MicrofedError
+from microfed.training.layout import USAGE_CACHE_FILE
 from microfed.training.resources import MeasuredUsage, ResourcePlan, shard_bytes_per_example
 from microfed.training.storage import exists, join, read_bytes, write_bytes
 from microfed.training.usage_monitor import SAMPLE_SECONDS, Usage, UsageMonitor, find_cgroup
 
 __all__ = [
-    "CACHE_FILE",
     "REQUEST_UTILISATION_GOAL",
     "SAMPLE_SECONDS",
     "Usage",
@@ -41,7 +41,6 @@ __all__ = [
     "update_cache",
 ]
 
-CACHE_FILE = "usage-cache.json"
 CACHE_VERSION = 1
 # The issue's goal: measured use / requested above 75% (planned requests within 25% of measured peaks).
 REQUEST_UTILISATION_GOAL = 0.75
@@ -84,7 +83,7 @@ class UsageKey:
 
 def cache_uri(location: str) -> str:
     """The cache file: `location` itself when it names a .json file, else `usage-cache.json` inside it."""
-    return location if location.lower().endswith(".json") else join(location, CACHE_FILE)
+    return location if location.lower().endswith(".json") else join(location, USAGE_CACHE_FILE)
 
 
 def _read_entries(uri: str) -> dict[str, Any]:

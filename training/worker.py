@@ -50,15 +50,11 @@ import torch.distributed as dist
 from microfed.training.errors import MicrofedError
 from microfed.training.launch import EXIT_PEER_LOST, EXIT_USER_ERROR
 from microfed.training.worker_config import (
-    BEST_ROUND_FILE,
     DEFAULT_COLLECTIVE_TIMEOUT_MINUTES,
-    ROUNDS_FILE,
-    SERVER_STATE_FILE,
     WorkerConfig,
     build_parser,
     collective_timeout,
     config_to_argv,
-    micro_model_name,
     parse_config,
     stall_timeout,
 )
@@ -67,10 +63,7 @@ from microfed.training.worker_progress import Progress, progress, use
 from microfed.training.worker_rounds import run_worker
 
 __all__ = [
-    "BEST_ROUND_FILE",
     "DEFAULT_COLLECTIVE_TIMEOUT_MINUTES",
-    "ROUNDS_FILE",
-    "SERVER_STATE_FILE",
     "DistEnv",
     "PeerLost",
     "WorkerConfig",
@@ -78,7 +71,6 @@ __all__ = [
     "collective_timeout",
     "config_to_argv",
     "main",
-    "micro_model_name",
     "parse_config",
     "run_worker",
     "stall_timeout",

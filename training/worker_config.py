@@ -9,31 +9,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from microfed.training.config import ClusterConfig, LoopConfig, add_arguments, config_fields, to_argv
+from microfed.training.config import (
+    ClusterConfig,
+    LoopConfig,
+    RunConfig,
+    StrategyConfig,
+    add_arguments,
+    config_fields,
+    to_argv,
+)
 from microfed.training.errors import MicrofedError
 from microfed.training.strategies import Strategy, strategy_help
-from microfed.training.train import MAX_EXACT_INT, OptimConfig, require_float, require_int
+from microfed.training.train import OptimConfig, require_float, require_int
 
 __all__ = [
-    "BEST_ROUND_FILE",
     "DEFAULT_COLLECTIVE_TIMEOUT_MINUTES",
     "DEFAULT_STALL_FRACTION",
     "MAX_ROUNDS",
-    "ROUNDS_FILE",
-    "SERVER_STATE_FILE",
     "WorkerConfig",
     "build_parser",
     "collective_timeout",
     "config_to_argv",
-    "micro_model_name",
     "parse_config",
     "stall_timeout",
 ]
 
-ROUNDS_FILE = "rounds.json"  # rank 0: the strategy, every round's validation metrics, the best round
-BEST_ROUND_FILE = "best-round.safetensors"  # rank 0: the global model of the best in-job round
-# rank 0, a strategy with a server optimizer: the global model round R started from and the server state
-SERVER_STATE_FILE = "server-state.safetensors"
 DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo; what `collective_timeout_minutes=0` means
 # `stall_minutes=0`: a third of the collective timeout, so that the warning comes well before the timeout ends the run
 DEFAULT_STALL_FRACTION = 1 / 3
@@ -44,10 +44,6 @@ MAX_ROUNDS = 99_999
 MAX_THREADS = 4096
 # Defaults shared with the pipeline come from RunConfig's sections.
 _LOOP, _CLUSTER = LoopConfig(), ClusterConfig()
-
-
-def micro_model_name(rank: int) -> str:
-    return f"micro-model-{rank:05d}.safetensors"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,12 +85,11 @@ class WorkerConfig:
     the collective timeout, at which the run ends with that rank named as the error."""
 
     def __post_init__(self) -> None:
-        # The Kubeflow UI starts runs without the CLI's checks: every number is checked here too (nan included).
-        five_digits = "round checkpoints are numbered with five digits"
-        require_int("rounds", self.rounds, low=1, high=MAX_ROUNDS, flag="--rounds", pipeline=True, why=five_digits)
-        for name, value, low in (("local_epochs", self.local_epochs, 1), ("patience", self.patience, 0)):
-            require_int(name, value, low=low, high=MAX_EXACT_INT, flag="--" + name.replace("_", "-"), pipeline=True)
-        require_int("seed", self.seed, low=0, high=MAX_EXACT_INT, flag="--seed", pipeline=True)
+        # The Kubeflow UI starts runs without the CLI's checks: every number is checked here too (nan included),
+        # with RunConfig's ranges (training/config.py).
+        LoopConfig(
+            model=self.model, rounds=self.rounds, local_epochs=self.local_epochs, seed=self.seed, patience=self.patience
+        )
         require_int("threads", self.threads, low=0, high=MAX_THREADS, flag="--threads", why="0: the machine decides")
         if self.device not in ("auto", "cpu", "cuda"):
             raise MicrofedError(f"unknown --device {self.device!r}", hint="use auto, cpu or cuda")
@@ -116,6 +111,24 @@ class WorkerConfig:
             flag="--stall-minutes",
             why=f"0: a third of the collective timeout; a stall is reported before that timeout ({timeout:g} min) "
             "ends the run",
+        )
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig, *, shards: str, out: str) -> WorkerConfig:
+        """The workers' configuration from a run's: the loop, optim and strategy sections and the collective
+        timeout; the worker-only settings (device, threads, ...) keep their defaults."""
+        loop = config.loop
+        return cls(
+            shards=shards,
+            out=out,
+            model=loop.model,
+            rounds=loop.rounds,
+            local_epochs=loop.local_epochs,
+            seed=loop.seed,
+            patience=loop.patience,
+            optim=config.optim,
+            strategy=Strategy.from_config(config.strategy),
+            collective_timeout_minutes=float(config.cluster.collective_timeout_minutes),
         )
 
 
@@ -172,9 +185,10 @@ def parse_config(argv: Sequence[str] | None = None) -> WorkerConfig:
     for f in _SHARED:
         if f.section in sections:
             sections[f.section][f.name] = a.pop(f.name)
-    strategy = sections["strategy"]
     return WorkerConfig(
-        optim=OptimConfig(**sections["optim"]), strategy=Strategy(name=strategy.pop("strategy"), **strategy), **a
+        optim=OptimConfig(**sections["optim"]),
+        strategy=Strategy.from_config(StrategyConfig(**sections["strategy"])),
+        **a,
     )
 
 

@@ -28,9 +28,23 @@ from microfed.training.errors import MicrofedError
 from microfed.training.evaluation import evaluate
 from microfed.training.io import write_json, write_safetensors
 from microfed.training.launch import usable_cores
-from microfed.training.model_files import MODEL_CONFIG_FILE, ModelCard
+from microfed.training.layout import (
+    BEST_ROUND_FILE,
+    DATASET_FILE,
+    MODEL_CONFIG_FILE,
+    ROUNDS_FILE,
+    SERVER_STATE_FILE,
+    VAL_FILES,
+    DatasetManifest,
+    WorkerRecord,
+    micro_model_file,
+    shard_files,
+    write_worker_record,
+)
+from microfed.training.model_files import ModelCard
 from microfed.training.models import ModelConfig, build_model, check_model
 from microfed.training.shards import Shard, load_shard, load_val_set, read_dataset_manifest
+from microfed.training.step_log import event
 from microfed.training.storage import exists, join, staged_input, staged_output
 from microfed.training.strategies import GLOBAL_PART, FederatedStrategy, ServerState, pack_server_state
 from microfed.training.train import (
@@ -41,13 +55,7 @@ from microfed.training.train import (
     train_epoch,
 )
 from microfed.training.usage import UsageMonitor
-from microfed.training.worker_config import (
-    BEST_ROUND_FILE,
-    ROUNDS_FILE,
-    SERVER_STATE_FILE,
-    WorkerConfig,
-    micro_model_name,
-)
+from microfed.training.worker_config import WorkerConfig
 from microfed.training.worker_group import DistEnv, collective, device_for, log
 from microfed.training.worker_progress import progress
 from microfed.training.worker_resume import checkpoint, fingerprint_of, resume
@@ -83,24 +91,24 @@ class Local:
     best: dict[str, Any] = field(default_factory=lambda: {"round": 0, "val_accuracy": -1.0})
 
 
-def run_worker(cfg: WorkerConfig, env: DistEnv) -> dict[str, Any]:
+def run_worker(cfg: WorkerConfig, env: DistEnv) -> WorkerRecord:
     """Train this rank's shard; return (and write) the worker's record. Assumes the process group is up.
 
     With gs:// URIs, the worker downloads only its own shard and the validation split, and uploads what it wrote
     when it finishes (nothing when it fails).
     """
     progress().set("fetching its shard")
-    own = [f"shard-{env.rank:05d}.safetensors", f"shard-{env.rank:05d}.json"]
-    if cfg.eval_every_round and cfg.rounds > 1 and exists(join(cfg.shards, "val.json")):
-        own += ["val.safetensors", "val.json"]
+    own = [*shard_files(env.rank)]
+    if cfg.eval_every_round and cfg.rounds > 1 and exists(join(cfg.shards, VAL_FILES.manifest)):
+        own += VAL_FILES
     with (
-        staged_input(cfg.shards, only=["dataset.json", *own]) as shards,
+        staged_input(cfg.shards, only=[DATASET_FILE, *own]) as shards,
         staged_output(cfg.out) as out,
     ):
         return _run(cfg, env, shards, out)
 
 
-def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, Any]:
+def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> WorkerRecord:
     started = time.perf_counter()
     summary = read_dataset_manifest(shards)
     if len(summary["shards"]) != env.world_size:
@@ -134,17 +142,25 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         record.update(_combine(cfg, env, local, shard.num_examples, val, arch.num_classes, r))
         if "val_accuracy" in record:
             log(env, f"round {r}/{cfg.rounds}: global model validation accuracy {record['val_accuracy']:.4f}")
+            if env.rank == 0:  # the same all-reduced numbers on every rank
+                event(
+                    "validation", round=r, rounds=cfg.rounds, accuracy=record["val_accuracy"], loss=record["val_loss"]
+                )
             _keep_best(env, local, r, record["val_accuracy"])
         checkpoint(cfg, env, local, r, fingerprint, rounds)
         if cfg.patience and val is not None and r - local.best["round"] >= cfg.patience:
             log(env, f"stopping early after round {r}: no better validation accuracy for {cfg.patience} rounds")
+            if env.rank == 0:
+                event(
+                    "stopped_early", round=r, rounds=cfg.rounds, best_round=local.best["round"], patience=cfg.patience
+                )
             last = r
             break
     _write_outputs(cfg, env, local, out, shard.num_examples, arch, rounds, last)
-    worker = {
+    worker: WorkerRecord = {
         "rank": env.rank,
         "n_k": shard.num_examples,
-        "file": micro_model_name(env.rank),
+        "file": micro_model_file(env.rank),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
@@ -153,7 +169,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> dict[str, 
         "seconds": time.perf_counter() - started,
         "usage": monitor.stop(ep["seconds"] for rec in rounds for ep in rec["epochs"]).to_dict(),
     }
-    write_json(out / f"worker-{env.rank:05d}.json", worker)
+    write_worker_record(out, worker)
     progress().set("uploading its outputs")
     return worker
 
@@ -178,7 +194,7 @@ def _write_outputs(
         **strategy,
     }
     progress().set(f"writing its micro-model after round {last}/{cfg.rounds}")
-    write_safetensors(out / micro_model_name(env.rank), local.model.state_dict(), meta)
+    write_safetensors(out / micro_model_file(env.rank), local.model.state_dict(), meta)
     if env.rank == 0:
         _write_server_files(cfg, local, out, rounds, last, strategy)
 
@@ -232,7 +248,7 @@ def _prepare(
     cfg: WorkerConfig,
     env: DistEnv,
     arch: ModelConfig,
-    summary: dict[str, Any],
+    summary: DatasetManifest,
     images: torch.Tensor,
     labels: torch.Tensor,
     device: torch.device,
@@ -330,6 +346,18 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: Local, r: int) -> dict[
                 hint=err.hint,
             ) from None
         epochs.append(dataclasses.asdict(stats))
+        event(
+            "epoch",
+            rank=env.rank,
+            round=r,
+            rounds=cfg.rounds,
+            epoch=e,
+            epochs=cfg.local_epochs,
+            loss=stats.loss,
+            accuracy=stats.accuracy,
+            examples=stats.examples,
+            seconds=round(stats.seconds, 3),
+        )
         log(
             env,
             f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
