@@ -311,3 +311,15 @@ def test_a_recreated_rank_does_not_join_the_previous_groups_rendezvous(tmp_path:
     assert "is still the previous one; waiting for it to end" in proc.stderr
     assert re.search(r"was still the previous one \(\d+ members for WORLD_SIZE=2\) after 0.05 min", proc.stderr)
     del old
+
+
+def test_dist_env_reads_the_trainer_v2_torch_plugin_variables() -> None:
+    # kubeflow/trainer v2.3.0, pkg/runtime/framework/plugins/torch/torch.go :: EnforceMLPolicy injects PET_* only
+    env = DistEnv.from_environ(
+        {"PET_NODE_RANK": "1", "PET_NNODES": "3", "PET_MASTER_ADDR": "j-node-0-0.j", "PET_MASTER_PORT": "29500"}
+    )
+    assert (env.rank, env.world_size, env.master_addr, env.master_port) == (1, 3, "j-node-0-0.j", 29500)
+    with pytest.raises(ValueError, match="PET_MASTER_ADDR is not set"):
+        DistEnv.from_environ({"PET_NODE_RANK": "0", "PET_NNODES": "2", "PET_MASTER_PORT": "29500"})
+    alone = DistEnv.from_environ({})
+    assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1")

@@ -53,6 +53,7 @@ __all__ = [
     "Placement",
     "build_pytorchjob",
     "job_name",
+    "pod_template",
     "pytorchjob_to_dict",
 ]
 
@@ -351,7 +352,7 @@ def _labels(cfg: JobConfig) -> dict[str, str]:
     return {**cfg.labels, APP_LABEL[0]: APP_LABEL[1]}
 
 
-def _pod_template(cfg: JobConfig) -> V1PodTemplateSpec:
+def pod_template(cfg: JobConfig) -> V1PodTemplateSpec:
     container = V1Container(
         name=CONTAINER_NAME,
         image=cfg.image,
@@ -373,7 +374,7 @@ def _pod_template(cfg: JobConfig) -> V1PodTemplateSpec:
 
 def _replica(replicas: int, cfg: JobConfig) -> KubeflowOrgV1ReplicaSpec:
     # A fresh template per replica type: the SDK objects are mutable and must not be shared.
-    return KubeflowOrgV1ReplicaSpec(replicas=replicas, restart_policy=RESTART_POLICY, template=_pod_template(cfg))
+    return KubeflowOrgV1ReplicaSpec(replicas=replicas, restart_policy=RESTART_POLICY, template=pod_template(cfg))
 
 
 def build_pytorchjob(cfg: JobConfig) -> KubeflowOrgV1PyTorchJob:

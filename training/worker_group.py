@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from microfed.training.errors import MicrofedError
+from microfed.training.rank_env import rank_contract, read_rank_env
 from microfed.training.worker_config import WorkerConfig, collective_timeout
 from microfed.training.worker_progress import progress
 
@@ -43,31 +44,26 @@ class DistEnv:
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        """The group from the launcher's variables: a PyTorchJob's (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+        or a TrainJob's (PET_NODE_RANK, PET_NNODES, PET_MASTER_ADDR, PET_MASTER_PORT); see training/rank_env.py.
+        Without either, a single process: rank 0 of 1."""
         env = dict(os.environ if environ is None else environ)
-
-        def integer(name: str, default: str | None) -> int:
-            raw = env.get(name, default)
-            if raw is None:
-                raise MicrofedError(
-                    f"environment variable {name} is not set",
-                    hint="run under a PyTorchJob, torchrun, or microfed's launcher",
-                )
-            try:
-                return int(raw)
-            except ValueError:
-                raise MicrofedError(f"environment variable {name}={raw!r} is not an integer") from None
-
-        world = integer("WORLD_SIZE", "1")
-        rank = integer("RANK", "0")
-        if not (world >= 1 and 0 <= rank < world):
-            raise MicrofedError(f"RANK={rank} must be in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
-        return cls(
-            rank=rank,
-            world_size=world,
-            local_world_size=integer("LOCAL_WORLD_SIZE", "1"),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=integer("MASTER_PORT", "29500"),
-        )
+        if rank_contract(env) != "trainjob":
+            # the PyTorchJob contract; a worker started by hand may leave out what a single process needs not
+            for name, default in (
+                ("RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "29500"),
+            ):
+                env.setdefault(name, default)
+        rank, world, addr, port = read_rank_env(env)
+        raw = env.get("LOCAL_WORLD_SIZE", "1")
+        try:
+            local = int(raw)
+        except ValueError:
+            raise MicrofedError(f"environment variable LOCAL_WORLD_SIZE={raw!r} is not an integer") from None
+        return cls(rank=rank, world_size=world, local_world_size=local, master_addr=addr, master_port=port)
 
 
 def device_for(cfg: WorkerConfig, env: DistEnv) -> torch.device:
