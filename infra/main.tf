@@ -47,4 +47,5 @@ module "microfed" {
   artifact_retention_days    = var.artifact_retention_days
   noncurrent_retention_days  = var.noncurrent_retention_days
   repository_id              = var.repository_id
+  training_operator          = var.training_operator
 }

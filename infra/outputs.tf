@@ -71,6 +71,11 @@ output "ui_service_account" {
 }
 
 output "kubeflow_versions" {
-  description = "The Kubeflow releases installed, as vendored under manifests/ (repository => tag; manifests/SOURCES.json also records the commits)."
+  description = "The releases installed, as vendored under manifests/: KFP, the training operator training_operator chooses, and what their manifests name by URL (repository => tag; manifests/SOURCES.json also records the commits)."
   value       = module.microfed.kubeflow_versions
+}
+
+output "training_operator" {
+  description = "The training operator installed (trainer-v2 or training-operator-v1), as the microfed-cluster ConfigMap's training_operator says."
+  value       = module.microfed.training_operator
 }

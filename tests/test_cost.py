@@ -365,10 +365,16 @@ def test_autopilot_idle_cost_is_the_pods_volumes_nat_and_no_fee() -> None:
     assert cluster.mode == "autopilot" and cluster.pools == ()
     cost = model.idle_monthly_cost(cluster, PRICES)
     assert cost == model.autopilot_idle_monthly_cost(cluster, PRICES)
-    pods = model.autopilot_pods(cluster.module_dir, PRICES)
-    # Every KFP and Training Operator workload of the renders, once per replica; nothing of kube-system.
-    workloads = [w for r in sorted((MODULE / "manifests").glob("*/rendered.yaml")) for w in _workloads(r)]
+    assert cluster.training_operator == "trainer-v2"
+    pods = model.autopilot_pods(cluster.module_dir, PRICES, cluster.training_operator)
+    # Every workload of KFP's renders and the default operator's (Trainer v2 with JobSet), once per replica; none of
+    # the Training Operator v1's; nothing of kube-system.
+    renders = [
+        r for r in sorted((MODULE / "manifests").glob("*/rendered.yaml")) if r.parent.name != "training-operator"
+    ]
+    workloads = [w for r in renders for w in _workloads(r)]
     assert sorted(p.name.split("/")[-1] for p in pods) == sorted(workloads)
+    assert {"jobset-controller-manager", "kubeflow-trainer-controller-manager"} <= set(workloads)
     gp = PRICES["autopilot"]["general_purpose"]
     vcpu = sum(p.billed.vcpu * p.replicas for p in pods)
     memory = sum(p.billed.memory_gib * p.replicas for p in pods)
@@ -390,6 +396,37 @@ def _workloads(render: Path) -> list[str]:
         for doc in yaml.safe_load_all(render.read_text())
         if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")
     ]
+
+
+@pytest.mark.integration
+def test_the_training_operator_moves_autopilot_only() -> None:
+    # Standard bills the system node, which holds either operator (tests/test_system_sizing.py); Autopilot bills
+    # the pods: Trainer v2's two controllers (JobSet's asks for 500m itself) instead of the Training Operator's one.
+    v2, v1 = _autopilot(), _autopilot(training_operator="training-operator-v1")
+    assert (v2.training_operator, v1.training_operator) == ("trainer-v2", "training-operator-v1")
+    names = {
+        c.training_operator: {p.name for p in model.autopilot_pods(c.module_dir, PRICES, c.training_operator)}
+        for c in (v1, v2)
+    }
+    assert names["trainer-v2"] - names["training-operator-v1"] == {
+        "trainer-v2: Deployment kubeflow-system/jobset-controller-manager",
+        "trainer-v2: Deployment kubeflow-system/kubeflow-trainer-controller-manager",
+    }
+    assert names["training-operator-v1"] - names["trainer-v2"] == {
+        "training-operator: Deployment kubeflow/training-operator"
+    }
+    assert model.idle_monthly_cost(v2, PRICES).total > model.idle_monthly_cost(v1, PRICES).total
+    standard = [
+        model.read_cluster(INFRA, {"training_operator": op}, prices=PRICES)
+        for op in ("trainer-v2", "training-operator-v1")
+    ]
+    assert model.idle_monthly_cost(standard[0], PRICES) == model.idle_monthly_cost(standard[1], PRICES)
+    # infra/README.md states the other operator's Autopilot figure next to the default's.
+    v1_total = model.idle_monthly_cost(v1, PRICES).total
+    assert '`training_operator = "training-operator-v1"`' in (INFRA / "README.md").read_text()
+    assert f"${v1_total:,.2f} per month idle" in (INFRA / "README.md").read_text()
+    with pytest.raises(model.ModelError, match="training_operator"):
+        model.read_cluster(INFRA, {"mode": "autopilot", "training_operator": "mpi"}, prices=PRICES)
 
 
 @pytest.mark.integration

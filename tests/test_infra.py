@@ -554,6 +554,8 @@ def test_kubeflow_manifests_are_vendored() -> None:
         "kfp_cluster_scoped": ["${path.module}/manifests/kfp-cluster-scoped"],
         "kfp": ["${path.module}/manifests/kfp"],
         "training_operator": ["${path.module}/manifests/training-operator"],
+        "trainer_v2": ["${path.module}/manifests/trainer-v2"],
+        "trainer_v2_runtimes": ["${path.module}/manifests/trainer-v2-runtimes"],
     }
 
 
@@ -577,14 +579,19 @@ def test_launcher_default_pipeline_root_is_the_bucket() -> None:
     assert '"iam.gke.io/gcp-service-account" = local.pipeline_gsa_email' in sa["patch"]
 
 
-def test_launcher_rbac_is_applied_in_the_kfp_namespace() -> None:
+@pytest.mark.parametrize(
+    ("operator", "file"), [("trainer-v2", "rbac-trainer-v2.yaml"), ("training-operator-v1", "rbac.yaml")]
+)
+def test_launcher_rbac_is_applied_in_the_kfp_namespace(operator: str, file: str) -> None:
     cfg = infra()
     rbac = cfg.resources["kubectl_manifest", "launcher_rbac"]
     assert rbac["for_each"].startswith("${{for doc in local.rbac_documents")
-    assert 'file("${path.module}/rbac.yaml")' in cfg.locals["rbac_documents"]
+    # The file of the operator training_operator installs (tests/test_infra_operator.py evaluates it per value).
+    assert 'file("${path.module}/${local.launcher_rbac_files[var.training_operator]}")' in cfg.locals["rbac_documents"]
+    assert resolve("${local.launcher_rbac_files}")[operator] == file
     # Mirror the replace() Terraform applies, then check what lands in the cluster.
     namespace = resolve("${local.kfp_namespace}")
-    text = (MODULE / "rbac.yaml").read_text().replace("namespace: kubeflow", f"namespace: {namespace}")
+    text = (MODULE / file).read_text().replace("namespace: kubeflow", f"namespace: {namespace}")
     docs = {d["kind"]: d for d in yaml.safe_load_all(text) if d}
     assert set(docs) == {"Role", "RoleBinding"}
     assert docs["Role"]["metadata"]["namespace"] == namespace
@@ -592,6 +599,11 @@ def test_launcher_rbac_is_applied_in_the_kfp_namespace() -> None:
     assert docs["RoleBinding"]["subjects"] == [
         {"kind": "ServiceAccount", "name": resolve("${local.pipeline_runner_ksa}"), "namespace": namespace}
     ]
+    assert docs["RoleBinding"]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": docs["Role"]["metadata"]["name"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -613,7 +625,7 @@ def test_every_variable_and_output_is_described(directory: Path) -> None:
 @pytest.mark.parametrize("directory", [INFRA, MODULE], ids=["infra", "modules/microfed"])
 def test_fixed_value_variables_are_validated(directory: Path) -> None:
     cfg = Config(directory)
-    for name in ("region", "zone", "release_channel", "gpu_types", "gpu_driver_version"):
+    for name in ("region", "zone", "release_channel", "gpu_types", "gpu_driver_version", "training_operator"):
         assert cfg.variables[name].get("validation"), f"variable {name} needs a validation block"
 
 

@@ -51,7 +51,7 @@ from tests.test_infra import (
 MANIFESTS = MODULE / "manifests"
 REQUESTS: dict[str, Any] = json.loads((MODULE / "requests.json").read_text())["containers"]
 # requests.json's kustomizations and the overlay (data.kustomization_overlay.*) that builds each.
-OVERLAYS = {"kfp": "kfp", "training-operator": "training_operator"}
+OVERLAYS = {"kfp": "kfp", "training-operator": "training_operator", "trainer-v2": "trainer_v2"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # Arguments of google_container_cluster that declare ConflictsWith = ["enable_autopilot"] in the provider (the file
 # and function above); a nested one is written block.argument.
@@ -500,6 +500,7 @@ CLUSTER_INFO_TYPES = {
     "gpu_types": list,
     "gpu_machine_types": dict,
     "gpu_max_nodes": int,
+    "training_operator": str,
 }
 
 
@@ -524,6 +525,7 @@ def test_cluster_info_configmap_defaults(tmp_path: Path) -> None:
         "gpu_types": ["nvidia-tesla-t4"],
         "gpu_machine_types": {"nvidia-tesla-t4": "n1-standard-8"},
         "gpu_max_nodes": 4,
+        "training_operator": "trainer-v2",
     }
     assert {k: type(v) for k, v in info.items()} == CLUSTER_INFO_TYPES
 
@@ -537,6 +539,7 @@ def test_cluster_info_configmap_on_autopilot(tmp_path: Path) -> None:
         gpu_types=["nvidia-tesla-t4", "nvidia-l4"],
         gpu_machine_types={"nvidia-l4": "g2-standard-16", "nvidia-tesla-a100": "a2-highgpu-2g"},
         cpu_max_nodes=3,
+        training_operator="training-operator-v1",
     )
     info = json.loads(manifest["data"]["cluster.json"])
     assert info == {
@@ -548,6 +551,7 @@ def test_cluster_info_configmap_on_autopilot(tmp_path: Path) -> None:
         # the merged map, for the types in gpu_types only (an override of another type is not a pool)
         "gpu_machine_types": {"nvidia-tesla-t4": "n1-standard-8", "nvidia-l4": "g2-standard-16"},
         "gpu_max_nodes": 4,
+        "training_operator": "training-operator-v1",
     }
     assert {k: type(v) for k, v in info.items()} == CLUSTER_INFO_TYPES
 
@@ -560,11 +564,21 @@ def test_cluster_info_configmap_is_applied_after_the_namespace() -> None:
 
 
 def test_the_launcher_may_read_only_that_configmap() -> None:
+    # The Training Operator v1's launcher (rbac.yaml): that one ConfigMap.
     docs = {d["kind"]: d for d in yaml.safe_load_all((MODULE / "rbac.yaml").read_text()) if d}
     rules = [r for r in docs["Role"]["rules"] if "configmaps" in r["resources"]]
     assert rules == [
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["microfed-cluster"], "verbs": ["get"]}
     ]
+    # Trainer v2's also reads the runtime snapshot the trainer writes per TrainJob, `<trainjob>-runtime-snapshot`
+    # (kubeflow/trainer v2.3.0, pkg/runtime/core/snapshot.go), whose names RBAC cannot list: get on ConfigMaps of
+    # the KFP namespace, which KFP's own pipeline-runner Role already grants (with list and watch).
+    docs = {d["kind"]: d for d in yaml.safe_load_all((MODULE / "rbac-trainer-v2.yaml").read_text()) if d}
+    rules = [r for r in docs["Role"]["rules"] if "configmaps" in r["resources"]]
+    assert rules == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]
+    kfp = yaml.safe_load_all((MODULE / "manifests" / "kfp" / "rendered.yaml").read_text())
+    (runner,) = [d for d in kfp if d and d["kind"] == "Role" and d["metadata"]["name"] == "pipeline-runner"]
+    assert any("configmaps" in r["resources"] and "get" in r["verbs"] for r in runner["rules"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

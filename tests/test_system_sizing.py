@@ -82,15 +82,51 @@ def test_the_default_system_machine_type_is_the_cheapest_that_fits() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("operator", ["trainer-v2", "training-operator-v1"])
+def test_the_system_pool_holds_either_operator(operator: str) -> None:
+    # The default is sized for the default operator; the other must fit the same machine type.
+    load = sizing.system_load(operator=operator)
+    assert sizing.fit(load, _default(INFRA / "variables.tf", "system_machine_type")).fits, operator
+    installed = {w.source for w in load.workloads}
+    assert set(sizing.OPERATOR_KUSTOMIZATIONS[operator]) & installed
+    other = {k for name, ks in sizing.OPERATOR_KUSTOMIZATIONS.items() if name != operator for k in ks}
+    assert not other & installed, "only the installed operator's pods run"
+    with pytest.raises(sizing.SizingError, match="training_operator"):
+        sizing.system_load(operator="volcano")
+
+
+def test_the_operators_folders_are_those_terraform_installs() -> None:
+    # sizing.py's copy of kubeflow.tf's local.operator_kustomizations (kustomization names; for the operators they
+    # are the vendored folders' names too) and of the variable's default.
+    with (MODULE / "kubeflow.tf").open() as f:
+        doc = hcl2.load(f, serialization_options=_HCL)
+    found = {}
+    for block in doc.get("locals", []):
+        found.update(block)
+    assert found["operator_kustomizations"] == {k: list(v) for k, v in sizing.OPERATOR_KUSTOMIZATIONS.items()}
+    assert {found["kustomization_folders"][k] for ks in sizing.OPERATOR_KUSTOMIZATIONS.values() for k in ks} == {
+        k for ks in sizing.OPERATOR_KUSTOMIZATIONS.values() for k in ks
+    }
+    assert _default(MODULE / "variables.tf", "training_operator") == sizing.DEFAULT_OPERATOR
+    assert _default(INFRA / "variables.tf", "training_operator") == sizing.DEFAULT_OPERATOR
+
+
+@pytest.mark.integration
 def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
     # An independent walk over the renders: replicas x the sum of the app containers' requests (none of these
     # pods has init containers, so the effective request is that sum), and the containers without requests, which
-    # must be exactly the ones requests.json covers.
+    # must be exactly the ones requests.json covers (in every folder, both operators'). The sum is that of KFP's
+    # folders and the default operator's.
     cpu_m = memory = 0
     without: list[str] = []
+    installed: list[str] = []
     renders = sorted((MODULE / "manifests").glob("*/rendered.yaml"))
     assert renders
+    not_installed = {
+        k for name, ks in sizing.OPERATOR_KUSTOMIZATIONS.items() if name != sizing.DEFAULT_OPERATOR for k in ks
+    }
     for render in renders:
+        counted = render.parent.name not in not_installed
         # libyaml's parser where present (as infra/cost/sizing.py): the operator's render is 3.7 MB
         for doc in yaml.load_all(render.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             if not isinstance(doc, dict) or doc.get("kind") not in ("Deployment", "StatefulSet", "DaemonSet"):
@@ -100,12 +136,18 @@ def test_the_sum_is_recomputed_from_the_vendored_manifests() -> None:
             replicas = 1 if doc["kind"] == "DaemonSet" else doc["spec"].get("replicas", 1)
             for c in pod["containers"]:
                 requests = (c.get("resources") or {}).get("requests") or {}
-                cpu_m += replicas * round(sizing.parse_cpu(requests.get("cpu", "0")) * 1000)
-                memory += replicas * sizing.parse_memory(requests.get("memory", "0"))
+                key = f"{render.parent.name}/{doc['kind']}/{doc['metadata']['name']}/{c['name']}"
+                if counted:
+                    cpu_m += replicas * round(sizing.parse_cpu(requests.get("cpu", "0")) * 1000)
+                    memory += replicas * sizing.parse_memory(requests.get("memory", "0"))
                 if "cpu" not in requests or "memory" not in requests:
-                    without.append(f"{render.parent.name}/{doc['kind']}/{doc['metadata']['name']}/{c['name']}")
-    entries = json.loads((MODULE / "requests.json").read_text())["containers"]
-    assert sorted(without) == sorted(entries), "requests.json must cover exactly the containers without requests"
+                    without.append(key)
+                    if counted:
+                        installed.append(key)
+    every = json.loads((MODULE / "requests.json").read_text())["containers"]
+    assert sorted(without) == sorted(every), "requests.json must cover exactly the containers without requests"
+    entries = {key: every[key] for key in installed}
+    assert set(every) - set(entries), "the other operator's entries are not summed"
     load = sizing.system_load()
     assert round(load.manifests.cpu * 1000) == cpu_m
     assert load.manifests.memory == memory

@@ -21,15 +21,30 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_infra import INFRA, MODULE, all_tf_files, infra, resolve
+from tests.test_infra import INFRA, MODULE, ROOT, all_tf_files, infra, resolve
 
 pytestmark = pytest.mark.unit
 
 MANIFESTS = MODULE / "manifests"
 SOURCES: dict[str, Any] = json.loads((MANIFESTS / "SOURCES.json").read_text())
 # kubectl_manifest keys are "<kustomization>:<id>"; kubeflow.tf names the kustomizations after these data sources.
-OVERLAYS = {"kfp-cluster": "kfp_cluster_scoped", "kfp": "kfp", "training-operator": "training_operator"}
-FOLDERS = {"kfp_cluster_scoped": "kfp-cluster-scoped", "kfp": "kfp", "training_operator": "training-operator"}
+OVERLAYS = {
+    "kfp-cluster": "kfp_cluster_scoped",
+    "kfp": "kfp",
+    "training-operator": "training_operator",
+    "trainer-v2": "trainer_v2",
+    "trainer-v2-runtimes": "trainer_v2_runtimes",
+}
+FOLDERS = {
+    "kfp_cluster_scoped": "kfp-cluster-scoped",
+    "kfp": "kfp",
+    "training_operator": "training-operator",
+    "trainer_v2": "trainer-v2",
+    "trainer_v2_runtimes": "trainer-v2-runtimes",
+}
+# The namespace each folder's namespaced objects land in: KFP's, except Kubeflow Trainer v2's own (its
+# overlays/manager installs into kubeflow-system, as the trainer's docs install it).
+TRAINER_NAMESPACE = "kubeflow-system"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the Training Operator's CRDs are 3.7 MB of YAML
 
 
@@ -78,34 +93,56 @@ def target(patch: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _ref(entry: dict[str, Any]) -> str:
+    return f"{entry['repo']}@{entry['tag']}"
+
+
 def test_sources_pin_every_upstream_by_tag_and_commit() -> None:
     script = render_script()
-    recorded = {u["repo"]: u for u in SOURCES["upstreams"]}
-    assert set(recorded) == {"kubeflow/pipelines", "kubeflow/trainer", "argoproj/argo-workflows"}
+    recorded = {_ref(u): u for u in SOURCES["upstreams"]}
+    assert len(recorded) == len(SOURCES["upstreams"]) == len(script.UPSTREAMS), "one entry per repository and tag"
+    assert set(recorded) == {
+        "kubeflow/pipelines@2.14.3",
+        "kubeflow/trainer@v1.9.4",
+        "kubeflow/trainer@v2.3.0",
+        "kubernetes-sigs/jobset@v0.12.0",
+        "argoproj/argo-workflows@v3.6.7",
+    }
     for upstream in script.UPSTREAMS:
-        entry = recorded[upstream.repo]
+        entry = recorded[upstream.ref]
         assert (entry["tag"], entry["commit"], tuple(entry["paths"])) == (upstream.tag, upstream.commit, upstream.paths)
         assert re.fullmatch(r"[0-9a-f]{40}", entry["commit"]), entry
         assert entry["url"] == f"https://github.com/{upstream.repo}"
-    assert recorded["kubeflow/pipelines"]["tag"] == "2.14.3"
     # The v1 Training Operator: the PyTorchJob API the builder targets (tests/schemas/, kubeflow-training 1.9 SDK).
-    assert re.fullmatch(r"v1\.9\.\d+", recorded["kubeflow/trainer"]["tag"])
+    trainer_tags = sorted(u["tag"] for u in SOURCES["upstreams"] if u["repo"] == "kubeflow/trainer")
+    assert len(trainer_tags) == 2 and re.fullmatch(r"v1\.9\.\d+", trainer_tags[0])
+    # Trainer v2: the release whose TrainJob CRD tests/schemas/ vendors (tests/schemas/TRAINER.md).
+    schemas = (ROOT / "tests" / "schemas" / "TRAINER.md").read_text()
+    v2 = recorded["kubeflow/trainer@v2.3.0"]
+    assert f"tag `{v2['tag']}`" in schemas and v2["commit"] in schemas
+    assert "JobSet v0.12.0" in schemas, "the JobSet release the trainer installs is the one vendored here"
     assert SOURCES["renderer"]["kustomize"].startswith("v5.")
 
 
 def test_rewrites_of_remote_bases_are_recorded() -> None:
     script = render_script()
     expected = [
-        {"file": f"kubeflow/pipelines:{rw.file}", "from": rw.remote, "to": f"{rw.repo}:{rw.path}"}
+        {"file": f"{rw.upstream}:{rw.file}", "from": rw.remote, "to": f"{rw.target}:{rw.path}"}
+        | ({"note": rw.note} if rw.note else {})
         for rw in script.REWRITES
     ]
     assert SOURCES["rewrites"] == expected
-    repos = {u["repo"] for u in SOURCES["upstreams"]}
+    refs = {_ref(u) for u in SOURCES["upstreams"]}
     for rewrite in SOURCES["rewrites"]:
-        assert rewrite["to"].split(":")[0] in repos
-        # The URL and the upstream extracted in its place name the same tag.
-        tag = next(u["tag"] for u in SOURCES["upstreams"] if u["repo"] == rewrite["to"].split(":")[0])
-        assert rewrite["from"].endswith(f"?ref={tag}"), rewrite
+        source, target = rewrite["file"].split(":")[0], rewrite["to"].split(":")[0]
+        assert {source, target} <= refs, rewrite
+        # The URL and the upstream extracted in its place name the same tag: a kustomize ?ref= or a release asset.
+        tag = target.split("@")[1]
+        assert rewrite["from"].endswith(f"?ref={tag}") or f"/releases/download/{tag}/" in rewrite["from"], rewrite
+        # A release asset (a built file) is replaced by the kustomization it is built from: the note says why.
+        assert ("?ref=" in rewrite["from"]) != bool(rewrite.get("note")), rewrite
+    jobset = [r for r in SOURCES["rewrites"] if r["to"].startswith("kubernetes-sigs/jobset@")]
+    assert [r["file"] for r in jobset] == ["kubeflow/trainer@v2.3.0:manifests/third-party/jobset/kustomization.yaml"]
 
 
 def test_vendored_files_match_their_digests() -> None:
@@ -124,7 +161,13 @@ def test_vendored_files_match_their_digests() -> None:
             )
         assert len(objects(name)) == entry["objects"], name
         render = next(r for r in script.RENDERS if r.name == name)
-        assert (entry["repo"], entry["path"]) == (render.repo, render.path)
+        assert (_ref(entry), entry["path"]) == (render.upstream, render.path)
+        assert any(_ref(u) == render.upstream for u in SOURCES["upstreams"]), name
+    # Kubeflow Trainer v2 as its docs install it (docs/operator-guides/installation.md at v2.3.0): the controller
+    # manager with JobSet, then the runtimes.
+    assert SOURCES["manifests"]["trainer-v2"]["path"] == "manifests/overlays/manager"
+    assert SOURCES["manifests"]["trainer-v2-runtimes"]["path"] == "manifests/overlays/runtimes"
+    assert SOURCES["manifests"]["training-operator"]["path"] == "manifests/overlays/standalone"
 
 
 @pytest.mark.parametrize("folder", sorted(FOLDERS.values()))
@@ -180,7 +223,9 @@ def test_kubeflow_versions_come_from_the_vendored_sources() -> None:
     cfg = infra()
     assert not {"kfp_version", "training_operator_version"} & set(cfg.variables), "versions live in render.py"
     assert cfg.locals["vendored_sources"] == '${jsondecode(file("${path.module}/manifests/SOURCES.json"))}'
-    assert "local.vendored_sources.upstreams" in cfg.outputs["kubeflow_versions"]["value"]
+    assert "local.installed_releases" in cfg.outputs["kubeflow_versions"]["value"]
+    assert "local.vendored_sources.manifests" in cfg.locals["installed_folder_releases"]
+    assert "local.vendored_sources.rewrites" in cfg.locals["installed_releases"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,6 +248,7 @@ def test_custom_resources_follow_their_definitions() -> None:
         if obj["kind"] == "CustomResourceDefinition":
             defined.add((obj["spec"]["group"], obj["spec"]["names"]["kind"]))
     assert ("kubeflow.org", "PyTorchJob") in defined
+    assert {("trainer.kubeflow.org", "TrainJob"), ("jobset.x-k8s.io", "JobSet")} <= defined
     for obj in every:
         group = obj["apiVersion"].rpartition("/")[0]
         if (group, obj["kind"]) in defined:
@@ -219,18 +265,26 @@ def test_terraform_applies_the_priorities_in_order() -> None:
     assert manifests["webhooks"]["for_each"] == "${local.manifests[2]}"
     assert "${kubectl_manifest.crds}" in manifests["resources"]["depends_on"]
     assert "${kubectl_manifest.resources}" in manifests["webhooks"]["depends_on"]
-    # Both upstreams declare the namespace; Terraform creates it once, before the CRDs.
-    assert 'if !startswith(id, "_/Namespace/")' in cfg.locals["manifests"]
+    # KFP's cluster-scoped resources and the Training Operator v1 declare the KFP namespace; Terraform creates it
+    # once, before the CRDs, and leaves it out of what it applies. Trainer v2's own namespace is applied with the
+    # CRDs (priority 0), before the objects in it (priority 1).
+    assert 'if id != "_/Namespace/_/${local.kfp_namespace}"' in cfg.locals["manifests"]
     assert "${kubectl_manifest.namespace}" in manifests["crds"]["depends_on"]
-    namespaces = {provider_id(o) for f in FOLDERS.values() for o in objects(f) if o["kind"] == "Namespace"}
-    assert namespaces == {f"_/Namespace/_/{resolve('${local.kfp_namespace}')}"}
+    kfp_namespace = f"_/Namespace/_/{resolve('${local.kfp_namespace}')}"
+    namespaces = {(f, provider_id(o)) for f in FOLDERS.values() for o in objects(f) if o["kind"] == "Namespace"}
+    assert namespaces == {
+        ("kfp-cluster-scoped", kfp_namespace),
+        ("training-operator", kfp_namespace),
+        ("trainer-v2", f"_/Namespace/_/{TRAINER_NAMESPACE}"),
+    }
+    assert all(priority(o["kind"]) == 0 for o in objects("trainer-v2") if o["kind"] == "Namespace")
 
 
-def test_every_namespaced_object_lands_in_the_kfp_namespace() -> None:
-    namespace = resolve("${local.kfp_namespace}")
-    for folder in FOLDERS.values():
-        for obj in objects(folder):
-            assert obj["metadata"].get("namespace", namespace) == namespace, provider_id(obj)
+@pytest.mark.parametrize("folder", sorted(FOLDERS.values()))
+def test_every_namespaced_object_lands_in_the_namespace_of_its_folder(folder: str) -> None:
+    namespace = TRAINER_NAMESPACE if folder.startswith("trainer-v2") else resolve("${local.kfp_namespace}")
+    for obj in objects(folder):
+        assert obj["metadata"].get("namespace", namespace) == namespace, provider_id(obj)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,3 +371,40 @@ def test_rollout_waits_skip_only_deployments_that_wait_on_runtime_objects() -> N
                 assert f"{source}:{provider_id(obj)}" in unwaited, provider_id(obj)
     assert _mounted_secrets(find("kfp", "Deployment", "cache-server")) == {"webhook-server-tls"}
     assert "webhook-server-tls" not in declared
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kubeflow Trainer v2 (training_operator = "trainer-v2")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_v2_runs_the_pinned_images() -> None:
+    # The trainer's overlays/manager sets its controller's tag; its third-party/jobset renames JobSet's image to the
+    # release's (the rewrite's note in SOURCES.json: config/default names the staging registry's image).
+    images = {
+        d["metadata"]["name"]: [c["image"] for c in d["spec"]["template"]["spec"]["containers"]]
+        for d in objects("trainer-v2")
+        if d["kind"] == "Deployment"
+    }
+    assert images == {
+        "kubeflow-trainer-controller-manager": ["ghcr.io/kubeflow/trainer/trainer-controller-manager:v2.3.0"],
+        "jobset-controller-manager": ["registry.k8s.io/jobset/jobset:v0.12.0"],
+    }
+    public = find("trainer-v2", "ConfigMap", "kubeflow-trainer-public")
+    assert public["data"] == {"kubeflow_trainer_version": "v2.3.0"}
+
+
+def test_the_torch_distributed_runtime_is_the_one_the_tests_render_against() -> None:
+    # tests/schemas/torch_distributed.yaml (the stand-in's runtime, tests/schemas/TRAINER.md) is the vendored
+    # runtime's spec; overlays/runtimes only adds the label that exempts built-in runtimes from the webhook.
+    runtime = find("trainer-v2-runtimes", "ClusterTrainingRuntime", "torch-distributed")
+    schema = yaml.safe_load((ROOT / "tests" / "schemas" / "torch_distributed.yaml").read_text())
+    assert runtime["spec"] == schema["spec"]
+    assert runtime["metadata"]["labels"] == {
+        **schema["metadata"]["labels"],
+        "trainer.kubeflow.org/webhook-validation": "disabled",
+    }
+    # The TrainJob CRD the tests validate against is the one installed.
+    crd = find("trainer-v2", "CustomResourceDefinition", "trainjobs.trainer.kubeflow.org")
+    vendored = yaml.safe_load((ROOT / "tests" / "schemas" / "trainer.kubeflow.org_trainjobs.yaml").read_text())
+    assert crd["spec"] == vendored["spec"]

@@ -21,10 +21,11 @@ For `mode = "standard"` (GKE Standard, the default):
   + that node's share of Cloud NAT.
 
 For `mode = "autopilot"`, which bills pods, not nodes (and declares no pools: nothing here reads them):
-- the idle month: the KFP and Training Operator pods of the vendored manifests with the explicit requests of
-  infra/modules/microfed/requests.json (read as infra/cost/sizing.py reads them), each billed at its requests after
-  Autopilot's rules (infra/cost/autopilot.py; kube-system is not billed), their ephemeral storage, KFP's volumes,
-  Cloud NAT for the nodes Autopilot chooses (an estimated count), and the cluster fee after the free tier;
+- the idle month: the pods of KFP and of the training operator (`training_operator`) of the vendored manifests
+  with the explicit requests of infra/modules/microfed/requests.json (read as infra/cost/sizing.py reads them),
+  each billed at its requests after Autopilot's rules (infra/cost/autopilot.py; kube-system is not billed), their
+  ephemeral storage, KFP's volumes, Cloud NAT for the nodes Autopilot chooses (an estimated count), and the cluster
+  fee after the free tier;
 - one pod-hour per training replica kind, the pod the size of the node its Standard pool would use (read from the
   training variables, not the pools): general-purpose Spot or on-demand pods for CPU, the Accelerator compute class
   (billed per node, its Autopilot premium unknown: a lower bound) for GPUs.
@@ -40,7 +41,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -647,6 +648,7 @@ class Cluster:
     volumes_source: str
     module_dir: Path = INFRA_DIR  # the module's directory: its manifests/ and requests.json (what Autopilot bills)
     training: tuple[TrainingShape, ...] = ()
+    training_operator: str = "trainer-v2"  # var.training_operator: whose pods run beside KFP's (Autopilot bills them)
 
 
 def _blocks(body: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
@@ -887,7 +889,20 @@ def read_cluster(
         volumes_source=volumes_source,
         module_dir=cfg.directory,
         training=_training_shapes(cfg),
+        training_operator=_training_operator(cfg),
     )
+
+
+_OPERATOR_NAMES = {"trainer-v2": "Kubeflow Trainer v2 and JobSet", "training-operator-v1": "Training Operator v1"}
+
+
+def _training_operator(cfg: TerraformConfig) -> str:
+    if "training_operator" not in cfg.variables:
+        raise ModelError("var.training_operator is gone: teach the cost model which operator's pods run")
+    operator = str(evaluate("${var.training_operator}", cfg))
+    if operator not in _OPERATOR_NAMES:
+        raise ModelError(f"training_operator {operator!r}: the cost model knows {', '.join(_OPERATOR_NAMES)}")
+    return operator
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1187,14 +1202,16 @@ def autopilot_rules(prices: Mapping[str, Any]) -> Any:
         raise ModelError(str(e)) from e
 
 
-def autopilot_pods(module_dir: Path, prices: Mapping[str, Any]) -> list[AutopilotPod]:
-    """The KFP and Training Operator workloads of module_dir/manifests with module_dir/requests.json applied (as
-    infra/cost/sizing.py reads them), billed per Autopilot's rules. kube-system is not billed on Autopilot."""
+def autopilot_pods(module_dir: Path, prices: Mapping[str, Any], operator: str = "trainer-v2") -> list[AutopilotPod]:
+    """The workloads of KFP and of the training operator `operator` installs (`training_operator`) of
+    module_dir/manifests with module_dir/requests.json applied (as infra/cost/sizing.py reads them), billed per
+    Autopilot's rules. kube-system is not billed on Autopilot."""
     sizing = _sibling("sizing")
     requests_file = module_dir / "requests.json"
     try:
         workloads = sizing.vendored_workloads(module_dir / "manifests")
         patched = sizing.patched_workloads(workloads, sizing.load_explicit_requests(requests_file), requests_file)
+        patched = sizing.installed_workloads(patched, operator)
     except sizing.SizingError as e:
         raise ModelError(str(e)) from e
     rules = autopilot_rules(prices)
@@ -1247,14 +1264,14 @@ def _pod_hour(requests: Any, spot: bool, prices: Mapping[str, Any]) -> tuple[flo
 
 def autopilot_idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> IdleCost:
     """The month (730 h) of an Autopilot cluster with no run in progress. Autopilot bills the requests of running pods
-    after its rules (infra/cost/autopilot.py), not nodes, and not kube-system's pods: the always-on pods of KFP and the
-    Training Operator (manifests + requests.json, replicas counted; the training pods scale to zero with nothing
-    left), their ephemeral storage, KFP's volumes, Cloud NAT for the nodes Autopilot runs them on (how many is its
-    choice: prices.json autopilot.idle_nodes, an estimate), and the cluster fee after the free tier (which covers one
-    Autopilot cluster)."""
+    after its rules (infra/cost/autopilot.py), not nodes, and not kube-system's pods: the always-on pods of KFP and of
+    the training operator `training_operator` installs (manifests + requests.json, replicas counted; the training pods
+    scale to zero with nothing left), their ephemeral storage, KFP's volumes, Cloud NAT for the nodes Autopilot runs
+    them on (how many is its choice: prices.json autopilot.idle_nodes, an estimate), and the cluster fee after the
+    free tier (which covers one Autopilot cluster)."""
     ap = _autopilot_prices(prices)
     hours = HOURS_PER_MONTH
-    pods = autopilot_pods(cluster.module_dir, prices)
+    pods = autopilot_pods(cluster.module_dir, prices, cluster.training_operator)
     total = PodRequests(0.0, 0.0, 0.0)
     for pod in pods:
         total = total + pod.billed.times(pod.replicas)
@@ -1264,7 +1281,8 @@ def autopilot_idle_monthly_cost(cluster: Cluster, prices: Mapping[str, Any]) -> 
     rate_ephemeral = _value_of(ap["ephemeral_gib_hour"])
     lines = [
         Line(
-            f"Pods' CPU: {count} pods of KFP and the Training Operator, as billed",
+            f"Pods' CPU: {count} pods of KFP and the training operator ({_OPERATOR_NAMES[cluster.training_operator]}), "
+            "as billed",
             f"{total.vcpu:.3f} vCPU",
             f"{_rate(rate_vcpu)}/vCPU-hour",
             total.vcpu * rate_vcpu * hours,
@@ -1399,7 +1417,7 @@ def _standard_markdown(cluster: Cluster, prices: Mapping[str, Any], variants: Ma
     out += [f"| {ln.item} | {ln.quantity} | {ln.unit_price} | {_money(ln.monthly)} |" for ln in idle.lines]
     out += [f"| **Idle total** | | | **{_money(idle.total)}** |", ""]
     out += [
-        "**Training: per node-hour** while a pool has a node (a PyTorchJob replica per node; the pools scale back to "
+        "**Training: per node-hour** while a pool has a node (a training replica per node; the pools scale back to "
         "zero afterwards):",
         "",
         "| Pool | Node | Billed as | Machine | GPU | Boot disk | Network | **Node-hour** | On demand |",
@@ -1428,7 +1446,7 @@ def _bound(x: float, lower_bound: bool) -> str:
 
 def _autopilot_markdown(cluster: Cluster, prices: Mapping[str, Any]) -> list[str]:
     idle = autopilot_idle_monthly_cost(cluster, prices)
-    pods = autopilot_pods(cluster.module_dir, prices)
+    pods = autopilot_pods(cluster.module_dir, prices, cluster.training_operator)
     hours = autopilot_training_hour_costs(cluster, prices)
     rules = autopilot_rules(prices)
     out = [
@@ -1457,9 +1475,17 @@ def _autopilot_markdown(cluster: Cluster, prices: Mapping[str, Any]) -> list[str
             f"{pod.billed.memory_gib * 1024:.0f} MiB, "
             f"{_gb(pod.billed.ephemeral_gib)} GiB ephemeral |"
         )
+    for operator, name in _OPERATOR_NAMES.items():
+        if operator != cluster.training_operator:
+            alternative = autopilot_idle_monthly_cost(replace(cluster, training_operator=operator), prices)
+            out += [
+                "",
+                f'- With `training_operator = "{operator}"` (the {name} instead of the '
+                f"{_OPERATOR_NAMES[cluster.training_operator]}): {_money(alternative.total)} per month idle.",
+            ]
     out += [
         "",
-        "**Training: per pod-hour**, one pod per PyTorchJob replica, priced the size of the node the Standard pool "
+        "**Training: per pod-hour**, one pod per training replica, priced the size of the node the Standard pool "
         "would give it (the machine type's vCPUs and memory, a general-purpose pod, Spot Pods when "
         "`training_spot = true`; a GPU replica in the Accelerator compute class, which bills the node it gets):",
         "",

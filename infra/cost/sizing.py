@@ -4,8 +4,9 @@ from the vendored manifests, against GKE's allocatable resources of each machine
     .venv/bin/python infra/cost/sizing.py        # the sum, item by item, and the verdict per machine type
 
 What is summed, for one system node (`system_min_nodes = 1`, the idle cluster):
-1. The vendored Kubeflow Pipelines and Training Operator manifests
-   (infra/modules/microfed/manifests/*/rendered.yaml): every Deployment, StatefulSet and DaemonSet, replicas x the
+1. The vendored Kubeflow Pipelines manifests and those of the training operator `training_operator` installs
+   (infra/modules/microfed/manifests/*/rendered.yaml; `OPERATOR_KUSTOMIZATIONS` says which folders are whose, and
+   the default, trainer-v2, is what is sized): every Deployment, StatefulSet and DaemonSet, replicas x the
    pod's effective request. Kubernetes' rule for a pod's effective request: the larger of (a) the sum of its app
    containers (plus restartable "sidecar" init containers) and (b) the largest init container (plus the sidecars
    started before it); init containers run one at a time, so they count as a max, never a sum. A DaemonSet runs
@@ -48,12 +49,14 @@ from microfed.training.capacity import DAEMONSET_CPU, DAEMONSET_MEMORY, MACHINE_
 
 __all__ = [
     "CPU_HEADROOM",
+    "DEFAULT_OPERATOR",
     "GKE_CLUSTER_PODS",
     "GKE_DAEMONSETS",
     "MANIFESTS_DIR",
     "MEMORY_HEADROOM",
     "MODULE_DIR",
     "MIB",
+    "OPERATOR_KUSTOMIZATIONS",
     "PRICES_FILE",
     "REQUESTS_FILE",
     "SHARED_CORE_ALLOCATABLE_CPU",
@@ -71,6 +74,7 @@ __all__ = [
     "effective_pod_requests",
     "container_key",
     "fit",
+    "installed_workloads",
     "load_explicit_requests",
     "main",
     "node_allocatable",
@@ -95,6 +99,15 @@ MEMORY_HEADROOM = 0.20
 """Spare memory on top of the summed requests (memory, unlike CPU, cannot be throttled)."""
 
 _WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+
+OPERATOR_KUSTOMIZATIONS: dict[str, tuple[str, ...]] = {
+    "trainer-v2": ("trainer-v2", "trainer-v2-runtimes"),
+    "training-operator-v1": ("training-operator",),
+}
+"""The vendored folders each value of `training_operator` installs (kubeflow.tf's local.operator_kustomizations;
+tests/test_system_sizing.py keeps the two equal). Every other folder (KFP's) is installed whichever it is."""
+DEFAULT_OPERATOR = "trainer-v2"
+"""The default of `training_operator` (variables.tf; the same test checks it): the configuration that is sized."""
 
 
 class SizingError(Exception):
@@ -261,11 +274,19 @@ def read_workloads(manifest_text: str, source: str = "") -> list[Workload]:
 
 
 def vendored_workloads(manifests_dir: Path = MANIFESTS_DIR) -> list[Workload]:
-    """Every workload of the vendored renders (manifests_dir/*/rendered.yaml), in file order."""
+    """Every workload of the vendored renders (manifests_dir/*/rendered.yaml), in file order: both operators'."""
     files = sorted(manifests_dir.glob("*/rendered.yaml"))
     if not files:
         raise SizingError(f"no */rendered.yaml under {manifests_dir}")
     return [w for f in files for w in read_workloads(f.read_text(), f.parent.name)]
+
+
+def installed_workloads(workloads: Sequence[Workload], operator: str = DEFAULT_OPERATOR) -> list[Workload]:
+    """The workloads that run with `training_operator = operator`: KFP's, and that operator's (not the other's)."""
+    if operator not in OPERATOR_KUSTOMIZATIONS:
+        raise SizingError(f"training_operator {operator!r}: expected one of {', '.join(OPERATOR_KUSTOMIZATIONS)}")
+    others = {k for name, folders in OPERATOR_KUSTOMIZATIONS.items() if name != operator for k in folders}
+    return [w for w in workloads if w.source not in others]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,12 +555,19 @@ def system_load(
     cluster_pods: Sequence[KubeSystemPod] = GKE_CLUSTER_PODS,
     daemonsets: Resources | None = None,
     requests: Mapping[str, ExplicitRequest] | None = None,
+    operator: str = DEFAULT_OPERATOR,
 ) -> SystemLoad:
     """The load of the idle system node: the vendored workloads with requests.json applied (both by default; with
-    `workloads` given, `requests` defaults to none), and GKE's kube-system."""
+    `workloads` given, `requests` defaults to none), and GKE's kube-system. By default the workloads are those
+    `training_operator = operator` installs, after every container of every vendored folder (the other operator's
+    too) was checked against requests.json; given `workloads` are taken as they are."""
     if workloads is None:
-        workloads = vendored_workloads()
+        every = vendored_workloads()
         requests = load_explicit_requests() if requests is None else requests
+        patched_workloads(every, requests)  # raises for a container without requests in either operator's folders
+        workloads = installed_workloads(every, operator)
+        sources = {w.source for w in workloads}
+        requests = {key: entry for key, entry in requests.items() if key.split("/", 1)[0] in sources}
     requests = {} if requests is None else requests
     patched = patched_workloads(workloads, requests)
     explicit = tuple(
@@ -647,7 +675,10 @@ def cheapest_fitting(load: SystemLoad | None = None, prices: Mapping[str, Any] |
 
 
 def _lines(load: SystemLoad, prices: Mapping[str, Any]) -> Iterator[str]:
-    yield "Vendored workloads (requests per pod x replicas, requests.json applied):"
+    yield (
+        f"Vendored workloads of KFP and training_operator = {DEFAULT_OPERATOR} (requests per pod x replicas, "
+        "requests.json applied):"
+    )
     patched = {key for key, _ in load.explicit}
     for w in load.workloads:
         from_json = ", ".join(c.name for c in w.containers if container_key(w, c) in patched)

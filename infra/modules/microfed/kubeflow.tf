@@ -1,20 +1,57 @@
-# Kubeflow Pipelines (standalone) and the Training Operator, from manifests vendored under manifests/:
-#   1. manifests/render.py rendered the pinned upstream kustomizations once (kubeflow/pipelines, kubeflow/trainer
-#      and the argo-workflows bases KFP names by URL; tags and commits in manifests/SOURCES.json), so a plan reads
-#      only files of this module and never fetches from GitHub; the kustomization data sources build those
-#      rendered files with our patches: KFP's default pipeline root is the bucket, pipeline-runner and
-#      ml-pipeline-ui are bound to their Google service accounts (iam.tf, ui_identity.tf);
-#   2. kubectl_manifest applies every object server-side, in kustomize's priority order: CRDs first, then the
-#      rest, then admission webhooks;
-#   3. the launcher's RBAC (rbac.yaml) goes into the KFP namespace, with the microfed-cluster ConfigMap that tells
-#      the train step what cluster it runs on.
-# Every container of KFP and the operator gets explicit resource requests (requests.tf) in both modes.
-# Both upstreams also declare the kubeflow Namespace; it is created once, here, and filtered out of both.
+# Kubeflow Pipelines (standalone) and a training operator, from manifests vendored under manifests/:
+#   1. manifests/render.py rendered the pinned upstream kustomizations once (kubeflow/pipelines, kubeflow/trainer at
+#      v1.9.4 and at v2.3.0, and the argo-workflows and JobSet manifests those name by URL; tags and commits in
+#      manifests/SOURCES.json), so a plan reads only files of this module and never fetches from GitHub; the
+#      kustomization data sources build those rendered files with our patches: KFP's default pipeline root is the
+#      bucket, pipeline-runner and ml-pipeline-ui are bound to their Google service accounts (iam.tf,
+#      ui_identity.tf);
+#   2. var.training_operator picks the operator: trainer-v2 (Kubeflow Trainer v2: its controller manager with JobSet,
+#      then its ClusterTrainingRuntimes) or training-operator-v1 (the Training Operator v1.9.4). Every data source
+#      is built (they only render files); only KFP's and the chosen operator's objects are applied;
+#   3. kubectl_manifest applies every object server-side, in kustomize's priority order: CRDs (and namespaces)
+#      first, then the rest, then admission webhooks;
+#   4. the launcher's RBAC for that operator (rbac-trainer-v2.yaml or rbac.yaml) goes into the KFP namespace, with
+#      the microfed-cluster ConfigMap that tells the train step what cluster it runs on and which operator.
+# Every container of KFP and the operators gets explicit resource requests (requests.tf) in both modes.
+# KFP and the Training Operator v1 also declare the kubeflow Namespace; it is created once, here, and filtered out
+# of both. Trainer v2 runs in a namespace of its own, kubeflow-system, which its manifests declare and apply.
 # Moving a version: change it in manifests/render.py, re-render, review the diff (see infra/README.md).
 
 locals {
   # What was vendored (upstream repositories, tags, commits, digests of the rendered files).
   vendored_sources = jsondecode(file("${path.module}/manifests/SOURCES.json"))
+
+  # The kustomizations (keys of local.kustomizations, the "<kustomization>:" of every kubectl_manifest key) and the
+  # vendored folder each builds (manifests/<folder>, SOURCES.json's manifests).
+  kustomization_folders = {
+    kfp-cluster         = "kfp-cluster-scoped"
+    kfp                 = "kfp"
+    training-operator   = "training-operator"
+    trainer-v2          = "trainer-v2"
+    trainer-v2-runtimes = "trainer-v2-runtimes"
+  }
+  # What each value of var.training_operator installs besides KFP.
+  operator_kustomizations = {
+    trainer-v2           = ["trainer-v2", "trainer-v2-runtimes"]
+    training-operator-v1 = ["training-operator"]
+  }
+  installed_kustomizations = concat(["kfp-cluster", "kfp"], local.operator_kustomizations[var.training_operator])
+
+  # "<repo>@<tag>" of every upstream installed: those of the installed folders, and those their remote resources
+  # were rewritten to (argo-workflows for KFP, JobSet for Trainer v2). One kubeflow/trainer tag at a time.
+  installed_folder_releases = distinct([
+    for k in local.installed_kustomizations :
+    "${local.vendored_sources.manifests[local.kustomization_folders[k]].repo}@${local.vendored_sources.manifests[local.kustomization_folders[k]].tag}"
+  ])
+  installed_releases = distinct(concat(local.installed_folder_releases, [
+    for rw in local.vendored_sources.rewrites : split(":", rw.to)[0]
+    if contains(local.installed_folder_releases, split(":", rw.file)[0])
+  ]))
+  # The launcher's Role and RoleBinding for each operator.
+  launcher_rbac_files = {
+    trainer-v2           = "rbac-trainer-v2.yaml"
+    training-operator-v1 = "rbac.yaml"
+  }
 }
 
 data "kustomization_overlay" "kfp_cluster_scoped" {
@@ -100,22 +137,49 @@ data "kustomization_overlay" "training_operator" {
   }
 }
 
+# Kubeflow Trainer v2: the controller manager, its CRDs and webhooks, and JobSet (trainer's overlays/manager).
+data "kustomization_overlay" "trainer_v2" {
+  resources = ["${path.module}/manifests/trainer-v2"]
+
+  # Resource requests for the containers that declare none (requests.tf): one patch per workload.
+  dynamic "patches" {
+    for_each = { for workload, p in local.request_patches : workload => p if p.kustomization == "trainer-v2" }
+    content {
+      target {
+        kind = patches.value.kind
+        name = patches.value.name
+      }
+      patch = patches.value.patch
+    }
+  }
+}
+
+# Its built-in ClusterTrainingRuntimes (trainer's overlays/runtimes), torch-distributed among them: no workload.
+data "kustomization_overlay" "trainer_v2_runtimes" {
+  resources = ["${path.module}/manifests/trainer-v2-runtimes"]
+}
+
 locals {
+  # KFP's and the chosen operator's (local.installed_kustomizations).
   kustomizations = {
     for source, overlay in {
-      kfp-cluster       = data.kustomization_overlay.kfp_cluster_scoped
-      kfp               = data.kustomization_overlay.kfp
-      training-operator = data.kustomization_overlay.training_operator
+      kfp-cluster         = data.kustomization_overlay.kfp_cluster_scoped
+      kfp                 = data.kustomization_overlay.kfp
+      training-operator   = data.kustomization_overlay.training_operator
+      trainer-v2          = data.kustomization_overlay.trainer_v2
+      trainer-v2-runtimes = data.kustomization_overlay.trainer_v2_runtimes
     } : source => { ids_prio = overlay.ids_prio, manifests = overlay.manifests }
+    if contains(local.installed_kustomizations, source)
   }
   # manifests[priority] = { "<kustomization>:<group>/<Kind>/<namespace>/<name>" = JSON manifest }; priority 0 holds
-  # CRDs, 1 everything else, 2 admission webhooks (kbst/kustomization's ids_prio).
+  # namespaces and CRDs, 1 everything else, 2 admission webhooks (kbst/kustomization's ids_prio). The KFP namespace
+  # is left out (kubectl_manifest.namespace creates it); Trainer v2's kubeflow-system is applied with the CRDs.
   manifests = [
     for priority in [0, 1, 2] : merge([
       for source, overlay in local.kustomizations : {
         for id in overlay.ids_prio[priority] :
         "${source}:${id}" => overlay.manifests[id]
-        if !startswith(id, "_/Namespace/")
+        if id != "_/Namespace/_/${local.kfp_namespace}"
       }
     ]...)
   ]
@@ -140,9 +204,9 @@ locals {
     "kfp:apps/Deployment/kubeflow/cache-deployer-deployment",
   ])
 
-  # rbac.yaml names the KFP namespace literally; pin it to the one installed here.
+  # The RBAC files name the KFP namespace literally; pin it to the one installed here.
   rbac_documents = [
-    for doc in split("\n---\n", file("${path.module}/rbac.yaml")) :
+    for doc in split("\n---\n", file("${path.module}/${local.launcher_rbac_files[var.training_operator]}")) :
     replace(doc, "namespace: kubeflow", "namespace: ${local.kfp_namespace}")
     if trimspace(doc) != ""
   ]
@@ -196,7 +260,8 @@ resource "kubectl_manifest" "webhooks" {
   depends_on = [kubectl_manifest.resources]
 }
 
-# Role + RoleBinding that let pipeline-runner create, watch and delete PyTorchJobs and read their pods' logs.
+# Role + RoleBinding that let pipeline-runner create, watch and delete TrainJobs (trainer-v2) or PyTorchJobs
+# (training-operator-v1) and read their pods' logs. Changing training_operator replaces one Role with the other.
 resource "kubectl_manifest" "launcher_rbac" {
   for_each = { for doc in local.rbac_documents : "${yamldecode(doc).kind}/${yamldecode(doc).metadata.name}" => doc }
 
@@ -211,7 +276,8 @@ resource "kubectl_manifest" "launcher_rbac" {
 # Spot and GPU nodes with node selectors of its own. The keys and their types are a contract with that reader
 # (tests/test_infra_autopilot.py pins them): mode (string), training_spot (bool), cpu_machine_type (string),
 # cpu_max_nodes (number), gpu_types (list of strings), gpu_machine_types (accelerator => machine type, for the types
-# in gpu_types only), gpu_max_nodes (number).
+# in gpu_types only), gpu_max_nodes (number), training_operator (string: "trainer-v2" or "training-operator-v1",
+# the operator installed here).
 locals {
   cluster_info = {
     mode              = var.mode
@@ -221,6 +287,7 @@ locals {
     gpu_types         = var.gpu_types
     gpu_machine_types = { for type in var.gpu_types : type => local.gpu_machine_types[type] }
     gpu_max_nodes     = var.gpu_max_nodes
+    training_operator = var.training_operator
   }
 }
 

@@ -1,7 +1,8 @@
 # Explicit resource requests for the vendored containers that declare none, in both modes. requests.json maps
-# "<kustomization>/<Kind>/<name>/<container>" (kustomization kfp or training-operator) to {cpu, memory, basis}; its
-# values are sized elsewhere (infra/cost/sizing.py), this file only turns them into kustomize patches, which
-# kubeflow.tf adds to the kfp and training_operator overlays.
+# "<kustomization>/<Kind>/<name>/<container>" (kustomization kfp, training-operator or trainer-v2) to {cpu, memory,
+# basis}; its values are sized elsewhere (infra/cost/sizing.py), this file only turns them into kustomize patches,
+# which kubeflow.tf adds to the kfp, training_operator and trainer_v2 overlays (each operator's overlay is built
+# whichever training_operator installs).
 #
 # Why: Autopilot gives a container without requests its default requests (0.5 vCPU, 2 GiB on the general-purpose
 # class) and bills the pod for them (GKE docs, "Resource requests in Autopilot"); on Standard the system node is

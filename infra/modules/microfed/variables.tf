@@ -354,3 +354,18 @@ variable "repository_id" {
     error_message = "repository_id must be lowercase letters, digits and hyphens, starting with a letter."
   }
 }
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kubeflow
+# ---------------------------------------------------------------------------------------------------------------
+
+variable "training_operator" {
+  description = "What runs the train step's distributed jobs, installed from the vendored manifests. trainer-v2 (the default): Kubeflow Trainer v2.3.0 (TrainJob, trainer.kubeflow.org/v1alpha1) with JobSet v0.12.0 and its built-in ClusterTrainingRuntimes, torch-distributed among them, in the kubeflow-system namespace. training-operator-v1: the Kubeflow Training Operator v1.9.4 (PyTorchJob, kubeflow.org/v1) in the KFP namespace. Changing it uninstalls the other, with any job it still runs."
+  type        = string
+  default     = "trainer-v2"
+
+  validation {
+    condition     = contains(["trainer-v2", "training-operator-v1"], var.training_operator)
+    error_message = "training_operator must be trainer-v2 or training-operator-v1."
+  }
+}

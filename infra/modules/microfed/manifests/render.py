@@ -6,14 +6,17 @@ maintainer re-renders (to move a version, or to check the vendored files):
 
 1. every upstream in UPSTREAMS is taken at its pinned commit, checked against its tag, and only the listed paths
    are extracted (`git archive`) into a temporary directory; each extracted file is checked against the blob id of
-   the commit's tree, so a partial clone cannot go unnoticed;
-2. in that temporary copy only, KFP's remote kustomize bases (argo-workflows by URL and tag) are rewritten to the
-   extracted argo-workflows tree: REWRITES lists each one; the script fails if an entry is not found as written,
-   or if any remote entry is left in the extracted kustomizations;
+   the commit's tree, so a partial clone cannot go unnoticed. One repository may be pinned at two tags
+   (kubeflow/trainer: the Training Operator v1 and Trainer v2); REWRITES and RENDERS name an upstream `<repo>@<tag>`;
+2. in that temporary copy only, the remote kustomize resources are rewritten to extracted trees: KFP's argo-workflows
+   bases (by URL and tag), and Trainer v2's JobSet release manifests (a release asset, replaced by the JobSet
+   kustomization it is built from; the entry's note says why that is the same). REWRITES lists each one; the script
+   fails if an entry is not found as written, or if any remote entry is left in the extracted kustomizations;
 3. `kubectl kustomize` (or `kustomize build`) renders each entry of RENDERS into <name>/rendered.yaml, next to a
    kustomization.yaml that lists only that file;
 4. SOURCES.json records the upstreams (repository, tag, commit, paths), the rewrites, the renderer and its
-   version, and the sha256 and object count of every vendored file. tests/test_vendored_manifests.py checks them.
+   version, and the upstream, sha256 and object count of every vendored folder. tests/test_vendored_manifests.py
+   checks them.
 
 Sources (one per upstream): by default a shallow fetch of the pinned commit from https://github.com/<repo> (needs
 the network and git); `--source REPO=DIR` uses a local clone or bare mirror instead (for example
@@ -61,19 +64,33 @@ class Upstream:
     paths: tuple[str, ...]
     """The only paths extracted (never the whole tree)."""
 
+    @property
+    def ref(self) -> str:
+        """`<repo>@<tag>`: how REWRITES and RENDERS name it (one repository may be pinned at two tags)."""
+        return f"{self.repo}@{self.tag}"
+
+    @property
+    def folder(self) -> str:
+        """Its directory in the temporary copy."""
+        return self.ref.replace("/", "+")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Rewrite:
     """A remote kustomize resource in an upstream kustomization.yaml, replaced by a path into another upstream."""
 
+    upstream: str
+    """The upstream (`<repo>@<tag>`) whose kustomization.yaml names the remote resource."""
     file: str
     """The kustomization.yaml, relative to its upstream's root."""
     remote: str
     """The resource entry exactly as upstream writes it."""
-    repo: str
-    """The upstream that the remote URL points into (extracted beside the others)."""
+    target: str
+    """The upstream (`<repo>@<tag>`) that the remote URL points into (extracted beside the others)."""
     path: str
-    """The folder of that upstream the URL names."""
+    """The folder of that upstream the URL names, or whose kustomize build the URL's file is."""
+    note: str = ""
+    """Why the replacement is the same objects, where the URL names a built file rather than a folder."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +99,8 @@ class Render:
 
     name: str
     """Folder under infra/modules/microfed/manifests/ (kubeflow.tf names it)."""
-    repo: str
+    upstream: str
+    """`<repo>@<tag>` of an entry of UPSTREAMS."""
     path: str
     """The kustomization folder, relative to the upstream's root."""
 
@@ -94,11 +112,33 @@ UPSTREAMS = (
         commit="fc3214d4b4d395cb2d5de940d3dbd7ebc295c330",
         paths=("manifests/kustomize",),
     ),
+    # The Training Operator v1 (PyTorchJob): `training_operator = "training-operator-v1"`.
     Upstream(
         repo="kubeflow/trainer",
         tag="v1.9.4",
         commit="4445c12aa62e4345b0c2c6ac9b215a70eca46ed7",
         paths=("manifests",),
+    ),
+    # Kubeflow Trainer v2 (TrainJob): `training_operator = "trainer-v2"`, the release tests/schemas/TRAINER.md pins.
+    # Only what overlays/manager and overlays/runtimes build is extracted: third-party/leaderworkerset (which neither
+    # names) would be a second remote base.
+    Upstream(
+        repo="kubeflow/trainer",
+        tag="v2.3.0",
+        commit="658725bdae5c7e3a0854d93ac6ff492e109a22ab",
+        paths=(
+            "manifests/base",
+            "manifests/overlays/manager",
+            "manifests/overlays/runtimes",
+            "manifests/third-party/jobset",
+        ),
+    ),
+    # Trainer v2.3.0's third-party/jobset kustomization names JobSet v0.12.0's release manifests by URL.
+    Upstream(
+        repo="kubernetes-sigs/jobset",
+        tag="v0.12.0",
+        commit="f22e565ac3cc3265c7c45ef67ecffdc689af5d77",
+        paths=("config/default", "config/components"),
     ),
     # KFP 2.14.3's third-party/argo kustomizations name these folders by URL at v3.6.7.
     Upstream(
@@ -109,48 +149,83 @@ UPSTREAMS = (
     ),
 )
 
-_ARGO = "https://github.com/argoproj/argo-workflows/manifests/{}?ref=v3.6.7"
+_KFP = "kubeflow/pipelines@2.14.3"
+_ARGO = "argoproj/argo-workflows@v3.6.7"
+_ARGO_URL = "https://github.com/argoproj/argo-workflows/manifests/{}?ref=v3.6.7"
 _KFP_ARGO = "manifests/kustomize/third-party/argo/{}/kustomization.yaml"
 REWRITES = (
     Rewrite(
+        upstream=_KFP,
         file=_KFP_ARGO.format("base"),
-        remote=_ARGO.format("base/workflow-controller"),
-        repo="argoproj/argo-workflows",
+        remote=_ARGO_URL.format("base/workflow-controller"),
+        target=_ARGO,
         path="manifests/base/workflow-controller",
     ),
     Rewrite(
+        upstream=_KFP,
         file=_KFP_ARGO.format("installs/namespace"),
-        remote=_ARGO.format("namespace-install/workflow-controller-rbac"),
-        repo="argoproj/argo-workflows",
+        remote=_ARGO_URL.format("namespace-install/workflow-controller-rbac"),
+        target=_ARGO,
         path="manifests/namespace-install/workflow-controller-rbac",
     ),
     Rewrite(
+        upstream=_KFP,
         file=_KFP_ARGO.format("installs/namespace/cluster-scoped"),
-        remote=_ARGO.format("base/crds/minimal"),
-        repo="argoproj/argo-workflows",
+        remote=_ARGO_URL.format("base/crds/minimal"),
+        target=_ARGO,
         path="manifests/base/crds/minimal",
     ),
     # Not in the closure of the two KFP kustomizations rendered here (they serve KFP's cluster-wide Argo install),
     # rewritten too so that no remote reference is left in the temporary copy.
     Rewrite(
+        upstream=_KFP,
         file=_KFP_ARGO.format("installs/cluster"),
-        remote=_ARGO.format("base/crds"),
-        repo="argoproj/argo-workflows",
+        remote=_ARGO_URL.format("base/crds"),
+        target=_ARGO,
         path="manifests/base/crds",
     ),
     Rewrite(
+        upstream=_KFP,
         file=_KFP_ARGO.format("installs/cluster"),
-        remote=_ARGO.format("cluster-install/workflow-controller-rbac"),
-        repo="argoproj/argo-workflows",
+        remote=_ARGO_URL.format("cluster-install/workflow-controller-rbac"),
+        target=_ARGO,
         path="manifests/cluster-install/workflow-controller-rbac",
+    ),
+    # A release asset, not a folder: the kustomization it is built from stands in for it.
+    Rewrite(
+        upstream="kubeflow/trainer@v2.3.0",
+        file="manifests/third-party/jobset/kustomization.yaml",
+        remote="https://github.com/kubernetes-sigs/jobset/releases/download/v0.12.0/manifests.yaml",
+        target="kubernetes-sigs/jobset@v0.12.0",
+        path="config/default",
+        note=(
+            "JobSet's release manifests.yaml is `kustomize build config/default` at the tag (Makefile, target "
+            "artifacts, after `kustomize edit set image controller=<registry>/jobset:<tag>` in "
+            "config/components/manager; RELEASE.md: `make artifacts IMAGE_REGISTRY=registry.k8s.io/jobset`). "
+            "config/default at v0.12.0 sets the image to the staging registry's jobset:v0.12.0, which the "
+            "trainer's third-party/jobset kustomization renames to registry.k8s.io/jobset/jobset:v0.12.0, the "
+            "release's image. Checked when vendored: the trainer's overlays/manager rendered against a manifests.yaml "
+            "built that way (the release's image set in config/components/manager) is byte-identical"
+        ),
     ),
 )
 
 RENDERS = (
-    Render(name="kfp-cluster-scoped", repo="kubeflow/pipelines", path="manifests/kustomize/cluster-scoped-resources"),
-    Render(name="kfp", repo="kubeflow/pipelines", path="manifests/kustomize/env/platform-agnostic"),
-    Render(name="training-operator", repo="kubeflow/trainer", path="manifests/overlays/standalone"),
+    Render(name="kfp-cluster-scoped", upstream=_KFP, path="manifests/kustomize/cluster-scoped-resources"),
+    Render(name="kfp", upstream=_KFP, path="manifests/kustomize/env/platform-agnostic"),
+    Render(name="training-operator", upstream="kubeflow/trainer@v1.9.4", path="manifests/overlays/standalone"),
+    # Kubeflow Trainer's own install (docs/operator-guides/installation.md at v2.3.0, "Install with Kustomize"): the
+    # controller manager with its CRDs, webhooks and JobSet, then the built-in ClusterTrainingRuntimes.
+    Render(name="trainer-v2", upstream="kubeflow/trainer@v2.3.0", path="manifests/overlays/manager"),
+    Render(name="trainer-v2-runtimes", upstream="kubeflow/trainer@v2.3.0", path="manifests/overlays/runtimes"),
 )
+
+
+def _upstream(ref: str) -> Upstream:
+    found = [u for u in UPSTREAMS if u.ref == ref]
+    if len(found) != 1:
+        raise SystemExit(f"{ref}: expected one entry of UPSTREAMS with that <repo>@<tag>, found {len(found)}")
+    return found[0]
 
 
 def _git(*args: str, cwd: Path | None = None) -> bytes:
@@ -159,7 +234,7 @@ def _git(*args: str, cwd: Path | None = None) -> bytes:
 
 def _fetch(upstream: Upstream, workdir: Path, base: str) -> Path:
     """A git directory holding the pinned commit: a shallow fetch of it from <base>/<repo> (GitHub by default)."""
-    gitdir = workdir / "git" / upstream.repo.replace("/", "+")
+    gitdir = workdir / "git" / upstream.folder
     gitdir.mkdir(parents=True)
     _git("init", "--quiet", "--bare", str(gitdir))
     url = f"{base}/{upstream.repo}"
@@ -209,17 +284,21 @@ def _rewrite(root: Path) -> list[dict[str, str]]:
     """Point each remote base at the extracted copy; returns what was rewritten (recorded in SOURCES.json)."""
     done = []
     for rw in REWRITES:
-        kfile = root / "kubeflow+pipelines" / rw.file
-        target = root / rw.repo.replace("/", "+") / rw.path
+        source, into = _upstream(rw.upstream), _upstream(rw.target)
+        kfile = root / source.folder / rw.file
+        target = root / into.folder / rw.path
         if not (target / KUSTOMIZATION_FILE).is_file():
-            raise SystemExit(f"rewrite target {rw.repo}:{rw.path} has no {KUSTOMIZATION_FILE}")
-        local = Path(*[".."] * len(Path(rw.file).parent.parts), "..", rw.repo.replace("/", "+"), rw.path)
+            raise SystemExit(f"rewrite target {rw.target}:{rw.path} has no {KUSTOMIZATION_FILE}")
+        local = Path(*[".."] * len(Path(rw.file).parent.parts), "..", into.folder, rw.path)
         text = kfile.read_text()
         entry = f"- {rw.remote}\n"
         if text.count(entry) != 1:
-            raise SystemExit(f"{rw.file}: expected the resource entry {rw.remote!r} once; upstream changed")
+            raise SystemExit(
+                f"{rw.upstream}:{rw.file}: expected the resource entry {rw.remote!r} once; upstream changed"
+            )
         kfile.write_text(text.replace(entry, f"- {local.as_posix()}\n"))
-        done.append({"file": f"kubeflow/pipelines:{rw.file}", "from": rw.remote, "to": f"{rw.repo}:{rw.path}"})
+        record = {"file": f"{rw.upstream}:{rw.file}", "from": rw.remote, "to": f"{rw.target}:{rw.path}"}
+        done.append(record | ({"note": rw.note} if rw.note else {}))
     # Nothing remote may be left anywhere in the extracted trees: kustomize would fetch it (by a mutable tag).
     for kfile in sorted(root.rglob("*")):
         if kfile.name not in {"kustomization.yaml", "kustomization.yml", "Kustomization"} or "git" in kfile.parts:
@@ -258,24 +337,26 @@ def render_all(sources: dict[str, Path], out: Path, base: str = "https://github.
                 _check_tag(upstream, gitdir)
             else:
                 gitdir = _fetch(upstream, root, base)
-            _extract(upstream, gitdir, root / upstream.repo.replace("/", "+"))
+            _extract(upstream, gitdir, root / upstream.folder)
         rewrites = _rewrite(root)
         manifests: dict[str, object] = {}
         for r in RENDERS:
+            upstream = _upstream(r.upstream)
             rendered = subprocess.run(
-                [*command, str(root / r.repo.replace("/", "+") / r.path)], check=True, capture_output=True, text=True
+                [*command, str(root / upstream.folder / r.path)], check=True, capture_output=True, text=True
             ).stdout
             folder = out / r.name
             folder.mkdir(parents=True, exist_ok=True)
-            upstream = next(u for u in UPSTREAMS if u.repo == r.repo)
             (folder / RENDERED_FILE).write_text(rendered)
+            header = f"# {upstream.repo} {upstream.tag} ({upstream.commit}) {r.path}, rendered by ../render.py"
             (folder / KUSTOMIZATION_FILE).write_text(
-                f"# {r.repo} {upstream.tag} ({upstream.commit}) {r.path}, rendered by ../render.py: do not edit.\n"
+                f"{header}: do not edit.\n"
                 "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
                 f"resources:\n- {RENDERED_FILE}\n"
             )
             manifests[r.name] = {
-                "repo": r.repo,
+                "repo": upstream.repo,
+                "tag": upstream.tag,
                 "path": r.path,
                 "objects": _count(rendered),
                 "sha256": {
@@ -297,7 +378,11 @@ def render_all(sources: dict[str, Path], out: Path, base: str = "https://github.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--source", action="append", default=[], metavar="REPO=DIR", help="a local clone or mirror of REPO"
+        "--source",
+        action="append",
+        default=[],
+        metavar="REPO=DIR",
+        help="a local clone or mirror of REPO (every tag UPSTREAMS pins of it)",
     )
     parser.add_argument("--check", action="store_true", help="compare with the vendored files; write nothing")
     parser.add_argument(
