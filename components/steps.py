@@ -104,7 +104,7 @@ def train(
     server_lr: float = 0.0,
     fedbn: bool = False,
     patience: int = 0,
-    launcher: str = "pytorchjob",
+    launcher: str = "auto",
     worker_image: str = "",
     job_namespace: str = "",
     accelerators: str = "none,nvidia-tesla-t4",
@@ -116,11 +116,13 @@ def train(
     task_name: str = "train",
     usage_cache: str = "",
 ) -> None:
-    """Train one micro-model per shard: one worker per shard under the PyTorchJob contract, `rounds` rounds of
-    `local_epochs` epochs with in-job weighted averaging between rounds. launcher: `local` (WORLD_SIZE
-    processes in this step) or `pytorchjob` (a Kubeflow Training Operator job with one replica per shard,
-    resources from the plan, image `worker_image`, accelerators chosen from the comma-separated
-    `accelerators`). Fails with the failing worker's log when a worker fails.
+    """Train one micro-model per shard: one worker per shard, `rounds` rounds of `local_epochs` epochs with in-job
+    weighted averaging between rounds. launcher: `auto` (the job kind the cluster serves: TrainJob, else
+    PyTorchJob; the step log says which), `trainjob` (a Kubeflow Trainer v2 TrainJob on the torch-distributed
+    runtime, one node per shard), `pytorchjob` (a Training Operator v1 job, one replica per shard) or `local`
+    (WORLD_SIZE processes in this step); a cluster job has resources from the plan, image `worker_image` and
+    accelerators chosen from the comma-separated `accelerators`. Fails with the failing worker's log when a worker
+    fails.
 
     strategy: how the workers train and how their models are combined, a name in the strategies' registry
     (microfed.training.strategies; `microfed run --help` lists them), with its settings: `mu` (fedprox's proximal
@@ -131,7 +133,7 @@ def train(
     micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model
     and input shape start from them.
     momentum: sgd's (Nesterov) momentum; warmup_fraction: the share of all steps the cosine schedule warms up.
-    launcher `pytorchjob` needs a gs:// pipeline root and fails before creating the job on another.
+    a cluster launcher needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.
     collective_timeout_minutes: how long a worker waits in one collective (a fast rank at the end of a round waits

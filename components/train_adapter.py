@@ -11,9 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from microfed.training.config import RunConfig
+from microfed.training.launcher_select import choose_launcher
 from microfed.training.layout import JobRecord
 from microfed.training.pipeline_root import check_replica_uris, usage_cache_uri
 from microfed.training.shards import read_dataset_manifest
+from microfed.training.step_log import log
 from microfed.training.step_train import ClusterOptions, train_step
 from microfed.training.worker import WorkerConfig
 
@@ -26,22 +28,24 @@ def train_component_step(
     """The train component's body: `shards` and `out` are the artifacts' (local path, URI) pairs, `params` the
     component's parameters by name (RunConfig's fields, training/config.py, plus `worker_image`).
 
-    With `launcher="pytorchjob"` the replicas run in other pods, which cannot see this pod's files, so they
+    With a cluster launcher the replicas run in other pods, which cannot see this pod's files, so they
     get the URIs, which must be gs:// (checked before any job exists); locally the paths. `out`'s URI also
     locates the pipeline root, beside which the measured-usage cache lives by default.
     """
     values = dict(params)
     image = str(values.pop("worker_image", ""))
     config = RunConfig.from_flat(values)  # the Kubeflow UI passes values unchecked: RunConfig checks every one
-    on_cluster = config.cluster.launcher == "pytorchjob"
+    on_cluster = config.cluster.launcher != "local"
     if on_cluster:
         check_replica_uris({"shards": shards[1], "micro_models": out[1]})
+        launcher = choose_launcher(config.cluster.launcher, log=log)
     workers = len(read_dataset_manifest(shards[0])["shards"])
     cfg = WorkerConfig.from_run_config(config, shards=shards[on_cluster], out=out[on_cluster])
     cluster = None
     if on_cluster:
         c = config.cluster
         cluster = ClusterOptions(
+            launcher=launcher,
             image=image,
             namespace=c.job_namespace,
             accelerators=tuple(a.strip() for a in c.accelerators.split(",") if a.strip()),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import re
 import sys
@@ -101,6 +102,18 @@ def _unset(value: Any) -> bool:
     return value is None or value == "${null}"
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> str:
+    """A .tf file's text parsed (python-hcl2 is slow: most of a check's time), kept as JSON by content, so a file
+    seen before (another copy of the same tree, a second check) is not parsed again."""
+    return json.dumps(hcl2.loads(text, serialization_options=_OPTIONS))
+
+
+def _parse(text: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(_parsed(text))  # a fresh object each time: callers may change it
+    return parsed
+
+
 class Module:
     """The .tf files of one directory: what they declare, for checking them."""
 
@@ -111,8 +124,7 @@ class Module:
         self.errors: list[Violation] = []
         for path in sorted(directory.glob("*.tf")):
             try:
-                with path.open() as f:
-                    self.docs[path] = hcl2.load(f, serialization_options=_OPTIONS)
+                self.docs[path] = _parse(path.read_text())
             except Exception as exc:  # python-hcl2 raises lark's exceptions, among others
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.errors.append(Violation(self.name(path), "-", f"does not parse: {first}"))

@@ -117,6 +117,33 @@ def test_train_step_runs_the_built_pytorchjob_and_cleans_up(
     assert aggregate_step(micro, gcs.uri("run/model"))["num_examples"] == 90
 
 
+def test_train_step_runs_the_workers_as_a_trainjob_with_launcher_trainjob(
+    gcs: GcsEmulator,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # the same step, the same worker, Kubeflow Trainer v2's job kind (tests/trainer_standin.py): the worker reads
+    # the torch plugin's PET_* variables, and the step keeps the records, the logs and the guarantees
+    from tests.trainer_standin import LocalTrainer
+
+    shards = shards_on_gcs(gcs, tmp_path, workers=2, n_train=60)
+    micro = gcs.uri("run/micro-v2")
+    cfg = WorkerConfig(
+        shards=shards, out=micro, model="cnn-small", rounds=1, local_epochs=1, optim=OptimConfig(batch_size=16, lr=0.01)
+    )
+    with LocalTrainer(tmp_path / "pods") as trainer:
+        cluster = dataclasses.replace(options(trainer), launcher="trainjob")
+        record = train_step(cfg, 2, cluster=cluster)
+        (manifest,) = trainer.created
+        assert manifest["kind"] == "TrainJob" and manifest["spec"]["trainer"]["numNodes"] == 2
+        assert manifest["metadata"]["namespace"] == "team-a"
+        assert trainer.deleted == [manifest["metadata"]["name"]]
+    assert [w["n_k"] for w in record["workers"]] == [30, 30]
+    files = set(storage.list_files(micro))
+    assert {micro_model_file(r) for r in range(2)} <= files
+    assert any(f.startswith("logs/") for f in files)
+    assert aggregate_step(micro, gcs.uri("run/model-v2"))["num_examples"] == 60
+
+
 def test_a_failing_replica_fails_the_step_with_its_log_and_keeps_the_logs(
     gcs: GcsEmulator,  # noqa: F811
     tmp_path: Path,

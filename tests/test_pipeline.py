@@ -274,8 +274,8 @@ def test_compile_with_an_image_bakes_it_into_every_step_and_the_workers(tmp_path
     assert images == {"europe-docker.pkg.dev/p/r/microfed:1.2"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["worker_image"]["defaultValue"] == "europe-docker.pkg.dev/p/r/microfed:1.2"
-    # uploaded to Kubeflow, the train step launches a PyTorchJob unless told otherwise
-    assert params["launcher"]["defaultValue"] == "pytorchjob"
+    # uploaded to Kubeflow, the train step launches the job kind the cluster serves unless told otherwise
+    assert params["launcher"]["defaultValue"] == "auto"
     # and the result still loads as the same four-step pipeline
     assert set(components.load_component_from_file(str(tmp_path / "p.yaml")).component_spec.inputs) >= {"dataset"}
     assert set(spec["root"]["dag"]["tasks"]) == STEPS

@@ -293,7 +293,7 @@ def test_cli_submit_prints_the_run_url_and_sends_every_pipeline_parameter(
     assert params["workers"] == 2 and params["dataset"] == "gs://b/data.zip"
     assert params["model"] == "cnn-fmnist" and params["split"] == "stratified"  # the pipeline's defaults
     if "launcher" in params:
-        assert params["launcher"] == "pytorchjob"
+        assert params["launcher"] == "auto"
 
 
 def test_cli_submit_refuses_a_local_dataset_path_before_uploading(

@@ -383,7 +383,7 @@ def test_a_crashing_node_is_restarted_in_place_until_the_job_backoff_limit_then_
 
         # Re-created at once: the predecessor's JobSet and snapshot are still there until the garbage collector
         # runs, so the new TrainJob first shows the OLD failure and cannot build its objects.
-        trainer.delete("crash")
+        trainer.delete("crash", propagation_policy="Background")
         assert trainer.create(_script_job(tmp_path, RENDEZVOUS, "crash"))
         trainer.wait_until(lambda: trainer.state("crash") == "Failed", timeout=10, what="the stale Failed")
         trainer.wait_until(
@@ -428,3 +428,37 @@ def test_a_jobset_that_jobset_refuses_leaves_the_trainjob_without_any_condition(
         )
         assert trainer.jobset(name) is None and trainer.pods(name) == []
         assert trainer.state(name) == "Running"  # nothing in the status says it will never run
+
+
+@pytest.mark.integration
+def test_a_foreground_delete_keeps_the_trainjob_until_its_jobset_and_snapshot_are_collected(tmp_path: Path) -> None:
+    with LocalTrainer(tmp_path / "pods", gc_seconds=1.0) as trainer:
+        assert trainer.create(_script_job(tmp_path, RENDEZVOUS, "fg"))
+        trainer.wait_until(lambda: trainer.jobset("fg") is not None, timeout=10, what="the JobSet")
+        jobset = trainer.jobset("fg")
+        assert jobset is not None
+        (owner,) = jobset["metadata"]["ownerReferences"]
+        assert owner["uid"] == trainer.get("fg")["metadata"]["uid"] and owner["blockOwnerDeletion"]
+        trainer.delete("fg")  # what the launcher's backend sends: propagationPolicy Foreground
+        job = trainer.get("fg")
+        assert job is not None and job["metadata"]["deletionTimestamp"]
+        assert job["metadata"]["finalizers"] == ["foregroundDeletion"]
+        assert not trainer.create(_script_job(tmp_path, RENDEZVOUS, "fg"))  # 409 while it is being deleted
+        trainer.wait_until(lambda: trainer.get("fg") is None, timeout=10, what="the TrainJob to go")
+        assert trainer.jobset("fg") is None and trainer.config_map("fg-runtime-snapshot") is None
+        assert trainer.pods("fg") == []
+
+
+def test_the_trainjob_is_built_through_kubeflows_own_trainjob_model() -> None:
+    # kubeflow-trainer-api (the kubeflow SDK's models of this Trainer release): what is sent is what the model holds
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    from microfed.training.trainjob import _through_sdk_model
+
+    manifest = build_trainjob(make_config(name="sdk", workers=3, env={}))
+    model = TrainerV1alpha1TrainJob.from_dict(manifest)
+    assert model.spec.trainer.num_nodes == 3 and model.spec.runtime_ref.name == "torch-distributed"
+    assert model.to_dict() == manifest
+    manifest["spec"]["trainer"]["numProccessPerNode"] = 1  # a typo the CRD would prune silently
+    with pytest.raises(MicrofedError, match="does not survive kubeflow-trainer-api's TrainJob model"):
+        _through_sdk_model(manifest)

@@ -5,8 +5,9 @@ are real processes.
 kubernetes client's CustomObjectsApi sends and returns it), renders the JobSet the trainer would, and runs each pod's
 `node` container as a subprocess with the environment the torch plugin injects. A background thread plays the
 kubelet, the Job controller, the JobSet controller and the TrainJob controller, so a poller sees the states
-asynchronously, as on a cluster. Its protocol (create / get / jobset / pods / pod_log / events / delete) is the one a
-TrainJob launcher backend needs: TrainJob and JobSet as dicts, pods as the kubernetes client's V1Pod.
+asynchronously, as on a cluster. Its protocol (create / get / jobset / config_map / pods / pod_log / events / delete) is
+microfed.training.trainjob_backend.TrainJobBackend: TrainJob and JobSet as dicts, pods and ConfigMaps as the
+kubernetes client's V1Pod and V1ConfigMap.
 
 Rules, with their sources (file :: function). T = kubeflow/trainer tag v2.3.0 (commit 658725bd), J =
 kubernetes-sigs/jobset tag v0.12.0 (the JobSet release T's manifests/third-party/jobset installs), K =
@@ -107,15 +108,33 @@ the JobSet's by `status_lag_seconds`                             |
 activeDeadlineSeconds (from creation): Failed DeadlineExceeded   | T trainjob_controller.go :: reconcileDeadline
 "TrainJob exceeded its active deadline", JobSet deleted          |
 -----------------------------------------------------------------+------------------------------------------------------
-Deleting a TrainJob: it is gone at once; the garbage collector   | ownerReferences: TrainJob -> JobSet and snapshot
-(background propagation) deletes the JobSet, the snapshot, the   | ConfigMap (T jobset.go :: Build, snapshot.go);
-Jobs and pods `gc_seconds` later: the pods run on meanwhile      | JobSet -> Job -> Pod (J constructJob; K Job ctrl)
+Deleting a TrainJob, propagationPolicy Background: it is gone at | ownerReferences: TrainJob -> JobSet and snapshot
+once; the garbage collector deletes the JobSet, the snapshot,    | ConfigMap (T jobset.go :: Build, snapshot.go);
+the Jobs and pods `gc_seconds` later: the pods run on meanwhile  | JobSet -> Job -> Pod (J constructJob; K Job ctrl)
+Foreground (what the launcher's backend sends): the TrainJob     | K staging/src/k8s.io/apiserver/pkg/registry/generic/
+stays, with deletionTimestamp and the foregroundDeletion         | registry/store.go :: Delete (foreground finalizer);
+finalizer, and is still reconciled, until the collector has      | K pkg/controller/garbagecollector/garbagecollector.go
+deleted its dependents (all with blockOwnerDeletion) `gc_seconds`| :: processDeletingDependentsItem; T trainjob_
+later; then it is gone. Create meanwhile: 409                    | controller.go :: Reconcile (no deletionTimestamp
+                                                                 | check)
+-----------------------------------------------------------------+------------------------------------------------------
+A pod naming a service account that does not exist is refused by | K plugin/pkg/admission/serviceaccount/admission.go
+the API server (pods "<generateName>" is forbidden: error looking| :: Admit; K staging/.../apiserver/pkg/admission/
+up service account NS/SA: serviceaccount "SA" not found): no pod;| errors.go :: NewForbidden (extractResourceName);
+the Job controller's Warning event FailedCreate "Error creating: | K pkg/controller/controller_utils.go :: RealPod-
+<error>" on the Job, and it tries again                          | Control.createPods (FailedCreatePodReason)
+-----------------------------------------------------------------+------------------------------------------------------
+An image no node can pull: the pod stays Pending, its container  | K pkg/kubelet/images/types.go (ErrImagePull,
+waiting ErrImagePull, then ImagePullBackOff "Back-off pulling    | ImagePullBackOff); K pkg/kubelet/images/
+image", retried after a doubling back-off; no process, no log    | image_manager.go :: EnsureImageExists (backOff)
 -----------------------------------------------------------------+------------------------------------------------------
 
 Deliberate differences: every pod shares this machine's network, so the processes get PET_MASTER_ADDR=127.0.0.1 and
 a free port per JobSet incarnation (the pod spec keeps the cluster values); the processes inherit this process's
 environment minus any rank variables; `backoff_scale` shrinks the crash-loop back-off for tests (1.0 is the kubelet's);
-only the `node` container runs; no scheduling, image pulls, events on pods, or suspend.
+only the `node` container runs; no scheduling, events on pods, or suspend; image pull failures come from
+`unpullable_images` and their back-off from `image_pull_backoff_seconds`; the only pod admission modelled is the
+service account's (`service_accounts`).
 """
 
 from __future__ import annotations
@@ -143,6 +162,7 @@ from typing import IO, Any
 import yaml
 from kubernetes.client import (
     ApiClient,
+    V1ConfigMap,
     V1ContainerState,
     V1ContainerStateRunning,
     V1ContainerStateTerminated,
@@ -192,6 +212,11 @@ class TrainJobRejected(ValueError):
     """The API server (CRD validation or the trainer's / JobSet's webhook) refused the TrainJob: HTTP 422."""
 
 
+def _stamp() -> datetime.datetime:
+    """A time as the kubernetes client deserialises one (a datetime; the API's resolution is one second)."""
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -212,10 +237,13 @@ class _Pod:
     restart_count: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
-    started_at: str | None = None
+    started_at: datetime.datetime | None = None
     last: V1ContainerStateTerminated | None = None  # lastState.terminated
     terminated: V1ContainerStateTerminated | None = None  # state.terminated (exit 0)
     restart_at: float | None = None  # in crash-loop back-off until then
+    waiting: tuple[str, str] | None = None  # an image pull failure: (reason, message)
+    pull_attempts: int = 0
+    pull_next: float = 0.0
 
     def log_path(self, attempt: int) -> Path:
         return self.log_dir / f"{self.name}.{attempt}.log"
@@ -229,6 +257,8 @@ class _Job:
     completions: int
     backoff_limit: int
     pod_template: dict[str, Any]
+    uid: str = ""
+    namespace: str = "default"
     condition: tuple[str, str, str] | None = None  # (type, reason, message) once finished
     succeeded: set[int] = field(default_factory=set)
 
@@ -261,6 +291,8 @@ class _TrainJob:
     obj: dict[str, Any]
     uid: str
     created: float
+    deleting: bool = False  # foreground deletion: gone once the garbage collector has deleted its dependents
+    deleting_since: str = ""
     conditions: list[dict[str, Any]] = field(default_factory=list)
     jobs_status: list[dict[str, Any]] = field(default_factory=list)
     retry_at: float = 0.0
@@ -282,11 +314,16 @@ class LocalTrainer:
         tick_seconds: float = 0.05,
         grace_seconds: float = 2.0,
         seed: int = 0,
+        unpullable_images: tuple[str, ...] = (),
+        image_pull_backoff_seconds: float = 0.2,
+        service_accounts: tuple[str, ...] | None = None,
     ) -> None:
         """`runtimes`: ClusterTrainingRuntimes by name (default: the vendored torch-distributed). `backoff_scale`:
         the kubelet's crash-loop back-off times this (1.0: 10 s doubling to 300 s). `status_lag_seconds`: how long
         after the JobSet's status changes the TrainJob's follows. `gc_seconds`: how long the garbage collector
-        takes to delete a deleted TrainJob's dependents (their pods run meanwhile)."""
+        takes to delete a deleted TrainJob's dependents (their pods run meanwhile). `unpullable_images`: images no node
+        can pull; `image_pull_backoff_seconds`: the kubelet's first pull back-off (10 s on a node), doubling.
+        `service_accounts`: the service accounts that exist (None: any); a pod naming another is refused."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = dict(extra_env or {})
@@ -299,6 +336,9 @@ class LocalTrainer:
         self.gc_seconds = gc_seconds
         self.tick_seconds = tick_seconds
         self.grace_seconds = grace_seconds
+        self.unpullable_images = set(unpullable_images)
+        self.image_pull_backoff_seconds = image_pull_backoff_seconds
+        self.service_accounts = None if service_accounts is None else set(service_accounts)
         self.trainjobs: dict[str, _TrainJob] = {}
         self.jobsets: dict[str, _JobSet] = {}
         self.snapshots: dict[str, str] = {}  # ConfigMap name -> owner uid
@@ -342,6 +382,8 @@ class LocalTrainer:
             if t is None:
                 return None
             obj = copy.deepcopy(t.obj)
+            if t.deleting:
+                obj["metadata"].update(deletionTimestamp=t.deleting_since, finalizers=["foregroundDeletion"])
             status: dict[str, Any] = {}
             if t.conditions:
                 status["conditions"] = copy.deepcopy(t.conditions)
@@ -359,10 +401,38 @@ class LocalTrainer:
             return {
                 "apiVersion": "jobset.x-k8s.io/v1alpha2",
                 "kind": "JobSet",
-                "metadata": {"name": js.name, "uid": js.uid, "labels": dict(js.labels)},
+                "metadata": {
+                    "name": js.name,
+                    "uid": js.uid,
+                    "labels": dict(js.labels),
+                    "ownerReferences": [_owner(js.name, js.owner_uid)],
+                },
                 "spec": copy.deepcopy(js.spec),
                 "status": {"restarts": js.restarts, "conditions": copy.deepcopy(js.conditions)},
             }
+
+    def config_map(self, name: str) -> V1ConfigMap | None:
+        """The ConfigMap `name` (only runtime snapshots exist here), as CoreV1Api.read_namespaced_config_map."""
+        with self._api():
+            owner = self.snapshots.get(name)
+            if owner is None:
+                return None
+            ref = _owner(name.removesuffix("-runtime-snapshot"), owner)
+            return V1ConfigMap(
+                metadata=V1ObjectMeta(
+                    name=name,
+                    owner_references=[
+                        V1OwnerReference(
+                            api_version=ref["apiVersion"],
+                            kind=ref["kind"],
+                            name=ref["name"],
+                            uid=ref["uid"],
+                            controller=True,
+                            block_owner_deletion=True,
+                        )
+                    ],
+                )
+            )
 
     def pods(self, name: str) -> list[V1Pod]:
         """The pods of the TrainJob `name` (label selector jobset.sigs.k8s.io/jobset-name=name)."""
@@ -386,13 +456,19 @@ class LocalTrainer:
         with self._api():
             return [(r, m) for (o, u, r, m) in self._events if o == name and uid in (None, u)]
 
-    def delete(self, name: str) -> None:
-        """Delete the TrainJob (background propagation: its dependents go `gc_seconds` later)."""
+    def delete(self, name: str, propagation_policy: str = "Foreground") -> None:
+        """Delete the TrainJob; its dependents go `gc_seconds` later. Foreground (what the launcher's backend sends):
+        the TrainJob stays, being deleted, until then; Background (the API's default): it is gone at once."""
         with self._api():
-            t = self.trainjobs.pop(name, None)
-            if t is not None:
-                self.deleted.append(name)
-                self._gc.append((time.monotonic() + self.gc_seconds, t.uid))
+            t = self.trainjobs.get(name)
+            if t is None or t.deleting:
+                return
+            self.deleted.append(name)
+            self._gc.append((time.monotonic() + self.gc_seconds, t.uid))
+            if propagation_policy == "Foreground":
+                t.deleting, t.deleting_since = True, _now()
+            else:
+                del self.trainjobs[name]
 
     # --- helpers for tests -------------------------------------------------------------------------------
 
@@ -673,6 +749,10 @@ class LocalTrainer:
             completions=int(job_spec.get("completions", 1)),
             backoff_limit=int(job_spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)),
             pod_template=template,
+            uid=str(uuid.uuid4()),
+            namespace=next(
+                (t.obj["metadata"]["namespace"] for t in self.trainjobs.values() if t.uid == js.owner_uid), "default"
+            ),
         )
 
     # --- the Job controller --------------------------------------------------------------------------------
@@ -700,6 +780,18 @@ class LocalTrainer:
     def _create_pod(self, job: _Job, index: int) -> None:
         suffix = "".join(self._rng.choice(string.ascii_lowercase + string.digits) for _ in range(5))
         template = job.pod_template
+        account = template["spec"].get("serviceAccountName") or "default"
+        if self.service_accounts is not None and account not in self.service_accounts:
+            # the ServiceAccount admission plugin refuses the pod (named by its generateName: no name yet); the Job
+            # controller reports it on the Job and tries again later
+            self._event(
+                job.name,
+                job.uid,
+                "FailedCreate",
+                f'Error creating: pods "{job.name}-{index}-" is forbidden: error looking up service account '
+                f'{job.namespace}/{account}: serviceaccount "{account}" not found',
+            )
+            return
         spec = copy.deepcopy(template["spec"])
         spec["hostname"] = f"{job.name}-{index}"
         container = next(c for c in spec["containers"] if c["name"] == NODE)
@@ -739,16 +831,33 @@ class LocalTrainer:
             self._delete_jobset(js)
         for name in [n for n, owner in self.snapshots.items() if owner in due]:
             del self.snapshots[name]
+        for name in [n for n, t in self.trainjobs.items() if t.deleting and t.uid in due]:  # foreground: now
+            del self.trainjobs[name]
 
     # --- the kubelet ---------------------------------------------------------------------------------------
 
     def _kubelet(self, p: _Pod, now: float) -> None:
-        if p.phase == "Pending" or (p.restart_at is not None and now >= p.restart_at):
+        if p.phase == "Pending" and p.container.get("image") in self.unpullable_images:
+            self._pull_failure(p, now)
+        elif p.phase == "Pending" or (p.restart_at is not None and now >= p.restart_at):
             if p.restart_at is not None:
                 p.restart_count += 1
             self._start(p)
         elif p.proc is not None and (code := p.proc.poll()) is not None:
             self._exited(p, code, now)
+
+    def _pull_failure(self, p: _Pod, now: float) -> None:
+        image = p.container.get("image")
+        if now >= p.pull_next:
+            p.pull_attempts += 1
+            p.waiting = (
+                "ErrImagePull",
+                f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": failed to resolve '
+                f'reference "{image}": {image}: not found',
+            )
+            p.pull_next = now + self.image_pull_backoff_seconds * 2 ** min(p.pull_attempts, 5)
+        elif p.waiting is not None and p.waiting[0] == "ErrImagePull":
+            p.waiting = ("ImagePullBackOff", f'Back-off pulling image "{image}"')
 
     def _start(self, p: _Pod) -> None:
         js = self.jobsets[p.jobset]
@@ -767,7 +876,7 @@ class LocalTrainer:
             raise NotImplementedError("LocalTrainer needs an explicit command for the node container")
         p.log_file = open(p.log_path(p.restart_count), "wb")  # noqa: SIM115 - closed when the process is reaped
         p.proc = subprocess.Popen(command, env=env, stdout=p.log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        p.phase, p.restart_at, p.started_at = "Running", None, _now()
+        p.phase, p.restart_at, p.started_at = "Running", None, _stamp()
 
     def _exited(self, p: _Pod, code: int, now: float) -> None:
         exit_code = code if code >= 0 else 128 - code
@@ -775,7 +884,7 @@ class LocalTrainer:
             exit_code=exit_code,
             reason="Completed" if exit_code == 0 else "Error",
             started_at=p.started_at,
-            finished_at=_now(),
+            finished_at=_stamp(),
         )
         if p.log_file is not None:
             p.log_file.close()
@@ -964,6 +1073,8 @@ def _v1pod(p: _Pod) -> V1Pod:
         state = V1ContainerState(waiting=V1ContainerStateWaiting(reason="CrashLoopBackOff", message=message))
     elif p.proc is not None:
         state = V1ContainerState(running=V1ContainerStateRunning(started_at=p.started_at))
+    elif p.waiting is not None:
+        state = V1ContainerState(waiting=V1ContainerStateWaiting(reason=p.waiting[0], message=p.waiting[1]))
     else:
         state = V1ContainerState(waiting=V1ContainerStateWaiting(reason="ContainerCreating"))
     running = p.proc is not None
@@ -987,6 +1098,18 @@ def _v1pod(p: _Pod) -> V1Pod:
         spec=_deserialize(p.spec, "V1PodSpec"),
         status=V1PodStatus(phase=p.phase, container_statuses=[status]),
     )
+
+
+def _owner(trainjob: str, uid: str) -> dict[str, Any]:
+    """The controller ownerReference the trainer gives the JobSet and the snapshot (blockOwnerDeletion true)."""
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "name": trainjob,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _deserialize(data: dict[str, Any], klass: str) -> Any:

@@ -39,6 +39,7 @@ __all__ = [
     "Taint",
     "autopilot_placement",
     "cluster_contract",
+    "load_kubernetes_config",
     "parse_cluster_info",
     "pool_defaults",
     "read_cluster_info",
@@ -371,15 +372,22 @@ def read_cluster_info(
     return info
 
 
-def _core_api() -> Any:
-    from kubernetes import client, config
+def load_kubernetes_config() -> None:
+    """The kubernetes client's configuration by TrainingClient's rule (kubeflow-training 1.9,
+    training/api/training_client.py): in-cluster when this runs in a pod (the service account's token is mounted),
+    the kube-config file otherwise."""
+    from kubernetes import config
 
-    # TrainingClient's rule (kubeflow-training 1.9, training/api/training_client.py): in-cluster configuration
-    # when this runs in a pod (the service account's token is mounted), the kube-config file otherwise
     if Path("/var/run/secrets/kubernetes.io/").is_dir():
         config.load_incluster_config()
     else:
         config.load_kube_config()
+
+
+def _core_api() -> Any:
+    from kubernetes import client
+
+    load_kubernetes_config()
     return client.CoreV1Api()
 
 

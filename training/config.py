@@ -297,14 +297,16 @@ class ClusterConfig:
     """Where the train step runs its workers, and the measured-usage cache its plans start from."""
 
     launcher: str = param(
-        "pytorchjob",
-        "local (processes in the train step) or pytorchjob (a Training Operator job)",
+        "auto",
+        "auto (the job kind the cluster serves: trainjob, else pytorchjob), trainjob (Kubeflow Trainer v2), "
+        "pytorchjob (Training Operator v1) or local (processes in the train step)",
         steps=(TRAIN,),
         cli=(SUBMIT,),
     )
     job_namespace: str = param(
         "",
-        "namespace of the PyTorchJob; empty = the train step's own (the profile's on a multi-user installation)",
+        "namespace of the TrainJob or PyTorchJob; empty = the train step's own (the profile's on a multi-user "
+        "installation)",
         steps=(TRAIN,),
         cli=(SUBMIT,),
     )
@@ -316,7 +318,7 @@ class ClusterConfig:
     )
     timeout_minutes: int = param(
         720,
-        "overall wait for the PyTorchJob, capacity waits included",
+        "overall wait for the job, capacity waits included",
         steps=(TRAIN,),
         cli=(SUBMIT,),
         ints=(1, MAX_EXACT_INT, _KFP_EXACT),

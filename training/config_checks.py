@@ -45,7 +45,7 @@ SCHEDULES = ("cosine", "constant")
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPLITS = ("stratified", "iid", "dirichlet")
-LAUNCHERS = ("local", "pytorchjob")
+LAUNCHERS = ("auto", "trainjob", "pytorchjob", "local")
 BAD_IMAGES = ("fail", "skip")
 # Smallest side (pixels) an image may have; the two 2x2 poolings of the CNNs (training/models.py) need at least 4,
 # and anything below 8 is almost certainly a mix-up of height and channels.

@@ -9,6 +9,11 @@ Each reading names the source whose behaviour it relies on:
   (BackoffReason "in backoff after failed scale-up", MaxLimitReachedReason "max node group size reached",
   NotReadyReason "not ready for scale-up"), reported in a `NotTriggerScaleUp` event "pod didn't trigger
   scale-up: <count> <reason>, ..." (one entry per node group);
+- in-place restarts (restartPolicy OnFailure/Always, a TrainJob's pods): kubernetes/kubernetes
+  pkg/kubelet/kuberuntime/kuberuntime_manager.go (computePodActions restarts the container in the same pod) and
+  pkg/kubelet/kubelet_pods.go (convertToAPIContainerStatuses: `restartCount` counts the restarts, `lastState.terminated`
+  is the previous container's end; in CrashLoopBackOff the state is `waiting` and lastState is the container that just
+  died, whose log `kubectl logs` and `kubectl logs -p` both return: validateContainerLogStatus);
 - API errors: kubeflow-training 1.9 SDK, TrainingClient.get_job/create_job/delete_job/get_job_pods wrap an
   ApiException in a RuntimeError raised `from e`, a request timeout in TimeoutError, and anything else (a reset
   connection, urllib3's MaxRetryError) in a bare RuntimeError whose `__context__` is the original error.
@@ -23,10 +28,12 @@ from kubernetes.client import V1Pod
 
 __all__ = [
     "FINISHED",
+    "Crash",
     "START_FAILURES",
     "TEMPORARY_NO_SCALE_UP",
     "Termination",
     "autoscaler_verdict",
+    "crash_in_place",
     "is_transient",
     "job_state",
     "memory_limit",
@@ -98,9 +105,37 @@ def termination(pod: V1Pod) -> Termination | None:
     for cs in (pod.status.container_statuses if pod.status else None) or []:
         term = cs.state.terminated if cs.state else None
         if term is not None and term.exit_code is not None:
-            when = term.finished_at.timestamp() if term.finished_at else float("inf")
-            return Termination(int(term.exit_code), str(term.reason or ""), when)
+            return _termination(term)
     return None
+
+
+@dataclass(frozen=True)
+class Crash:
+    """A container that ended non-zero and that the kubelet restarts in the same pod."""
+
+    attempt: int  # which container of the pod it was: 0 the first, then one more per restart
+    end: Termination
+    log_is_previous: bool  # whether its log is `kubectl logs -p` (lastState) or the current one (state)
+
+
+def crash_in_place(pod: V1Pod) -> Crash | None:
+    """The latest crash of a container restarted in place (pod restartPolicy OnFailure or Always), else None. A pod
+    with restartPolicy Never (a PyTorchJob's) ends in `state.terminated` and is never restarted: None."""
+    if pod.spec is None or pod.spec.restart_policy not in ("OnFailure", "Always"):
+        return None
+    for cs in (pod.status.container_statuses if pod.status else None) or []:
+        state, last, count = cs.state, cs.last_state, int(cs.restart_count or 0)
+        if state is not None and state.terminated is not None and state.terminated.exit_code:
+            return Crash(count, _termination(state.terminated), log_is_previous=False)
+        if last is not None and last.terminated is not None and last.terminated.exit_code:
+            waiting = state is not None and state.waiting is not None  # CrashLoopBackOff: not restarted yet
+            return Crash(count if waiting else count - 1, _termination(last.terminated), log_is_previous=True)
+    return None
+
+
+def _termination(term: Any) -> Termination:
+    when = term.finished_at.timestamp() if term.finished_at else float("inf")
+    return Termination(int(term.exit_code), str(term.reason or ""), when)
 
 
 def memory_limit(pod: V1Pod) -> str | None:

@@ -1,7 +1,12 @@
-"""Watching one PyTorchJob: its state, its replicas' recreations, pods that never start, capacity waits, logs.
+"""Watching one training job (a PyTorchJob or a TrainJob): its state, its replicas' restarts, pods that never start,
+capacity waits, logs.
 
-The rules each check applies, and the sources of the behaviours they answer, are in pytorchjob_launch.py's
-docstring and job_status.py.
+The rules each check applies, and the sources of the behaviours they answer, are in pytorchjob_launch.py's and
+trainjob_launch.py's docstrings, job_status.py and job_kinds.py (what differs between the two kinds). Restarts come
+in two forms, both counted against `max_restarts` when the exit is 128-255 (killed, OOM-killed, peer lost): a pod
+recreated under its name with a new uid (a PyTorchJob's, restartPolicy Never) and a container restarted in the same
+pod (a TrainJob's, restartPolicy OnFailure). A container restarted in place after exit 1-127 is the worker's own
+error: the Job controller would only restart it until backoffLimit, so the watch fails at once with its log.
 """
 
 from __future__ import annotations
@@ -10,30 +15,38 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from kubeflow.training import KubeflowOrgV1PyTorchJob
 from kubernetes.client import V1Pod
 
 from microfed.training.errors import MicrofedError
 from microfed.training.io import atomic_write_bytes
+from microfed.training.job_kinds import PYTORCHJOB, JobKind
 from microfed.training.job_status import (
     TEMPORARY_NO_SCALE_UP,
+    Crash,
     Termination,
     autoscaler_verdict,
+    crash_in_place,
     is_transient,
-    job_state,
     memory_limit,
-    replica_count,
     start_failure,
     termination,
     unschedulable,
 )
 from microfed.training.launch import EXIT_PEER_LOST
 from microfed.training.layout import pod_log_file
-from microfed.training.pytorchjob_backend import JobBackend
 
-__all__ = ["Api", "JobFailed", "JobTerminated", "JobTimeout", "JobUnschedulable", "Watch", "WatchPolicy"]
+__all__ = [
+    "Api",
+    "JobFailed",
+    "JobTerminated",
+    "JobTimeout",
+    "JobUnschedulable",
+    "Watch",
+    "WatchPolicy",
+    "WatchedBackend",
+]
 
 _T = TypeVar("_T")
 _TAIL_LINES = 40
@@ -42,8 +55,22 @@ _OWN_ERROR_EXIT = 2
 _EXITED = re.compile(r"Pod: (\S+) exited with code (\d+)")
 
 
+class WatchedBackend(Protocol):
+    """The reads the watch makes (both kinds' backends have them)."""
+
+    def get(self, name: str) -> Any: ...
+
+    def pods(self, name: str) -> list[V1Pod]: ...
+
+    def pod_log(self, pod: str, previous: bool = False) -> str: ...
+
+    def events(self, name: str, uid: str | None = None) -> list[tuple[str, str]]: ...
+
+    def delete(self, name: str) -> None: ...
+
+
 class JobFailed(MicrofedError):
-    """The PyTorchJob failed, restarted too often, or its pods never started; the message says which replica and
+    """The job failed, restarted too often, or its pods never started; the message says which replica and
     why, with its log tail."""
 
 
@@ -78,6 +105,9 @@ class WatchPolicy:
     """How long transient API errors are retried before the step gives up."""
     outputs_grace_seconds: float = 600.0
     """After `Succeeded`: how long to wait for every replica's record to appear."""
+    replace_wait_seconds: float = 600.0
+    """On a KFP retry that finds a finished job of an earlier attempt: how long to wait, after deleting it, for it
+    and its dependents to be gone (their pods have their termination grace period) before creating it again."""
     memory_note: str = ""
     """What the plan expected of a replica's memory (named when a replica is OOM-killed)."""
 
@@ -94,20 +124,22 @@ class _Replica:
     """What the launcher has seen of one replica (pod name) across its recreations."""
 
     uids: list[str] = field(default_factory=list)
-    retryable_exits: dict[str, Termination] = field(default_factory=dict)  # uid -> how that pod ended
+    # how each killed container ended: "<pod uid>" (recreated pods) or "<pod uid>#<attempt>" (restarts in place)
+    retryable_exits: dict[str, Termination] = field(default_factory=dict)
+    in_place: dict[str, int] = field(default_factory=dict)  # pod uid -> its container's restartCount
     last: Termination | None = None
     memory_limit: str | None = None
     start_failure_since: float | None = None
 
     @property
     def restarts(self) -> int:
-        return max(len(self.uids) - 1, len(self.retryable_exits))
+        return max(len(self.uids) - 1 + sum(self.in_place.values()), len(self.retryable_exits))
 
 
 class Api:
     """Backend calls with transient errors retried (exponential backoff, bounded in time)."""
 
-    def __init__(self, backend: JobBackend, policy: WatchPolicy, clock: Callable[[], float], sleep: Any, log: Any):
+    def __init__(self, backend: Any, policy: WatchPolicy, clock: Callable[[], float], sleep: Any, log: Any):
         self.backend, self.policy, self.clock, self.sleep, self.log = backend, policy, clock, sleep, log
 
     def __call__(self, what: str, call: Callable[[], _T]) -> _T:
@@ -124,10 +156,19 @@ class Api:
 
 
 class Watch:
-    """One PyTorchJob under watch: its state, its replicas, capacity waits, logs."""
+    """One job under watch: its state, its replicas, capacity waits, logs."""
 
-    def __init__(self, api: Api, name: str, policy: WatchPolicy, log_dir: Path, log: Callable[[str], None]):
+    def __init__(
+        self,
+        api: Api,
+        name: str,
+        policy: WatchPolicy,
+        log_dir: Path,
+        log: Callable[[str], None],
+        kind: JobKind = PYTORCHJOB,
+    ):
         self.api, self.name, self.policy, self.log_dir, self.log = api, name, policy, log_dir, log
+        self.kind = kind
         self.replicas: dict[str, _Replica] = {}
         self.logs: dict[str, Path] = {}
         self.pending_since: float | None = None
@@ -138,19 +179,26 @@ class Watch:
         job = self.api("read the job", lambda: self.api.backend.get(self.name))
         if job is None:
             raise JobFailed(
-                f"PyTorchJob {self.name} disappeared while it was being watched",
+                f"{self.kind.name} {self.name} disappeared while it was being watched",
                 hint="someone deleted it, or its TTL expired; rerun the step",
             )
-        state, message = job_state(job)
+        state, message = self.kind.state(job)
         pods = self.api("list the job's pods", lambda: self.api.backend.pods(self.name))
         self._observe(pods, now)
-        if state == "Failed":
+        if state in ("Failed", "Succeeded"):
             self._capacity_done(now)
+            stale = self.api("read the job's objects", lambda: self.kind.own_final_state(job, self.api.backend))
+            if stale is not None:
+                raise JobFailed(
+                    f"{self.kind.name} {self.name} shows {state}, but {stale}",
+                    hint="the step deletes a finished job and waits for its objects to go before creating it again; "
+                    f"someone re-created it sooner: delete it ({self.kind.describe} shows it) and retry",
+                )
+        if state == "Failed":
             raise self._failure(message, pods)
         if state == "Succeeded":
-            self._capacity_done(now)
             return state
-        self._check_restarts(job.metadata.uid)
+        self._check_restarts(self.kind.uid(job))
         self._check_start(pods, now)
         self._check_rejected(job, pods, now)
         self._check_capacity(pods, now)
@@ -165,9 +213,13 @@ class Watch:
             rep = self.replicas.setdefault(name, _Replica())
             if uid not in rep.uids:
                 if rep.uids:
-                    self.log(f"replica {name} was recreated by the operator (restart {len(rep.uids)})")
+                    self.log(f"replica {name} was recreated under its name (restart {len(rep.uids)})")
                 rep.uids.append(uid)
             rep.memory_limit = memory_limit(pod) or rep.memory_limit
+            crash = crash_in_place(pod)
+            if crash is not None:
+                self._crashed_in_place(name, uid, rep, crash, pod)
+                continue
             term = termination(pod)
             if term is None:
                 continue
@@ -178,9 +230,39 @@ class Watch:
                 rep.last = term
                 self._save_log(name)
 
-    def _save_log(self, pod: str, suffix: str = "") -> None:
+    def _crashed_in_place(self, name: str, uid: str, rep: _Replica, crash: Crash, pod: V1Pod) -> None:
+        """A container restarted in the same pod: save the dead container's log now (a Job that reaches its
+        backoffLimit deletes its pods, logs and all); exit 1-127 is the worker's own error and fails the job."""
+        cs = (pod.status.container_statuses or [None])[0] if pod.status else None
+        rep.in_place[uid] = max(rep.in_place.get(uid, 0), int(getattr(cs, "restart_count", 0) or 0))
+        key = f"{uid}#{crash.attempt}"
+        if key in rep.retryable_exits:
+            return
+        rep.last = crash.end
+        if crash.end.exit_code >= 128:
+            rep.retryable_exits[key] = crash.end
+            suffix = f".restart-{len(rep.retryable_exits)}"
+            self.log(f"replica {name} was killed ({_describe_exit(crash.end, rep.memory_limit, '')}) and restarted")
+        else:
+            suffix = ".crash"
+        self._save_log(name, suffix=suffix, previous=crash.log_is_previous)
+        if crash.end.exit_code < 128:
+            self.save_all_logs()
+            raise JobFailed(
+                f"{self.kind.name} {self.name}: replica {name} failed with "
+                f"{_describe_exit(crash.end, rep.memory_limit, self.policy.memory_note)} (the worker's own error: "
+                f"the kubelet would only restart it until the Job's backoffLimit); its last lines:\n"
+                f"{self._tail(name, suffix)}",
+                hint="read the replica's log beside the micro-models; exit 2 is an error the worker diagnosed",
+            )
+
+    def _save_log(self, pod: str, suffix: str = "", previous: bool = False) -> None:
+        def read() -> str:
+            # keyword only when needed: the PyTorchJob backends' pods are never restarted in place
+            return self.api.backend.pod_log(pod, previous=True) if previous else self.api.backend.pod_log(pod)
+
         try:
-            text = self.api(f"read the log of {pod}", lambda: self.api.backend.pod_log(pod))
+            text = self.api(f"read the log of {pod}", read)
         except Exception as e:  # a pod that never started, or is already gone, has no log: say so in the file
             text = f"(no log: {_first_line(e)})\n"
         path = self.log_dir / pod_log_file(pod, suffix)
@@ -214,11 +296,11 @@ class Watch:
             else "read the replica's log; exit 200 means a peer was lost"
         )
         raise JobFailed(
-            f"PyTorchJob {self.name}: replica {name} was restarted {rep.restarts} times (limit "
-            f"{self.policy.max_restarts}; the operator would go on until activeDeadlineSeconds); last exit: "
-            f"{why}; {todo}. The operator deletes a killed pod at once, so its own log is only in the "
-            f'cluster\'s log store (GKE: Cloud Logging, resource.labels.pod_name="{name}"); the last lines '
-            f"the step could read:\n{self._tail(name)}"
+            f"{self.kind.name} {self.name}: replica {name} was restarted {rep.restarts} times (limit "
+            f"{self.policy.max_restarts}; {self.kind.restarts_note}); last exit: {why}; {todo}. A killed "
+            f"container's log the step did not read in time is only in the cluster's log store (GKE: Cloud "
+            f'Logging, resource.labels.pod_name="{name}"); the last lines the step could read:\n'
+            f"{self._tail(name)}"
         )
 
     def _last_exit(self, pod: str, job_uid: str | None) -> Termination | None:
@@ -236,10 +318,12 @@ class Watch:
                 code = int(found.group(2))
         return Termination(code, "", float("inf")) if code is not None else None
 
-    def _tail(self, pod: str) -> str:
-        """The last lines of the newest saved log of `pod` (a restarted pod's own log, when it was saved)."""
-        paths = sorted(self.log_dir.glob(pod_log_file(pod, "*")), key=lambda p: p.stat().st_mtime_ns)
-        return _tail(paths[-1].read_text(errors="replace")) if paths else "(no log was saved)"
+    def _tail(self, pod: str, suffix: str = "*") -> str:
+        """The last lines of the newest saved log of `pod` that has any (a just-recreated replica's log is empty;
+        a killed container's own log, when it was saved in time, says more)."""
+        paths = sorted(self.log_dir.glob(pod_log_file(pod, suffix)), key=lambda p: p.stat().st_mtime_ns)
+        texts = [text for path in paths if (text := path.read_text(errors="replace")).strip()]
+        return _tail(texts[-1]) if texts else "(no log was saved)"
 
     # --- pods that never start ---------------------------------------------------------------------------
 
@@ -254,28 +338,27 @@ class Watch:
             if now - rep.start_failure_since >= self.policy.start_grace_seconds:
                 reason, message = failure
                 raise JobFailed(
-                    f"PyTorchJob {self.name}: the container of {pod.metadata.name} cannot start: {reason}: "
+                    f"{self.kind.name} {self.name}: the container of {pod.metadata.name} cannot start: {reason}: "
                     f"{message or '(no message)'} (for {now - rep.start_failure_since:.0f} s)",
                     hint="check the worker_image parameter and that the nodes can pull it"
                     if "Image" in reason
                     else "check the secrets and config maps the pod refers to",
                 )
 
-    def _check_rejected(self, job: KubeflowOrgV1PyTorchJob, pods: list[V1Pod], now: float) -> None:
-        """Fewer pods than replicas and a FailedCreatePod event on the job: the API server rejects the pods."""
-        if len(pods) >= replica_count(job):
+    def _check_rejected(self, job: Any, pods: list[V1Pod], now: float) -> None:
+        """Fewer pods than replicas and an event saying they cannot be created (job_kinds.py: which, per kind)."""
+        if len(pods) >= self.kind.replicas(job):
             self.rejected_since = None
             return
-        # events outlive their job: only this job's (a replaced predecessor's have another uid)
-        rejected = [m for reason, m in self._events(self.name, job.metadata.uid) if reason == "FailedCreatePod"]
+        rejected = self.kind.rejections(job, self._events)
         if not rejected:
             return
         self.rejected_since = self.rejected_since if self.rejected_since is not None else now
         if now - self.rejected_since >= self.policy.start_grace_seconds:
             raise JobFailed(
-                f"PyTorchJob {self.name}: the operator cannot create its pods: {rejected[-1]}",
+                f"{self.kind.name} {self.name}: its controllers cannot create its pods: {rejected[-1]}",
                 hint="a missing service account (service_account parameter), a ResourceQuota or an admission "
-                "webhook rejects them; see `kubectl describe pytorchjob`",
+                f"webhook rejects them; see `{self.kind.describe}`",
             )
 
     # --- capacity ----------------------------------------------------------------------------------------
@@ -293,7 +376,7 @@ class Watch:
                 continue
             if not any(reason in verdict for reason in TEMPORARY_NO_SCALE_UP):
                 raise JobUnschedulable(
-                    f"PyTorchJob {self.name}: pod {name} cannot be scheduled: {message}; the cluster autoscaler: "
+                    f"{self.kind.name} {self.name}: pod {name} cannot be scheduled: {message}; the cluster autoscaler: "
                     f"{verdict}",
                     hint="no node pool fits the request: lower the resource plan, allow another accelerator, "
                     "or add a node pool that fits",
@@ -304,7 +387,7 @@ class Watch:
             self.log(f"waiting for capacity: {len(pending)} pod(s) Pending while the cluster adds nodes")
         if temporary is not None and now - self.pending_since >= self.policy.capacity_wait_seconds:
             raise JobUnschedulable(
-                f"PyTorchJob {self.name}: no capacity after {now - self.pending_since:.0f} s; the cluster "
+                f"{self.kind.name} {self.name}: no capacity after {now - self.pending_since:.0f} s; the cluster "
                 f"autoscaler: {temporary}",
                 hint="Spot or GPU capacity is short in this zone, or the pool is at its maximum: raise "
                 "cpu_max_nodes/gpu_max_nodes in infra/, allow another accelerator, or retry later",
@@ -324,13 +407,16 @@ class Watch:
     def _failure(self, message: str, pods: list[V1Pod]) -> JobFailed:
         self.save_all_logs()
         pod = _failed_replica(pods)
-        if pod is None:
-            return JobFailed(f"PyTorchJob {self.name} failed: {message}; logs in {self.log_dir}")
-        name = str(pod.metadata.name)
-        term = termination(pod)
+        if pod is not None:
+            name, term = str(pod.metadata.name), termination(pod)
+        else:  # the pods are gone (a Job past its backoffLimit deletes them): the last exit the watch saw
+            seen = [(n, r.last) for n, r in self.replicas.items() if r.last is not None and r.last.exit_code != 0]
+            if not seen:
+                return JobFailed(f"{self.kind.name} {self.name} failed: {message}; logs in {self.log_dir}")
+            name, term = min(seen, key=lambda e: (e[1].exit_code == EXIT_PEER_LOST, -e[1].finished_at, e[0]))
         rep = self.replicas.get(name, _Replica())
         return JobFailed(
-            f"PyTorchJob {self.name} failed: {message}; replica {name}: "
+            f"{self.kind.name} {self.name} failed: {message}; replica {name}: "
             f"{_describe_exit(term, rep.memory_limit, self.policy.memory_note)}; its last lines:\n{self._tail(name)}"
         )
 

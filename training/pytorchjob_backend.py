@@ -23,7 +23,10 @@ class JobBackend(Protocol):
 
     def pods(self, name: str) -> list[V1Pod]: ...
 
-    def pod_log(self, pod: str) -> str: ...
+    def pod_log(self, pod: str, previous: bool = False) -> str:
+        """The `pytorch` container's log; `previous`: its last terminated container's (never asked for: the
+        operator recreates pods instead of restarting them in place)."""
+        ...
 
     def events(self, name: str, uid: str | None = None) -> list[tuple[str, str]]:
         """(reason, message) of the events on the object called `name` (the job or a pod), oldest first; events
@@ -68,9 +71,9 @@ class TrainingClientBackend:
         pods: list[V1Pod] = self.client.get_job_pods(name=name, namespace=self.namespace)
         return pods
 
-    def pod_log(self, pod: str) -> str:
+    def pod_log(self, pod: str, previous: bool = False) -> str:
         text: str = self.client.core_api.read_namespaced_pod_log(
-            name=pod, namespace=self.namespace, container="pytorch"
+            name=pod, namespace=self.namespace, container="pytorch", previous=previous
         )
         return text
 

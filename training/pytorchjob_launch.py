@@ -25,18 +25,15 @@ tests/local_operator.py):
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from kubeflow.training import KubeflowOrgV1PyTorchJob
 
+from microfed.training.job_kinds import PYTORCHJOB
+from microfed.training.job_run import JobOutcome, run_job
 from microfed.training.job_status import FINISHED, job_state
 from microfed.training.job_watch import (
     Api,
@@ -44,7 +41,6 @@ from microfed.training.job_watch import (
     JobTerminated,
     JobTimeout,
     JobUnschedulable,
-    Watch,
     WatchPolicy,
 )
 from microfed.training.pytorchjob_backend import JobBackend, TrainingClientBackend
@@ -60,16 +56,6 @@ __all__ = [
     "WatchPolicy",
     "run_pytorchjob",
 ]
-
-
-@dataclass
-class JobOutcome:
-    name: str
-    adopted: bool
-    seconds: float
-    waiting_for_capacity_seconds: float
-    restarts: dict[str, int] = field(default_factory=dict)
-    logs: dict[str, Path] = field(default_factory=dict)
 
 
 def run_pytorchjob(
@@ -88,68 +74,18 @@ def run_pytorchjob(
 
     `outputs_missing` returns the ranks whose outputs are not durable yet; it is asked after `Succeeded`.
     """
-    name = str(job.metadata.name)
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    api = Api(backend, policy, clock, sleep, log)
-    start = clock()
-    with _delete_on_sigterm(name):
-        try:
-            adopted = _claim(api, job, policy, clock, sleep, log)
-            watch = Watch(api, name, policy, log_dir, log)
-            _wait(watch, policy, start, clock, sleep)
-            _confirm_outputs(watch, policy, outputs_missing, clock, sleep, log)
-            logs = watch.save_all_logs()
-            restarts = {pod: rep.restarts for pod, rep in watch.replicas.items() if rep.restarts}
-            return JobOutcome(
-                name=name,
-                adopted=adopted,
-                seconds=clock() - start,
-                waiting_for_capacity_seconds=watch.capacity_waited,
-                restarts=restarts,
-                logs=logs,
-            )
-        finally:
-            api("delete the job", lambda: backend.delete(name))
-
-
-def _wait(watch: Watch, policy: WatchPolicy, start: float, clock: Callable[[], float], sleep: Any) -> None:
-    while True:
-        now = clock()
-        state = watch.poll(now)
-        if state == "Succeeded":
-            return
-        if now - start > policy.timeout_seconds:
-            logs = watch.save_all_logs()
-            raise JobTimeout(
-                f"PyTorchJob {watch.name} did not finish in {policy.timeout_seconds:.0f} s (state {state}, "
-                f"{watch.capacity_waited:.0f} s of it waiting for capacity); logs in {watch.log_dir} "
-                f"({len(logs)} pods)",
-                hint="raise the step's timeout_minutes, or lower rounds/epochs",
-            )
-        sleep(policy.poll_seconds)
-
-
-def _confirm_outputs(
-    watch: Watch, policy: WatchPolicy, outputs_missing: Callable[[], list[int]], clock: Any, sleep: Any, log: Any
-) -> None:
-    """The operator says Succeeded when the Master exits 0; Workers may still be writing. Wait for their records
-    while any replica still runs, at most `outputs_grace_seconds`."""
-    since = clock()
-    while missing := outputs_missing():
-        pods = watch.api("list the job's pods", lambda: watch.api.backend.pods(watch.name))
-        running = [p.metadata.name for p in pods if p.status is not None and p.status.phase in ("Running", "Pending")]
-        waited = clock() - since
-        if not running or waited >= policy.outputs_grace_seconds:
-            watch.save_all_logs()
-            still = f"{len(running)} replica(s) still running after {waited:.0f} s" if running else "no replica runs"
-            raise JobFailed(
-                f"PyTorchJob {watch.name} succeeded, but the records of rank(s) {missing} are missing ({still})",
-                hint="a worker exited before writing its outputs; read its log beside the micro-models",
-            )
-        if waited == 0:
-            log(f"PyTorchJob {watch.name} succeeded; waiting for the records of rank(s) {missing} ({running} run)")
-        sleep(min(policy.poll_seconds, 5.0))
+    return run_job(
+        PYTORCHJOB,
+        str(job.metadata.name),
+        lambda api: _claim(api, job, policy, clock, sleep, log),
+        backend,
+        policy=policy,
+        log_dir=log_dir,
+        outputs_missing=outputs_missing,
+        clock=clock,
+        sleep=sleep,
+        log=log,
+    )
 
 
 def _claim(api: Api, job: KubeflowOrgV1PyTorchJob, policy: WatchPolicy, clock: Any, sleep: Any, log: Any) -> bool:
@@ -177,21 +113,3 @@ def _claim(api: Api, job: KubeflowOrgV1PyTorchJob, policy: WatchPolicy, clock: A
         raise JobFailed(f"PyTorchJob {name} was created again by someone else while this step replaced it")
     log(f"created PyTorchJob {name}")
     return False
-
-
-@contextlib.contextmanager
-def _delete_on_sigterm(name: str) -> Iterator[None]:
-    """Turn SIGTERM into JobTerminated so that the `finally` deletes the job; Python's default would exit at once.
-    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise JobTerminated(f"the train step was terminated (signal {signum}); deleting PyTorchJob {name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

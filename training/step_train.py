@@ -40,14 +40,18 @@ from microfed.training.worker import WorkerConfig, config_to_argv
 if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only by the steps that create jobs
     from microfed.training.cluster import ClusterInfo
     from microfed.training.pytorchjob_launch import JobBackend
+    from microfed.training.trainjob_backend import TrainJobBackend
 
 __all__ = ["ClusterOptions", "train_step"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterOptions:
-    """Where and how the train step runs its workers as a PyTorchJob."""
+    """Where and how the train step runs its workers as a TrainJob or a PyTorchJob."""
 
+    launcher: str = "pytorchjob"
+    """The job kind: `trainjob` (Kubeflow Trainer v2) or `pytorchjob` (Training Operator v1); `auto` is resolved
+    before (training/launcher_select.py)."""
     image: str
     """Image of the worker replicas (the components' image)."""
     namespace: str
@@ -64,7 +68,7 @@ class ClusterOptions:
     service_account: str = ClusterConfig().service_account
     """Kubernetes service account of the replicas: the one Workload Identity maps to a Google service account
     with access to the bucket (KFP's `pipeline-runner`; `default-editor` in a multi-user profile namespace)."""
-    backend: JobBackend | None = None
+    backend: JobBackend | TrainJobBackend | None = None
     """The cluster to talk to; None means the Training Operator through TrainingClient (in-cluster config)."""
     poll_seconds: float = 10.0
     """How often the job's state is read."""

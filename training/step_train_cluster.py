@@ -1,5 +1,5 @@
-"""The train step's workers as a PyTorchJob: the cluster's description, the capacity checks made before the job
-exists, each replica's configuration from the resource plan, and the job's submission and watch."""
+"""The train step's workers as a TrainJob or a PyTorchJob: the cluster's description, the capacity checks made
+before the job exists, each replica's configuration from the resource plan, and the job's submission and watch."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from microfed.training.errors import MicrofedError
 from microfed.training.layout import micro_model_file, worker_record_file
 from microfed.training.resources import ResourcePlan
 from microfed.training.step_log import log
@@ -17,39 +18,37 @@ from microfed.training.worker import WorkerConfig, config_to_argv
 
 if TYPE_CHECKING:  # the cluster client (kubernetes) is imported only when a job is created
     from microfed.training.cluster import ClusterInfo
+    from microfed.training.pytorchjob_backend import JobBackend
     from microfed.training.step_train import ClusterOptions  # train_step imports this module
+    from microfed.training.trainjob_backend import TrainJobBackend
 
 __all__ = ["run_on_cluster"]
 
 
 def run_on_cluster(cfg: WorkerConfig, workers: int, cluster: ClusterOptions, plan: ResourcePlan, logs: Path) -> None:
-    """Run the workers as one PyTorchJob of `workers` replicas sized by `plan`, after refusing a job the cluster
-    can never hold; returns when the job succeeded with every worker's record and micro-model in `cfg.out`. The
-    replicas' logs go to `logs`."""
-    from microfed.training.pytorchjob import JobConfig, Placement, build_pytorchjob, job_name
-    from microfed.training.pytorchjob_launch import TrainingClientBackend, WatchPolicy, run_pytorchjob
+    """Run the workers as one job of `workers` replicas sized by `plan` (a TrainJob or a PyTorchJob, as
+    `cluster.launcher` says), after refusing a job the cluster can never hold; returns when the job succeeded with
+    every worker's record and micro-model in `cfg.out`. The replicas' logs go to `logs`."""
+    from microfed.training.job_watch import WatchPolicy
+    from microfed.training.pytorchjob import JobConfig, Placement, job_name
 
     namespace = cluster.namespace or _own_namespace()
     info = _cluster_info(cluster)
     _check_capacity(plan, workers, cluster, info)
-    worker = _replica_config(cfg, plan)
-    job = build_pytorchjob(
-        JobConfig(
-            name=job_name(cluster.run_id, cluster.task),
-            namespace=namespace,
-            image=cluster.image,
-            workers=workers,
-            worker_args=config_to_argv(worker),
-            plan=plan,
-            service_account=cluster.service_account or None,
-            # the operator's deadline deletes every pod, logs included: let the launcher's timeout (which saves
-            # the logs, then deletes the job) come first
-            active_deadline_seconds=int(cluster.timeout_seconds) + _DEADLINE_MARGIN_SECONDS,
-            labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
-            placement=Placement(mode=info.mode, spot=info.training_spot),
-        )
+    job = JobConfig(
+        name=job_name(cluster.run_id, cluster.task),
+        namespace=namespace,
+        image=cluster.image,
+        workers=workers,
+        worker_args=config_to_argv(_replica_config(cfg, plan)),
+        plan=plan,
+        service_account=cluster.service_account or None,
+        # the controller's deadline deletes every pod, logs included: let the launcher's timeout (which saves the
+        # logs, then deletes the job) come first
+        active_deadline_seconds=int(cluster.timeout_seconds) + _DEADLINE_MARGIN_SECONDS,
+        labels={"pipelines.kubeflow.org/run-id": cluster.run_id[:63]} if cluster.run_id else {},
+        placement=Placement(mode=info.mode, spot=info.training_spot),
     )
-    backend = cluster.backend or TrainingClientBackend(namespace=str(job.metadata.namespace))
     policy = WatchPolicy(
         timeout_seconds=cluster.timeout_seconds,
         poll_seconds=cluster.poll_seconds,
@@ -59,10 +58,25 @@ def run_on_cluster(cfg: WorkerConfig, workers: int, cluster: ClusterOptions, pla
         memory_note=_memory_note(plan),
     )
     missing = functools.partial(_missing_records, cfg.out, workers)
-    outcome = run_pytorchjob(job, backend, policy=policy, log_dir=logs, outputs_missing=missing, log=log)
+    if cluster.launcher == "trainjob":
+        from microfed.training.trainjob import build_trainjob
+        from microfed.training.trainjob_launch import KubernetesTrainJobBackend, run_trainjob
+
+        kind, manifest = "TrainJob", build_trainjob(job)
+        backend = cast("TrainJobBackend", cluster.backend) or KubernetesTrainJobBackend(namespace=namespace)
+        outcome = run_trainjob(manifest, backend, policy=policy, log_dir=logs, outputs_missing=missing, log=log)
+    elif cluster.launcher == "pytorchjob":
+        from microfed.training.pytorchjob import build_pytorchjob
+        from microfed.training.pytorchjob_launch import TrainingClientBackend, run_pytorchjob
+
+        kind, built = "PyTorchJob", build_pytorchjob(job)
+        client = cast("JobBackend", cluster.backend) or TrainingClientBackend(namespace=namespace)
+        outcome = run_pytorchjob(built, client, policy=policy, log_dir=logs, outputs_missing=missing, log=log)
+    else:
+        raise MicrofedError(f"unknown cluster launcher {cluster.launcher!r}", hint="use trainjob or pytorchjob")
     restarts = f", replicas restarted: {outcome.restarts}" if outcome.restarts else ""
     log(
-        f"PyTorchJob {outcome.name} succeeded in {outcome.seconds:.0f} s "
+        f"{kind} {outcome.name} succeeded in {outcome.seconds:.0f} s "
         f"({outcome.waiting_for_capacity_seconds:.0f} s waiting for capacity{restarts})"
     )
 

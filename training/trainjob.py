@@ -96,7 +96,7 @@ def build_trainjob(cfg: JobConfig) -> dict[str, Any]:
             "template": {"metadata": {"labels": labels}, "spec": {"replicatedJobs": [node_patch]}},
         },
     }
-    return {
+    manifest = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": cfg.name, "namespace": cfg.namespace, "labels": labels},
@@ -107,6 +107,22 @@ def build_trainjob(cfg: JobConfig) -> dict[str, Any]:
             "activeDeadlineSeconds": cfg.active_deadline_seconds,
         },
     }
+    return _through_sdk_model(manifest)
+
+
+def _through_sdk_model(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest parsed into Kubeflow Trainer's own TrainJob model (kubeflow-trainer-api 2.3, generated from this
+    release's API) and serialised back: a field of the wrong type or shape fails here, and what is sent is what the
+    model holds. A field the model does not know would be lost: refuse that instead of sending less."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    modelled: dict[str, Any] = TrainerV1alpha1TrainJob.from_dict(manifest).to_dict()
+    if modelled != manifest:
+        raise MicrofedError(
+            "the TrainJob does not survive kubeflow-trainer-api's TrainJob model unchanged",
+            hint="a field is not in the pinned Trainer API (kubeflow-trainer-api>=2.3.0,<2.4)",
+        )
+    return modelled
 
 
 def _check(cfg: JobConfig) -> None:
