@@ -37,8 +37,15 @@ REPLICA = r"""
 import json, os, pathlib, sys, time
 ctl = pathlib.Path(sys.argv[1])
 key = os.environ.get("RANK") or "w" + os.environ["REPLICA_INDEX_HINT"]
-n = len(list(ctl.glob(f"start-{key}-*")))
-(ctl / f"start-{key}-{n}").write_text(json.dumps(dict(os.environ)))
+n = 0  # this incarnation's number: claimed with O_EXCL, so two replicas of one key starting at once both count
+while True:
+    try:
+        fd = os.open(ctl / f"start-{key}-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        break
+    except FileExistsError:
+        n += 1
+os.write(fd, json.dumps(dict(os.environ)).encode())
+os.close(fd)
 actions = json.loads((ctl / "plan.json").read_text())[key]
 kind, _, arg = actions[min(n, len(actions) - 1)].partition(":")
 print(f"replica {key} incarnation {n}: {kind} {arg}", flush=True)
