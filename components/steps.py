@@ -103,6 +103,8 @@ def train(
     server_momentum: float = 0.9,
     server_lr: float = 0.0,
     fedbn: bool = False,
+    sync_every_steps: int = 0,
+    sync_optimizer: str = "local",
     patience: int = 0,
     launcher: str = "auto",
     worker_image: str = "",
@@ -127,7 +129,9 @@ def train(
     strategy: how the workers train and how their models are combined, a name in the strategies' registry
     (microfed.training.strategies; `microfed run --help` lists them), with its settings: `mu` (fedprox's proximal
     term), `server_momentum` and `server_lr` (a server optimizer's momentum and learning rate; server_lr 0 = the
-    strategy's own default). fedbn: keep BatchNorm layers out of the in-job averages. patience: stop after that
+    strategy's own default). fedbn: keep BatchNorm layers out of the in-job averages. sync_every_steps: also average
+    the weights inside each round every that many optimizer steps (local SGD; 0 = at round ends only);
+    sync_optimizer: the optimizer's state at each in-job average (local, average or reset). patience: stop after that
     many rounds without a better validation accuracy (0 = run every round). usage_cache: the measured-usage
     cache (a folder or .json, local or gs://; default `<pipeline root>/usage-cache.json`, the root read from
     micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model

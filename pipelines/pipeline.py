@@ -90,6 +90,8 @@ def microfed_pipeline(
     server_momentum: float = _D["server_momentum"],
     server_lr: float = _D["server_lr"],
     fedbn: bool = _D["fedbn"],
+    sync_every_steps: int = _D["sync_every_steps"],
+    sync_optimizer: str = _D["sync_optimizer"],
     patience: int = _D["patience"],
     usage_cache: str = _D["usage_cache"],
     launcher: str = _D["launcher"],

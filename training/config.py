@@ -34,6 +34,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "SPLITS",
+    "SYNC_OPTIMIZER",
     "ClusterConfig",
     "ConfigField",
     "DataConfig",
@@ -65,6 +66,7 @@ from microfed.training.config_checks import (
     SPLIT,
     SPLITS,
     SUBMIT,
+    SYNC_OPTIMIZER,
     TRAIN,
     check_choice,
     check_image_size,
@@ -244,9 +246,25 @@ class StrategyConfig:
         floats=(0.0, True, FLOAT32_MAX, True),
     )
     fedbn: bool = param(False, "keep BatchNorm layers out of the in-job averages (FedBN)", steps=(TRAIN,), worker=True)
+    sync_every_steps: int = param(
+        0,
+        "also average the weights inside each round, every this many optimizer steps (local SGD; 0 = at round ends "
+        "only)",
+        steps=(TRAIN,),
+        worker=True,
+        ints=(0, MAX_EXACT_INT, f"0 averages at round ends only; {_KFP_EXACT}"),
+    )
+    sync_optimizer: str = param(
+        "local",
+        "the optimizer's state (Adam's moments, SGD's momentum) at each in-job average: local (each worker keeps its "
+        "own), average (averaged with the weights) or reset",
+        steps=(TRAIN,),
+        worker=True,
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_choice("sync_optimizer", self.sync_optimizer, SYNC_OPTIMIZER)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,6 +31,7 @@ __all__ = [
     "SPLITS",
     "SUBMIT",
     "TRAIN",
+    "SYNC_OPTIMIZER",
     "check_choice",
     "check_image_size",
     "check_ranges",
@@ -44,6 +45,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 PRECISIONS = ("auto", "fp32", "bf16")
+SYNC_OPTIMIZER = ("local", "average", "reset")
 SPLITS = ("stratified", "iid", "dirichlet")
 LAUNCHERS = ("auto", "trainjob", "pytorchjob", "local")
 BAD_IMAGES = ("fail", "skip")

@@ -110,6 +110,11 @@ class Strategy:
     fedadam and fedyogi 0.01), which replaces the 0 here."""
     fedbn: bool = _DEFAULTS.fedbn
     """Keep BatchNorm layers out of the in-job combines (the strategies that average: not ddp)."""
+    sync_every_steps: int = _DEFAULTS.sync_every_steps
+    """Also average the weights inside each round every this many optimizer steps (local SGD; 0: at round ends
+    only). The strategies that average; see microfed.training.local_sgd."""
+    sync_optimizer: str = _DEFAULTS.sync_optimizer
+    """The optimizer's state at each in-job average: "local" (kept per worker), "average" or "reset"."""
 
     def __post_init__(self) -> None:
         rule = REGISTRY.get(self.name)
@@ -122,6 +127,8 @@ class Strategy:
             server_momentum=self.server_momentum,
             server_lr=self.server_lr,
             fedbn=self.fedbn,
+            sync_every_steps=self.sync_every_steps,
+            sync_optimizer=self.sync_optimizer,
         )
         if self.server_lr == 0:
             object.__setattr__(self, "server_lr", rule.default_server_lr)
@@ -136,6 +143,8 @@ class Strategy:
             server_momentum=section.server_momentum,
             server_lr=section.server_lr,
             fedbn=section.fedbn,
+            sync_every_steps=section.sync_every_steps,
+            sync_optimizer=section.sync_optimizer,
         )
 
     def build(self) -> FederatedStrategy:
@@ -175,7 +184,12 @@ class FederatedStrategy:
     def label(self) -> str:
         """The name and the settings it reads, e.g. `fedprox mu=0.01` (benchmark rows, logs)."""
         names = {"mu": "mu", "server_momentum": "beta", "server_lr": "lr"}
-        return " ".join([self.name, *(f"{names[s]}={getattr(self.config, s):g}" for s in self.settings)])
+        words = [self.name, *(f"{names[s]}={getattr(self.config, s):g}" for s in self.settings)]
+        if self.config.sync_every_steps:
+            words.append(f"sync={self.config.sync_every_steps}")
+        if self.config.sync_optimizer != _DEFAULTS.sync_optimizer:
+            words.append(f"optimizer-state={self.config.sync_optimizer}")
+        return " ".join(words)
 
     def averaged_keys(self, model: nn.Module) -> set[str]:
         """The state_dict keys the in-job combines take: all, or with fedbn all but BatchNorm's."""
@@ -409,9 +423,21 @@ class DDP(FederatedStrategy):
 
     @classmethod
     def check(cls, config: Strategy) -> None:
+        averaging = ", ".join(n for n, c in REGISTRY.items() if not c.synchronous)
         if config.fedbn:
-            averaging = ", ".join(n for n, c in REGISTRY.items() if not c.synchronous)
             raise MicrofedError(f"--fedbn applies to {averaging}, not {cls.name} (one model, no averages)")
+        if config.sync_every_steps:
+            raise MicrofedError(
+                f"--sync-every-steps applies to {averaging}, not {cls.name}: its ranks average the gradients in every "
+                "step already",
+                hint="leave --sync-every-steps at 0 with --strategy ddp",
+            )
+        if config.sync_optimizer != _DEFAULTS.sync_optimizer:
+            raise MicrofedError(
+                f"--sync-optimizer applies to {averaging}, not {cls.name}: its ranks hold one model and one "
+                "optimizer state",
+                hint=f"leave --sync-optimizer at {_DEFAULTS.sync_optimizer} with --strategy ddp",
+            )
 
     def trainer(
         self, model: nn.Module, *, device: torch.device, world_size: int, largest_shard: int, batch_size: int

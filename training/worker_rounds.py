@@ -41,6 +41,7 @@ from microfed.training.layout import (
     shard_files,
     write_worker_record,
 )
+from microfed.training.local_sgd import InRoundSync, settle_optimizer
 from microfed.training.model_files import ModelCard
 from microfed.training.models import ModelConfig, build_model, check_model
 from microfed.training.shards import Shard, load_shard, load_val_set, read_dataset_manifest
@@ -82,6 +83,10 @@ class Local:
     """Batches per epoch when every rank must take the same number (ddp); None: one pass over the shard."""
     averaged: set[str]
     """The state_dict keys the in-job combines take (all but BatchNorm's under fedbn)."""
+    share: float
+    """This rank's weight in the averages, n_k / n."""
+    in_round: InRoundSync | None = None
+    """The averages inside the rounds (--sync-every-steps, more than one worker)."""
     server: ServerState = field(default_factory=dict)
     """The strategy's server state, alike on every rank (FedAvgM's "momentum"; FedAdam's "m" and "v")."""
     global_state: dict[str, torch.Tensor] | None = None
@@ -275,6 +280,20 @@ def _prepare(
     averaged = strategy.averaged_keys(model)
     if cfg.strategy.fedbn and averaged == set(model.state_dict()):
         log(env, f"fedbn: {cfg.model} has no BatchNorm layers, so every layer is averaged")
+    sizes = [s["num_examples"] for s in summary["shards"]]
+    in_round = None
+    if cfg.strategy.sync_every_steps and env.world_size > 1:
+        in_round = InRoundSync.plan(
+            every=cfg.strategy.sync_every_steps,
+            n_k=labels.numel(),
+            shard_sizes=sizes,
+            batch_size=cfg.optim.batch_size,
+            model=model,
+            optimizer=opt,
+            keys=averaged,
+            policy=cfg.strategy.sync_optimizer,
+            rank=env.rank,
+        )
     return Local(
         model=model,
         images=images,
@@ -289,6 +308,8 @@ def _prepare(
         trainer=trainer,
         steps=steps,
         averaged=averaged,
+        share=labels.numel() / sum(sizes),
+        in_round=in_round,
     )
 
 
@@ -320,10 +341,13 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: Local, r: int) -> dict[
     after_backward = strategy.gradient_term(local.model, local.global_state)
     # synchronous ranks all-reduce the gradients inside every step: a rank that waits there for a stalled peer looks
     # just like it, so its steps count as waiting (the collective timeout still ends a stall; no rank is named)
-    synchronized = strategy.synchronous and env.world_size > 1
+    synchronized = (strategy.synchronous or local.in_round is not None) and env.world_size > 1
     epochs = []
     for e in range(1, cfg.local_epochs + 1):
         progress().set(f"training round {r}/{cfg.rounds}, local epoch {e}/{cfg.local_epochs}", waiting=synchronized)
+        on_step = progress().tick
+        if local.in_round is not None:
+            on_step = local.in_round.on_step(e == cfg.local_epochs, on_step)
         try:
             stats = train_epoch(
                 local.trainer,
@@ -337,7 +361,7 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: Local, r: int) -> dict[
                 amp_dtype=local.amp,
                 steps=local.steps,
                 after_backward=after_backward,
-                on_step=progress().tick,
+                on_step=on_step,
             )
         except MicrofedError as err:  # a diverged loss: say which worker and when, for every rank's log
             raise MicrofedError(
@@ -363,7 +387,10 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: Local, r: int) -> dict[
             f"round {r}/{cfg.rounds} epoch {e}/{cfg.local_epochs}: loss {stats.loss:.4f} "
             f"train acc {stats.accuracy:.4f} ({stats.examples / stats.seconds:.0f} img/s on rank 0)",
         )
-    return {"round": r, "epochs": epochs}
+    record: dict[str, Any] = {"round": r, "epochs": epochs}
+    if local.in_round is not None:
+        record.update(local.in_round.take_counts())
+    return record
 
 
 def _combine(
@@ -385,6 +412,8 @@ def _combine(
                 mine, n_k, world_size=env.world_size, global_state=origin, state=local.server
             )
             local.model.load_state_dict({**state, **combined})  # fedbn: BatchNorm keys stay this rank's
+            if env.world_size > 1:
+                settle_optimizer(local.optimizer, local.model, local.averaged, local.share, cfg.strategy.sync_optimizer)
             out["average_seconds"] = time.perf_counter() - start
         if val is not None:
             lo, hi = _slice(val.num_examples, env)
