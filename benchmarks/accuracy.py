@@ -92,6 +92,8 @@ def run_federated(
                         checkpoint; for the last round: the end of the aggregate step); process start included
       seconds           wall seconds of the train and aggregate steps; train_seconds of the train step alone
       shard_sizes       n_k of every shard
+      in_round_syncs    averages inside the rounds (--sync-every-steps), and sync_bytes what rank 0 sent for them
+      model_floats      floats in the model's state (what one average carries)
     """
     split = dataclasses.replace(split, workers=workers)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -144,10 +146,13 @@ def run_federated(
         "train_seconds": job["seconds"],
         "shard_sizes": [s["num_examples"] for s in summary["shards"]],
         "selected_round": agg.get("selected_round"),
+        "in_round_syncs": sum(r.get("in_round_syncs", 0) for r in job["workers"][0]["rounds"]),
+        "sync_bytes": sum(r.get("sync_bytes", 0) for r in job["workers"][0]["rounds"]),
+        "model_floats": sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()),
     }
 
 
-def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path) -> dict[str, Any]:
+def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path, **worker_overrides: Any) -> dict[str, Any]:
     """Centralized training of the same model for `epochs` epochs, with a test-accuracy point per epoch.
 
     It runs the same worker with 1 worker holding all the data and `epochs` rounds of 1 local epoch. This is
@@ -165,7 +170,7 @@ def centralized(dataset: LoadedDataset, *, epochs: int, tmp: Path) -> dict[str, 
         rounds=epochs,
         local_epochs=1,
         tmp=tmp,
-        threads=CENTRALIZED_THREADS,
+        **{"threads": CENTRALIZED_THREADS, **worker_overrides},
     )
 
 
