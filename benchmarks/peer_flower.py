@@ -4,11 +4,15 @@ Runs in its own virtual environment (`.venv-flower`, made by `peers.py`: flwr[si
 would fight kfp's in `.venv`), with microfed installed without dependencies so that the clients use the same
 shards, model and train loop as microfed's workers; what differs is the federated framework around them:
 
-    .venv-flower/bin/python benchmarks/peer_flower.py --shards SHARDS --out OUT --rounds 2 --local-epochs 1
+    .venv-flower/bin/python benchmarks/peer_flower.py --shards SHARDS --out OUT --rounds 2 --local-epochs 1 \
+        [--device cpu|cuda]
 
 One simulated client (SuperNode) per shard file, FedAvg over all of them every round (fraction_train 1, weights
 n_k / n, no federated evaluation). Writes OUT/global-model.safetensors (the final global model) and
-OUT/result.json (`seconds`: from run_simulation's start to the final global model in the ServerApp).
+OUT/result.json. The bench times this script from outside, from spawn to exit, like every other side;
+result.json's `seconds` (run_simulation's start to the final global model in the ServerApp, Flower's imports
+and Ray's shutdown left out) is reported beside it only. `--device cuda`: the clients train on the GPU (Ray
+gives each client an equal share of the GPUs), with the shard on the GPU as in microfed's workers.
 
 Flower's ClientApp holds no state between rounds. With `--client-state carry` (the default) each client keeps
 what a microfed worker keeps from one round to the next (Adam moments, its place in the one learning-rate
@@ -36,6 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 from microfed.training.io import write_safetensors
+from microfed.training.layout import DatasetManifest
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import load_shard, read_dataset_manifest
 from microfed.training.train import (
@@ -48,7 +53,7 @@ from microfed.training.train import (
 )
 
 
-def _arch(summary: dict[str, Any], model: str) -> ModelConfig:
+def _arch(summary: DatasetManifest, model: str) -> ModelConfig:
     c, h, w = summary["image_shape"]
     return ModelConfig(name=model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
 
@@ -60,7 +65,7 @@ def _save_local_state(
     tensors = {"generator": gen.get_state()}
     for index, slots in opt.state_dict()["state"].items():
         for name, value in slots.items():
-            tensors[f"{index}/{name}"] = torch.as_tensor(value).detach().clone()
+            tensors[f"{index}/{name}"] = torch.as_tensor(value).detach().cpu().clone()
     context.state["local-state"] = ArrayRecord(torch_state_dict=tensors)
     context.state["local-step"] = ConfigRecord({"step": int(sched.last_epoch)})
 
@@ -93,9 +98,12 @@ def client_train(msg: Message, context: Context) -> Message:
     summary = read_dataset_manifest(shards)
     shard = load_shard(shards, rank)
     optim = OptimConfig()
-    device = torch.device("cpu")
+    device = torch.device(str(cfg["device"]))
+    images, labels = shard.images, shard.labels
+    if device.type == "cuda":  # as microfed's worker does: the uint8 shard on the GPU, gathered there
+        images, labels = images.to(device), labels.to(device)
     torch.manual_seed(int(cfg["seed"]) + 1000 * (rank + 1) + int(cfg["server-round"]))  # dropout masks
-    model = build_model(_arch(summary, str(cfg["model"]))).to(memory_format=torch.channels_last)
+    model = build_model(_arch(summary, str(cfg["model"]))).to(device).to(memory_format=torch.channels_last)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     opt = make_optimizer(model, optim)
     steps_per_epoch = -(-shard.num_examples // optim.batch_size)
@@ -113,8 +121,8 @@ def client_train(msg: Message, context: Context) -> Message:
     for _ in range(local_epochs):
         stats = train_epoch(
             model,
-            shard.images,
-            shard.labels,
+            images,
+            labels,
             preprocess=pre,
             optimizer=opt,
             scheduler=sched,
@@ -134,7 +142,8 @@ def client_train(msg: Message, context: Context) -> Message:
             "state-restored": int(restored),
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.state_dict()), "metrics": metrics})
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=weights), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -167,6 +176,7 @@ def make_apps(
                 "seed": args.seed,
                 "threads": args.threads,
                 "client-state": args.client_state,
+                "device": args.device,
             }
         )
         result = strategy.start(
@@ -189,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per client; 0 = cores / clients")
     p.add_argument("--client-state", choices=("carry", "fresh"), default="carry")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args(argv)
     workers = len(read_dataset_manifest(args.shards)["shards"])
     cores = len(os.sched_getaffinity(0))
@@ -197,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     clock: dict[str, float] = {}
     metrics: dict[str, Any] = {}  # per round: Flower's aggregate (n_k-weighted mean) of the clients' metrics
     server, client = make_apps(args, clock, metrics)
-    # one Ray CPU per client, so all of them train at once as microfed's worker processes do
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": workers}}
+    # one Ray CPU per client, so all of them train at once as microfed's worker processes do; on cuda an equal
+    # share of the GPUs each (all clients on one GPU when there is one), as microfed's workers share them
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if args.device == "cuda" and gpus == 0:
+        print("peer_flower: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus / workers},
+        "init_args": {"num_cpus": workers, "num_gpus": gpus},
+    }
     start = time.perf_counter()
     run_simulation(server_app=server, client_app=client, num_supernodes=workers, backend_config=backend)
     end = time.perf_counter()
@@ -214,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "client_state": args.client_state,
+        "device": args.device,
         "train_metrics": metrics,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")

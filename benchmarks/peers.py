@@ -1,30 +1,37 @@
-"""Row 7, peers: the same federated setup run by microfed, by Flower's FedAvg in simulation, and by torchrun DDP.
+"""Row "peers": the same federated setup run by microfed, by Flower's FedAvg in simulation, and by torchrun DDP.
 
-One set of shards (Fashion-MNIST, 3 stratified shards, seed 0) feeds all three; all use cnn-fmnist, batch 128
-per worker, OptimConfig()'s Adam + warm-up/cosine schedule, bf16 autocast where this CPU has it, and one
-process (or Ray actor) per shard with cores/3 threads. Wall time runs from launching the training to holding
-the final global model (process and Ray start included, evaluation excluded); every final model is scored by
-`microfed.training.evaluation.evaluate` on the same test set.
+One set of shards (Fashion-MNIST, 3 stratified shards, seed 0) feeds all of them; all use cnn-fmnist, batch 128
+per worker, OptimConfig()'s Adam + warm-up/cosine schedule, bf16 autocast where the device has it, and one
+process (or Ray actor) per shard with cores/3 threads, all on --device (cpu by default, or cuda).
 
-  ours     train_step (3 worker processes, in-job average between rounds) + aggregate_step
+The same start line for every side: each is a command started from a fresh interpreter, timed from spawn to
+exit (interpreter start, imports, worker processes or Ray, rendezvous, training, writing the final model);
+evaluation is excluded on every side: none of the commands evaluates, and each final model is scored here,
+after its timing, by `microfed.training.evaluation.evaluate` on the same test set.
+
+  ours     `python -c OURS_SCRIPT`: train_step (3 worker processes, in-job average between rounds) + aggregate_step,
+           with --strategy fedavg and (a third side) ddp
   Flower   flwr FedAvg through run_simulation (Ray), 3 clients, each on one of our shard files with our
            model and train loop (benchmarks/peer_flower.py, in .venv-flower, created here on first use)
-  DDP      torchrun --standalone --nproc_per_node=3 benchmarks/peer_ddp.py: DistributedDataParallel over the
-           whole training set with a DistributedSampler, R x E epochs (the GKE reference's method)
+  DDP      torchrun --standalone --nproc_per_node=3 benchmarks/peer_ddp.py: DDP over the whole training set with
+           our batched gather and DistributedSampler's split of the indices, R x E epochs (the GKE reference's
+           method)
+
+The sides run interleaved (ours, Flower, DDP, ours ddp; again; ...) `repeats` times.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +42,10 @@ from microfed.training.io import read_safetensors
 from microfed.training.model_files import load_model
 from microfed.training.models import ModelConfig, build_model
 from microfed.training.shards import SplitConfig, load_test_set, read_dataset_manifest, write_shards
-from microfed.training.train import OptimConfig, Preprocess
-from microfed.training.worker import WorkerConfig
+from microfed.training.train import Preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fashion_mnist, row
+from common import Settings, fashion_mnist, interleave, row
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,6 +61,30 @@ FLOWER_REQUIREMENTS = (
     "numpy>=1.26,<3",
     "pillow>=10,<13",
 )
+START_LINE = (
+    "start line: every side a command from a fresh interpreter, timed from spawn to exit (imports, worker "
+    "processes or Ray, rendezvous, training, writing the final model); evaluation excluded on every side (each "
+    "final model scored afterwards, outside the timing)"
+)
+# Our side, as a user's script would call it: the train step (which starts the worker processes) and the
+# aggregate step; the job record goes to OUT/job.json for the training loops' own seconds.
+OURS_SCRIPT = """\
+import json, sys
+from pathlib import Path
+from microfed.training.step_aggregate import aggregate_step
+from microfed.training.step_train import train_step
+from microfed.training.strategies import Strategy
+from microfed.training.train import OptimConfig
+from microfed.training.worker import WorkerConfig
+a = json.loads(sys.argv[1])
+out = Path(a["out"])
+cfg = WorkerConfig(strategy=Strategy(name=a["strategy"]), shards=a["shards"], out=str(out / "micro"),
+                   model="cnn-fmnist", rounds=a["rounds"], local_epochs=a["epochs"], seed=0, optim=OptimConfig(),
+                   eval_every_round=False, device=a["device"])
+record = train_step(cfg, a["workers"])
+aggregate_step(out / "micro", out / "model")
+(out / "job.json").write_text(json.dumps(record, default=str))
+"""
 
 
 def flower_python() -> Path:
@@ -74,80 +104,25 @@ def flower_python() -> Path:
     return python
 
 
-def _run_logged(cmd: list[str], log: Path) -> float:
-    """Run cmd with its output in `log`; its wall seconds. A failure raises with the log's tail."""
+def backend_for(device: str) -> str:
+    """The collective backend of both DDP sides (and of our workers): MICROFED_BACKEND when set (bench.py sets
+    it on cuda), else nccl when every rank has a GPU of its own (NCCL refuses two ranks on one GPU), else gloo
+    (which also all-reduces CUDA tensors)."""
+    if device != "cuda":
+        return "gloo"
+    return os.environ.get("MICROFED_BACKEND") or ("nccl" if torch.cuda.device_count() >= WORKERS else "gloo")
+
+
+def spawn_to_exit(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Run cmd with its output in `log`; wall seconds from spawn to exit. A failure raises with the log's tail."""
     start = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n{tail}")
     return seconds
-
-
-def _accuracy(model: torch.nn.Module, shards: Path) -> float:
-    summary = read_dataset_manifest(shards)
-    test = load_test_set(shards)
-    pre = Preprocess(summary["mean"], summary["std"], torch.device("cpu"))
-    n_classes = len(summary["class_names"])
-    return evaluate(model, test.images, test.labels, preprocess=pre, num_classes=n_classes).accuracy
-
-
-def _ours(shards: Path, tmp: Path, rounds: int, epochs: int, strategy: str = "fedavg") -> dict[str, float]:
-    from microfed.training.step_aggregate import aggregate_step
-    from microfed.training.step_train import train_step
-    from microfed.training.strategies import Strategy
-
-    tmp = tmp / strategy
-    cfg = WorkerConfig(
-        strategy=Strategy(name=strategy),
-        shards=str(shards),
-        out=str(tmp / "micro"),
-        model="cnn-fmnist",
-        rounds=rounds,
-        local_epochs=epochs,
-        seed=0,
-        optim=OptimConfig(),
-        eval_every_round=False,  # Flower runs no federated evaluation either
-    )
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        record = train_step(cfg, WORKERS)
-        aggregate_step(tmp / "micro", tmp / "model")
-    seconds = time.perf_counter() - start
-    model, _ = load_model(tmp / "model")
-    workers = record["workers"]
-    # the workers' mean, as Flower reports its clients' (n_k-weighted, equal shards here)
-    loop = sum(e["seconds"] for w in workers for r in w["rounds"] for e in r["epochs"]) / len(workers)
-    # the train step's time outside the workers' own clocks: process start, imports, rendezvous, the job record
-    fixed = record["seconds"] - max(w["seconds"] for w in workers)
-    return {"seconds": seconds, "accuracy": _accuracy(model, shards), "loop_seconds": loop, "fixed_seconds": fixed}
-
-
-def _flower(shards: Path, tmp: Path, rounds: int, epochs: int) -> dict[str, Any]:
-    python = flower_python()
-    out = tmp / "flower"
-    cmd = [str(python), str(HERE / "peer_flower.py"), "--shards", str(shards), "--out", str(out)]
-    cmd += ["--rounds", str(rounds), "--local-epochs", str(epochs)]
-    process_s = _run_logged(cmd, tmp / "flower.log")
-    result = json.loads((out / "result.json").read_text())
-    state, _ = read_safetensors(out / "global-model.safetensors")
-    model = build_model(_arch(shards))
-    model.load_state_dict(state)
-    # the clients' training loops: per round, Flower's n_k-weighted mean of the clients' seconds
-    loop = sum(float(m.get("train-seconds", 0.0)) for m in result["train_metrics"].values())
-    return {**result, "accuracy": _accuracy(model, shards), "process_seconds": process_s, "loop_seconds": loop}
-
-
-def _ddp(shards: Path, tmp: Path, rounds: int, epochs: int) -> dict[str, Any]:
-    out = tmp / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORKERS}"]
-    cmd += [str(HERE / "peer_ddp.py"), "--shards", str(shards), "--out", str(out), "--epochs", str(rounds * epochs)]
-    process_s = _run_logged(cmd, tmp / "ddp.log")
-    result = json.loads((out / "result.json").read_text())
-    # rank 0 evaluates before the processes exit: that part is not training
-    return {**result, "seconds": process_s - result["eval_seconds"], "process_seconds": process_s}
 
 
 def _arch(shards: Path) -> ModelConfig:
@@ -156,7 +131,109 @@ def _arch(shards: Path) -> ModelConfig:
     return ModelConfig(name="cnn-fmnist", num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
 
 
-def peers(quick: bool) -> list[dict[str, Any]]:
+def _accuracy(model: torch.nn.Module, shards: Path) -> float:
+    summary = read_dataset_manifest(shards)
+    test = load_test_set(shards)
+    pre = Preprocess(summary["mean"], summary["std"], torch.device("cpu"))
+    n_classes = len(summary["class_names"])
+    return evaluate(model.cpu(), test.images, test.labels, preprocess=pre, num_classes=n_classes).accuracy
+
+
+def _weights_accuracy(path: Path, shards: Path) -> float:
+    state, _ = read_safetensors(path)
+    model = build_model(_arch(shards))
+    model.load_state_dict(state)
+    return _accuracy(model, shards)
+
+
+class Peers:
+    """The sides as legs for `interleave`: each call runs one side once and returns its wall seconds; what
+    else it measured (accuracy, the loops' own seconds) is appended to `details[side]`."""
+
+    def __init__(self, shards: Path, tmp: Path, rounds: int, epochs: int, device: str) -> None:
+        self.shards, self.tmp, self.rounds, self.epochs, self.device = shards, tmp, rounds, epochs, device
+        self.backend = backend_for(device)
+        self.details: dict[str, list[dict[str, Any]]] = {}
+
+    def _out(self, side: str) -> Path:
+        """A new folder for this run of `side`; its record starts with the 1-minute load average now."""
+        runs = self.details.setdefault(side, [])
+        runs.append({"load_average": os.getloadavg()[0]})
+        out = self.tmp / f"{side}-{len(runs)}"
+        out.mkdir(parents=True)
+        return out
+
+    def ours(self, strategy: str) -> Callable[[], float]:
+        def leg() -> float:
+            side = f"ours-{strategy}"
+            out = self._out(side)
+            args = {"out": str(out), "shards": str(self.shards), "rounds": self.rounds, "epochs": self.epochs}
+            args.update(strategy=strategy, device=self.device, workers=WORKERS)
+            env = {**os.environ, "MICROFED_BACKEND": self.backend}
+            s = spawn_to_exit([sys.executable, "-c", OURS_SCRIPT, json.dumps(args)], out / "log.txt", env)
+            record = json.loads((out / "job.json").read_text())
+            workers = record["workers"]
+            model, _ = load_model(out / "model")
+            self.details[side][-1].update(
+                {
+                    "seconds": s,
+                    "accuracy": _accuracy(model, self.shards),
+                    # the workers' mean, as Flower reports its clients' (n_k-weighted, equal shards here)
+                    "loop_seconds": sum(e["seconds"] for w in workers for r in w["rounds"] for e in r["epochs"])
+                    / len(workers),
+                    # the train step's time outside the workers' own clocks: process start, imports, rendezvous
+                    "fixed_seconds": record["seconds"] - max(w["seconds"] for w in workers),
+                    "train_step_seconds": record["seconds"],
+                }
+            )
+            return s
+
+        return leg
+
+    def flower(self) -> float:
+        out = self._out("flower")
+        cmd = [str(flower_python()), str(HERE / "peer_flower.py"), "--shards", str(self.shards), "--out", str(out)]
+        cmd += ["--rounds", str(self.rounds), "--local-epochs", str(self.epochs), "--device", self.device]
+        s = spawn_to_exit(cmd, out / "log.txt")
+        result = json.loads((out / "result.json").read_text())
+        self.details["flower"][-1].update(
+            {
+                "seconds": s,
+                "accuracy": _weights_accuracy(out / "global-model.safetensors", self.shards),
+                # per round, Flower's n_k-weighted mean of the clients' seconds
+                "loop_seconds": sum(float(m.get("train-seconds", 0.0)) for m in result["train_metrics"].values()),
+                "simulation_seconds": result["seconds"],
+                "flwr": result["flwr"],
+                "threads_per_client": result["threads_per_client"],
+                "client_state": result["client_state"],
+            }
+        )
+        return s
+
+    def ddp(self) -> float:
+        out = self._out("ddp")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORKERS}"]
+        cmd += [str(HERE / "peer_ddp.py"), "--shards", str(self.shards), "--out", str(out)]
+        cmd += ["--epochs", str(self.rounds * self.epochs), "--device", self.device, "--backend", self.backend]
+        s = spawn_to_exit(cmd, out / "log.txt")
+        result = json.loads((out / "result.json").read_text())
+        self.details["ddp"][-1].update(
+            {
+                "seconds": s,
+                "accuracy": _weights_accuracy(out / "global-model.safetensors", self.shards),
+                "loop_seconds": result["train_seconds"],
+                "threads_per_process": result["threads_per_process"],
+            }
+        )
+        return s
+
+
+def _median(details: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(d[key] for d in details))
+
+
+def peers(settings: Settings) -> list[dict[str, Any]]:
+    quick = settings.quick
     n_train, n_test, rounds, epochs = (6000, 2000, 2, 1) if quick else (0, 0, 2, 2)
     flower_python()  # before any timing: the first run installs
     dataset = fashion_mnist(n_train, n_test)
@@ -164,90 +241,78 @@ def peers(quick: bool) -> list[dict[str, Any]]:
         tmp = Path(tmp_name)
         shards = tmp / "shards"
         write_shards(dataset, shards, SplitConfig(workers=WORKERS, split="stratified", seed=0, val_fraction=0.0))
-        # one pass, in this order; the 1-minute load average at the start of each leg tells how much other
-        # work shared the cores with it (on a shared machine it moves more than the methods differ)
-        load: dict[str, float] = {}
-        load["ours"] = os.getloadavg()[0]
-        ours = _ours(shards, tmp, rounds, epochs)
-        load["Flower"] = os.getloadavg()[0]
-        flower = _flower(shards, tmp, rounds, epochs)
-        load["DDP"] = os.getloadavg()[0]
-        ddp = _ddp(shards, tmp, rounds, epochs)
-        load["ours ddp"] = os.getloadavg()[0]
-        ours_ddp = _ours(shards, tmp, rounds, epochs, strategy="ddp")
+        p = Peers(shards, tmp, rounds, epochs, settings.device)
+        legs = {"ours": p.ours("fedavg"), "flower": p.flower, "ddp": p.ddp, "ours ddp": p.ours("ddp")}
+        t = interleave(legs, settings.repeats)
+    d = p.details
+    ours, flower, ddp, ours_ddp = d["ours-fedavg"], d["flower"], d["ddp"], d["ours-ddp"]
     n = int(dataset.train.labels.numel())
-    loads = "load average at the start of each leg: " + ", ".join(f"{k} {v:.1f}" for k, v in load.items())
     setup = (
         f"cnn-fmnist, {n} Fashion-MNIST examples in {WORKERS} stratified shards, {rounds} rounds x {epochs} local "
-        f"epochs, batch 128, Adam 3e-3 warm-up + cosine, {int(dataset.test.labels.numel())} test examples"
+        f"epochs, batch 128, Adam 3e-3 warm-up + cosine, {int(dataset.test.labels.numel())} test examples, "
+        f"device {settings.device}, collective backend {p.backend}; {START_LINE}; {settings.repeats} interleaved "
+        f"repeats (ours, Flower, DDP, ours ddp), 1-minute load average at each run's start "
+        + "; ".join(f"{k} " + ", ".join(f"{r['load_average']:.1f}" for r in v) for k, v in d.items())
     )
+
+    def acc(side: list[dict[str, Any]]) -> str:
+        return f"{_median(side, 'accuracy'):.4f}"
+
+    f0 = flower[0]
     flower_note = (
-        f"test acc {ours['accuracy']:.4f} vs {flower['accuracy']:.4f}; Flower {flower['flwr']} FedAvg via "
-        f"run_simulation (Ray), {WORKERS} clients x {flower['threads_per_client']} thread on our shard files, our "
-        f"model and train loop, client state ({flower['client_state']}: Adam moments, schedule step, shuffling) "
-        f"kept in context.state; {setup}; training loops alone {ours['loop_seconds']:.1f} s vs "
-        f"{flower['loop_seconds']:.1f} s; {loads}"
+        f"median test acc {acc(ours)} vs {acc(flower)}; Flower {f0['flwr']} FedAvg via run_simulation (Ray), "
+        f"{WORKERS} clients x {f0['threads_per_client']} thread on our shard files, our model and train loop, client "
+        f"state ({f0['client_state']}: Adam moments, schedule step, shuffling) kept in context.state; {setup}; "
+        f"median training loops alone {_median(ours, 'loop_seconds'):.1f} s vs {_median(flower, 'loop_seconds'):.1f} "
+        f"s; Flower's own clock (run_simulation to final model) {_median(flower, 'simulation_seconds'):.1f} s"
     )
     ddp_note = (
-        f"test acc {ours['accuracy']:.4f} vs {ddp['accuracy']:.4f}; DDP (gloo) of the same model on all {n} "
-        f"examples with a DistributedSampler, {rounds * epochs} epochs, {WORKERS} processes x "
-        f"{ddp['threads_per_process']} thread, a gradient all-reduce every step (global batch {128 * WORKERS}); "
-        f"{setup}; torchrun's launcher and rendezvous included; training loops alone {ours['loop_seconds']:.1f} s "
-        f"vs {ddp['train_seconds']:.1f} s (DDP's: after the rendezvous, shard loading included); {loads}"
+        f"median test acc {acc(ours)} vs {acc(ddp)}; DDP of the same model on all {n} examples (our batched gather, "
+        f"DistributedSampler's split of the indices, no DataLoader), {rounds * epochs} epochs, {WORKERS} processes x "
+        f"{ddp[0]['threads_per_process']} thread, a gradient all-reduce every step (global batch {128 * WORKERS}); "
+        f"{setup}; median training loops alone {_median(ours, 'loop_seconds'):.1f} s vs "
+        f"{_median(ddp, 'loop_seconds'):.1f} s (DDP's: after the rendezvous, shard loading included)"
     )
+    common: dict[str, Any] = {"higher_is_better": False}
     return [
         row(
-            "peers, microfed vs Flower FedAvg (simulation)",
-            ours["seconds"],
-            flower["seconds"],
+            "peers, microfed vs Flower FedAvg (simulation), spawn to exit",
+            t["ours"],
+            t["flower"],
             "s",
             1.0,
             flower_note,
-            higher_is_better=False,
-            ours_accuracy=ours["accuracy"],
-            alternative_accuracy=flower["accuracy"],
-            flwr_version=flower["flwr"],
-            alternative_process_seconds=flower["process_seconds"],
-            ours_loop_seconds=ours["loop_seconds"],
-            alternative_loop_seconds=flower["loop_seconds"],
-            ours_fixed_seconds=ours["fixed_seconds"],
-            load_average=load,
+            **common,
+            ours_runs=ours,
+            alternative_runs=flower,
         ),
         row(
-            "peers, microfed vs torchrun DDP",
-            ours["seconds"],
-            ddp["seconds"],
+            "peers, microfed vs torchrun DDP, spawn to exit",
+            t["ours"],
+            t["ddp"],
             "s",
             1.0,
             ddp_note,
-            higher_is_better=False,
-            ours_accuracy=ours["accuracy"],
-            alternative_accuracy=ddp["accuracy"],
-            alternative_train_seconds=ddp["train_seconds"],
-            alternative_process_seconds=ddp["process_seconds"],
-            ours_loop_seconds=ours["loop_seconds"],
-            ours_fixed_seconds=ours["fixed_seconds"],
-            load_average=load,
+            **common,
+            ours_runs=ours,
+            alternative_runs=ddp,
         ),
         row(
-            "peers, microfed --strategy ddp vs torchrun DDP",
-            ours_ddp["seconds"],
-            ddp["seconds"],
+            "peers, microfed --strategy ddp vs torchrun DDP, spawn to exit",
+            t["ours ddp"],
+            t["ddp"],
             "s",
             1.0,
-            f"test acc {ours_ddp['accuracy']:.4f} vs {ddp['accuracy']:.4f}; the same method through our components: "
+            f"median test acc {acc(ours_ddp)} vs {acc(ddp)}; the same method through our components: "
             f"DistributedDataParallel across the {WORKERS} shards (each rank its own shard, gradients all-reduced "
-            f"every step); {setup}; training loops alone {ours_ddp['loop_seconds']:.1f} s vs "
-            f"{ddp['train_seconds']:.1f} s; {loads}",
-            higher_is_better=False,
-            ours_accuracy=ours_ddp["accuracy"],
-            alternative_accuracy=ddp["accuracy"],
-            ours_loop_seconds=ours_ddp["loop_seconds"],
-            ours_fixed_seconds=ours_ddp["fixed_seconds"],
-            load_average=load,
+            f"every step); {setup}; median training loops alone {_median(ours_ddp, 'loop_seconds'):.1f} s vs "
+            f"{_median(ddp, 'loop_seconds'):.1f} s",
+            **common,
+            ours_runs=ours_ddp,
+            alternative_runs=ddp,
         ),
     ]
 
 
 if __name__ == "__main__":
-    print(json.dumps(peers("--quick" in sys.argv), indent=1, default=str))
+    print(json.dumps(peers(Settings(quick="--quick" in sys.argv)), indent=1, default=str))
