@@ -10,7 +10,9 @@ the initial weights' and the data order's). The settings, from rare to frequent 
   ddp           gradients all-reduced in every step (one model)
 
 and `sync-K-average` / `sync-K-reset`: the same with the optimizer's state averaged or reset at each average
-(--sync-optimizer). Centralized training (1 worker, all data, the same T epochs and seed) is the yardstick.
+(--sync-optimizer). A `+equal-steps` suffix gives each worker a batch of ceil(128 / W) instead of 128, so that an
+epoch takes as many sequential steps as centralized training's (the global batch is 128 as there). Centralized
+training (1 worker, all data, batch 128, the same T epochs and seed) is the yardstick.
 
 Each row reports, over the seeds: the final test accuracy (median, min-max), its gap to centralized at equal epochs
 (per seed, then median and spread), the epochs and seconds until the global model first reaches 91.4% (the GKE
@@ -50,6 +52,7 @@ from common import BATCH, FMNIST, fashion_mnist  # noqa: E402
 from microfed.training.models import build_model  # noqa: E402
 from microfed.training.shards import SplitConfig  # noqa: E402
 from microfed.training.strategies import Strategy  # noqa: E402
+from microfed.training.train import OptimConfig  # noqa: E402
 
 TARGETS = (0.914, 0.920)
 GOALS = {"stratified": 0.5, "dirichlet": 1.0}  # largest allowed gap to centralized, points
@@ -60,13 +63,25 @@ LINK_BYTES_S = 10e9 / 8
 HOP_SECONDS = 50e-6
 
 
+EQUAL_STEPS = "+equal-steps"
+
+
+def batch_of(setting: str, workers: int) -> int:
+    """Each worker's batch: 128, or ceil(128 / W) with the `+equal-steps` suffix."""
+    return -(-BATCH // workers) if setting.endswith(EQUAL_STEPS) else BATCH
+
+
 def strategy_of(setting: str) -> Strategy:
-    """`fedavg`, `ddp`, `sync-K` or `sync-K-average` / `sync-K-reset`."""
+    """`fedavg`, `ddp`, `sync-K` or `sync-K-average` / `sync-K-reset`, each with an optional `+equal-steps`."""
+    setting = setting.removesuffix(EQUAL_STEPS)
     if setting in ("fedavg", "ddp"):
         return Strategy(name=setting)
     parts = setting.split("-")
     if parts[0] != "sync" or len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
-        raise SystemExit(f"--settings {setting!r}: use fedavg, ddp, sync-K or sync-K-average / sync-K-reset (K >= 1)")
+        raise SystemExit(
+            f"--settings {setting!r}: use fedavg, ddp, sync-K or sync-K-average / sync-K-reset (K >= 1), each "
+            f"optionally followed by {EQUAL_STEPS}"
+        )
     return Strategy(sync_every_steps=int(parts[1]), sync_optimizer=parts[2] if len(parts) == 3 else "local")
 
 
@@ -78,12 +93,12 @@ def first_reaching(run: dict[str, Any], target: float) -> tuple[int | None, floa
     return None, None
 
 
-def allreduce_bytes(run: dict[str, Any], setting: str, params: int) -> dict[str, float]:
+def allreduce_bytes(run: dict[str, Any], setting: str, params: int, batch: int = BATCH) -> dict[str, float]:
     """What one worker put into all-reduces over the run, and how many all-reduces: measured syncs, the round-end
     averages (float64, every float), or ddp's gradient all-reduce per step (fp32, the trainable parameters)."""
     epochs = run["round_epochs"][-1]
-    if setting == "ddp":
-        steps = math.ceil(max(run["shard_sizes"]) / BATCH) * epochs
+    if setting.removesuffix(EQUAL_STEPS) == "ddp":
+        steps = math.ceil(max(run["shard_sizes"]) / batch) * epochs
         return {"bytes": 4.0 * params * steps, "collectives": float(steps)}
     combines = len(run["round_epochs"]) - 1
     return {
@@ -117,7 +132,7 @@ def summarize(
     finals = [100 * r["accuracy"] for r in runs]
     gaps = [100 * c["accuracy"] - f for c, f in zip(central, finals, strict=True)]
     epochs = runs[0]["round_epochs"][-1]
-    comm = [allreduce_bytes(r, setting, params) for r in runs]
+    comm = [allreduce_bytes(r, setting, params, batch_of(setting, workers)) for r in runs]
     per_epoch = statistics.median(c["bytes"] for c in comm) / epochs
     collectives = statistics.median(c["collectives"] for c in comm) / epochs
     goal = GOALS.get(split) if split == "stratified" or split == "dirichlet" else None
@@ -132,6 +147,7 @@ def summarize(
         "split": split,
         "setting": setting,
         "strategy": strategy_of(setting).build().label(),
+        "batch_size": batch_of(setting, workers),
         "seeds": len(runs),
         "accuracy": _spread(finals),
         "centralized_accuracy": _spread([100 * c["accuracy"] for c in central]),
@@ -176,7 +192,10 @@ def measure(
             progress(f"centralized, seed {seed}", central[-1])
         for w in workers:
             for split in splits:
-                for setting in settings:
+                for entry in settings:
+                    only, _, setting = entry.rpartition(":")
+                    if only and only != split:
+                        continue
                     runs = []
                     for seed in seeds:
                         config = SplitConfig(workers=w, split=split, alpha=0.5, seed=seed, val_fraction=0.0)
@@ -191,6 +210,7 @@ def measure(
                                 seed=seed,
                                 device=device,
                                 strategy=strategy_of(setting),
+                                optim=OptimConfig(batch_size=batch_of(setting, w)),
                             )
                         )
                         progress(f"{w} workers, {split}, {setting}, seed {seed}", runs[-1])
@@ -212,7 +232,8 @@ def _epochs_cell(hits: dict[str, list[Any]]) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| workers, split, setting | final accuracy, median (min-max) | gap to centralized, points | goal | verdict "
+        "| workers, split, setting (batch per worker) | final accuracy, median (min-max) "
+        "| gap to centralized, points | goal | verdict "
         "| epochs (s) to 91.4% | epochs (s) to 92.0% | all-reduce MB/epoch per worker | projected network s/epoch |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -220,7 +241,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         a, g = r["accuracy"], r["gap_points"]
         goal = f"<= {r['goal_points']:g}" if r["goal_points"] is not None else "reported"
         lines.append(
-            f"| {r['workers']}, {r['split']}, {r['setting']} | {a['median']:.2f}% ({a['min']:.2f}-{a['max']:.2f}) "
+            f"| {r['workers']}, {r['split']}, {r['setting']} ({r['batch_size']}) "
+            f"| {a['median']:.2f}% ({a['min']:.2f}-{a['max']:.2f}) "
             f"| {g['median']:+.2f} ({g['min']:+.2f} to {g['max']:+.2f}) | {goal} | {r['verdict'] or ''} "
             f"| {_epochs_cell(r['to_target']['91.4'])} | {_epochs_cell(r['to_target']['92.0'])} "
             f"| {r['allreduce_bytes_per_epoch'] / 1e6:.1f} | {r['projected_network_s_per_epoch']:.3f} |"
@@ -242,13 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, nargs="+", default=[3, 8])
     p.add_argument("--splits", nargs="+", choices=["stratified", "dirichlet"], default=["stratified", "dirichlet"])
-    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(DEFAULT_SETTINGS),
+        help="settings for every split; SPLIT:SETTING runs SETTING on that split only",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", type=Path, default=HERE / "results-time-to-accuracy.json")
     p.add_argument("--markdown", type=Path, default=HERE / "results-time-to-accuracy.md")
     args = p.parse_args(argv)
     for s in args.settings:
-        strategy_of(s)
+        only, _, setting = s.rpartition(":")
+        if only and only not in args.splits:
+            raise SystemExit(f"--settings {s!r}: {only!r} is not one of --splits {' '.join(args.splits)}")
+        strategy_of(setting)
     started = time.perf_counter()
     rows = measure(
         quick=args.quick,

@@ -89,6 +89,7 @@ def train(
     rounds: int = 4,
     local_epochs: int = 3,
     batch_size: int = 128,
+    global_batch_size: int = 0,
     optimizer: str = "adam",
     lr: float = 0.003,
     weight_decay: float = 0.0,
@@ -137,6 +138,7 @@ def train(
     micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model
     and input shape start from them.
     momentum: sgd's (Nesterov) momentum; warmup_fraction: the share of all steps the cosine schedule warms up.
+    global_batch_size: when not 0, each worker's batch is ceil(global_batch_size / workers) instead of batch_size.
     a cluster launcher needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.

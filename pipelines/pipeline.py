@@ -68,6 +68,7 @@ def microfed_pipeline(
     rounds: int = _D["rounds"],
     local_epochs: int = _D["local_epochs"],
     batch_size: int = _D["batch_size"],
+    global_batch_size: int = _D["global_batch_size"],
     lr: float = _D["lr"],
     optimizer: str = _D["optimizer"],
     weight_decay: float = _D["weight_decay"],

@@ -19,6 +19,12 @@ def test_settings_name_strategies() -> None:
     assert tta.strategy_of("ddp").name == "ddp"
     assert tta.strategy_of("sync-16").build().label() == "fedavg sync=16"
     assert tta.strategy_of("sync-4-reset").build().label() == "fedavg sync=4 optimizer-state=reset"
+    assert tta.strategy_of("sync-4+equal-steps").build().label() == "fedavg sync=4"
+    assert (tta.batch_of("sync-4+equal-steps", 3), tta.batch_of("sync-4", 3), tta.batch_of("ddp+equal-steps", 8)) == (
+        43,
+        128,
+        16,
+    )
     for bad in ("sync", "sync-0", "sync-x", "sync-4-mean", "fedsgd"):
         with pytest.raises((SystemExit, Exception), match=r"sync|optimizer"):
             tta.strategy_of(bad)
@@ -44,6 +50,8 @@ def test_bytes_per_setting() -> None:
     assert tta.allreduce_bytes(_run(), "sync-16", params=900) == {"bytes": 48000 + 3 * 8000, "collectives": 15}
     # ddp: one fp32 all-reduce of the trainable parameters per step; ceil(300 / 128) = 3 steps per epoch
     assert tta.allreduce_bytes(_run(), "ddp", params=900) == {"bytes": 4 * 900 * 3 * 4, "collectives": 12}
+    # with a batch of 43: ceil(300 / 43) = 7 steps per epoch
+    assert tta.allreduce_bytes(_run(), "ddp+equal-steps", params=900, batch=43)["collectives"] == 28
 
 
 def test_projection_is_a_ring_all_reduce() -> None:
@@ -71,6 +79,9 @@ def test_summary_and_table() -> None:
     assert row["to_target"]["91.4"] == {"epochs": [3, None], "seconds": [30.0, None]}
     row["epochs"] = 4
     table = tta.markdown([row])
-    assert "| 3, stratified, sync-16 | 91.50% (91.00-92.00) | +0.80 (+0.40 to +1.20) | <= 0.5 | within noise " in table
+    assert (
+        "| 3, stratified, sync-16 (128) | 91.50% (91.00-92.00) | +0.80 (+0.40 to +1.20) | <= 0.5 | within noise "
+        in table
+    )
     assert "| 3 (30 s), 1/2 seeds | 4 (40 s), 1/2 seeds |" in table
     assert "assumed, not measured" in table

@@ -111,3 +111,25 @@ def test_the_rounds_record_counts_syncs_and_bytes(unequal_shards: Path, tmp_path
     info = read_json(tmp_path / "run" / "micro" / ROUNDS_FILE)
     assert info["strategy"]["sync_every_steps"] == 2 and info["strategy"]["sync_optimizer"] == "reset"
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_global_batch_is_shared_by_the_workers() -> None:
+    assert OptimConfig(global_batch_size=128).for_workers(3).batch_size == 43
+    assert OptimConfig(global_batch_size=128).for_workers(1).batch_size == 128
+    assert OptimConfig(batch_size=64).for_workers(8).batch_size == 64  # 0: --batch-size on each worker
+    with pytest.raises(MicrofedError, match="global_batch_size"):
+        RunConfig.from_flat({"global_batch_size": -1})
+
+
+@pytest.mark.integration
+def test_global_batch_size_trains_as_its_per_worker_share(unequal_shards: Path, tmp_path: Path) -> None:
+    """--global-batch-size 32 on 2 workers trains exactly as --batch-size 16 does, and the job record says 16."""
+    import dataclasses
+
+    shared = train(
+        unequal_shards, tmp_path / "g", 2, optim=dataclasses.replace(SGD, batch_size=128, global_batch_size=32)
+    )
+    each = train(unequal_shards, tmp_path / "b", 2, optim=dataclasses.replace(SGD, batch_size=16))
+    assert_same(shared, each)
+    record = read_json(tmp_path / "g" / "micro" / "job.json")
+    assert record["config"]["optim"]["batch_size"] == 16 and record["config"]["optim"]["global_batch_size"] == 32

@@ -192,6 +192,14 @@ class OptimConfig:
     batch_size: int = param(
         128, "examples per step on each worker", steps=(TRAIN,), worker=True, ints=(1, MAX_EXACT_INT, _KFP_EXACT)
     )
+    global_batch_size: int = param(
+        0,
+        "examples per step across all workers: each worker takes ceil(this / workers) instead of --batch-size, so "
+        "an epoch has as many sequential steps whatever the worker count (0 = --batch-size on each worker)",
+        steps=(TRAIN,),
+        worker=True,
+        ints=(0, MAX_EXACT_INT, f"0 leaves --batch-size per worker; {_KFP_EXACT}"),
+    )
     precision: str = param("auto", "auto (bf16 where the hardware has it), fp32 or bf16", steps=(TRAIN,), worker=True)
     """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
     AVX512-BF16/AMX, CUDA GPUs that support bf16), else fp32. Evaluation always runs in fp32."""
@@ -219,7 +227,13 @@ class OptimConfig:
             pipeline=True,
             why=why,
         )
-        check_ranges(self, names=("warmup_fraction", "batch_size"))
+        check_ranges(self, names=("warmup_fraction", "batch_size", "global_batch_size"))
+
+    def for_workers(self, workers: int) -> OptimConfig:
+        """These settings as each of `workers` workers trains with them: with a global batch, its share."""
+        if not self.global_batch_size:
+            return self
+        return dataclasses.replace(self, batch_size=-(-self.global_batch_size // workers))
 
 
 @dataclass(frozen=True, kw_only=True)

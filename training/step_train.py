@@ -107,7 +107,12 @@ def train_step(
     the plan a cluster run on CPU would have got).
     """
     start = time.perf_counter()
-    log(f"train: {workers} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}")
+    cfg = dataclasses.replace(cfg, optim=cfg.optim.for_workers(workers))  # the workers resolve it alike
+    log(
+        f"train: {workers} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}, batch "
+        f"{cfg.optim.batch_size} per worker"
+        + (f" (global {cfg.optim.global_batch_size})" if cfg.optim.global_batch_size else "")
+    )
     event("train_plan", workers=workers, rounds=cfg.rounds, local_epochs=cfg.local_epochs, model=cfg.model)
     plan = None
     with tempfile.TemporaryDirectory() as tmp:

@@ -121,6 +121,7 @@ def _run(cfg: WorkerConfig, env: DistEnv, shards: Path, out: Path) -> WorkerReco
             f"{cfg.shards} holds {len(summary['shards'])} shards but WORLD_SIZE={env.world_size}",
             hint="start one worker per shard",
         )
+    cfg = dataclasses.replace(cfg, optim=cfg.optim.for_workers(env.world_size))  # --global-batch-size's share
     device = device_for(cfg, env)
     monitor = UsageMonitor(device).start()  # peak memory, CPU and GPU use: the next plan starts from them
     torch.set_num_threads(cfg.threads or max(1, usable_cores() // max(1, env.local_world_size)))
