@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,17 @@ def summarize(
 
 
 def measure(
-    *, quick: bool, seeds: list[int], workers: list[int], splits: list[str], settings: list[str], device: str
+    *,
+    quick: bool,
+    seeds: list[int],
+    workers: list[int],
+    splits: list[str],
+    settings: list[str],
+    device: str,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
+    """Every row; `on_row` gets the rows so far after each (the results are written as they come: a long matrix
+    that stops part-way keeps what it measured)."""
     epochs, n_train, n_test = (QUICK_EPOCHS, 6000, 2000) if quick else (FULL_EPOCHS, 0, 0)
     dataset = fashion_mnist(n_train, n_test)
     params = sum(p.numel() for p in build_model(FMNIST).parameters() if p.requires_grad)
@@ -215,9 +225,9 @@ def measure(
                         )
                         progress(f"{w} workers, {split}, {setting}, seed {seed}", runs[-1])
                     rows.append(summarize(w, split, setting, runs, central, params))
-    for r in rows:
-        r["examples"] = {"train": dataset.train.labels.numel(), "test": dataset.test.labels.numel()}
-        r["epochs"] = epochs
+                    rows[-1]["examples"] = {"train": dataset.train.labels.numel(), "test": dataset.test.labels.numel()}
+                    rows[-1]["epochs"] = epochs
+                    on_row(rows)
     return rows
 
 
@@ -280,6 +290,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--settings {s!r}: {only!r} is not one of --splits {' '.join(args.splits)}")
         strategy_of(setting)
     started = time.perf_counter()
+
+    def write(rows: list[dict[str, Any]], complete: bool = False) -> None:
+        info = {
+            "seconds": time.perf_counter() - started,
+            "load_average": os.getloadavg(),
+            "quick": args.quick,
+            "complete": complete,
+            "argv": sys.argv[1:] if argv is None else argv,
+        }
+        for path, text in (
+            (args.json, json.dumps({"info": info, "rows": rows}, indent=1)),
+            (args.markdown, markdown(rows)),
+        ):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+
     rows = measure(
         quick=args.quick,
         seeds=args.seeds,
@@ -287,15 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         splits=args.splits,
         settings=args.settings,
         device=args.device,
+        on_row=write,
     )
-    info = {"seconds": time.perf_counter() - started, "load_average": os.getloadavg(), "quick": args.quick}
-    for path, text in (
-        (args.json, json.dumps({"info": info, "rows": rows}, indent=1)),
-        (args.markdown, markdown(rows)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    write(rows, complete=True)
     print(markdown(rows))
     return 0
 
