@@ -98,6 +98,8 @@ def allreduce_bytes(run: dict[str, Any], setting: str, params: int, batch: int =
     """What one worker put into all-reduces over the run, and how many all-reduces: measured syncs, the round-end
     averages (float64, every float), or ddp's gradient all-reduce per step (fp32, the trainable parameters)."""
     epochs = run["round_epochs"][-1]
+    if len(run["shard_sizes"]) == 1:  # one process: nothing to all-reduce
+        return {"bytes": 0.0, "collectives": 0.0}
     if setting.removesuffix(EQUAL_STEPS) == "ddp":
         steps = math.ceil(max(run["shard_sizes"]) / batch) * epochs
         return {"bytes": 4.0 * params * steps, "collectives": float(steps)}
@@ -136,7 +138,7 @@ def summarize(
     comm = [allreduce_bytes(r, setting, params, batch_of(setting, workers)) for r in runs]
     per_epoch = statistics.median(c["bytes"] for c in comm) / epochs
     collectives = statistics.median(c["collectives"] for c in comm) / epochs
-    goal = GOALS.get(split) if split == "stratified" or split == "dirichlet" else None
+    goal = GOALS.get(split)
     to = {}
     for t in TARGETS:
         hits = [first_reaching(r, t) for r in runs]
@@ -147,7 +149,7 @@ def summarize(
         "workers": workers,
         "split": split,
         "setting": setting,
-        "strategy": strategy_of(setting).build().label(),
+        "strategy": strategy_of(setting).build().label() if setting != "centralized" else "one process",
         "batch_size": batch_of(setting, workers),
         "seeds": len(runs),
         "accuracy": _spread(finals),
@@ -200,6 +202,9 @@ def measure(
         for seed in seeds:
             central.append(centralized(dataset, epochs=epochs, tmp=tmp, seed=seed, device=device))
             progress(f"centralized, seed {seed}", central[-1])
+        rows.append(summarize(1, "all data", "centralized", central, central, params))
+        rows[-1]["examples"] = {"train": dataset.train.labels.numel(), "test": dataset.test.labels.numel()}
+        rows[-1]["epochs"] = epochs
         for w in workers:
             for split in splits:
                 for entry in settings:
@@ -232,19 +237,20 @@ def measure(
 
 
 def _epochs_cell(hits: dict[str, list[Any]]) -> str:
-    reached = [e for e in hits["epochs"] if e is not None]
-    if not reached:
+    """Per seed: `epochs (seconds)`, or `-` where the seed did not reach the target."""
+    if all(e is None for e in hits["epochs"]):
         return "not reached"
-    seconds = [s for s in hits["seconds"] if s is not None]
-    out = f"{statistics.median(reached):g} ({statistics.median(seconds):.0f} s)"
-    return out if len(reached) == len(hits["epochs"]) else f"{out}, {len(reached)}/{len(hits['epochs'])} seeds"
+    return ", ".join(
+        "-" if e is None else f"{e} ({s:.0f} s)" for e, s in zip(hits["epochs"], hits["seconds"], strict=True)
+    )
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| workers, split, setting (batch per worker) | final accuracy, median (min-max) "
         "| gap to centralized, points | goal | verdict "
-        "| epochs (s) to 91.4% | epochs (s) to 92.0% | all-reduce MB/epoch per worker | projected network s/epoch |",
+        "| epochs (s) to 91.4%, per seed | epochs (s) to 92.0%, per seed | all-reduce bytes/epoch per worker "
+        "| projected network s/epoch |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -255,7 +261,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {a['median']:.2f}% ({a['min']:.2f}-{a['max']:.2f}) "
             f"| {g['median']:+.2f} ({g['min']:+.2f} to {g['max']:+.2f}) | {goal} | {r['verdict'] or ''} "
             f"| {_epochs_cell(r['to_target']['91.4'])} | {_epochs_cell(r['to_target']['92.0'])} "
-            f"| {r['allreduce_bytes_per_epoch'] / 1e6:.1f} | {r['projected_network_s_per_epoch']:.3f} |"
+            f"| {r['allreduce_bytes_per_epoch']:,.0f} | {r['projected_network_s_per_epoch']:.3f} |"
         )
     if rows:
         c = rows[0]["centralized_accuracy"]
@@ -281,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         help="settings for every split; SPLIT:SETTING runs SETTING on that split only",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--render", type=Path, help="print the table of a results JSON this wrote, and measure nothing")
     p.add_argument("--json", type=Path, default=HERE / "results-time-to-accuracy.json")
     p.add_argument("--markdown", type=Path, default=HERE / "results-time-to-accuracy.md")
     args = p.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text(encoding="utf-8"))["rows"]), end="")
+        return 0
     for s in args.settings:
         only, _, setting = s.rpartition(":")
         if only and only not in args.splits:

@@ -83,5 +83,13 @@ def test_summary_and_table() -> None:
         "| 3, stratified, sync-16 (128) | 91.50% (91.00-92.00) | +0.80 (+0.40 to +1.20) | <= 0.5 | within noise "
         in table
     )
-    assert "| 3 (30 s), 1/2 seeds | 4 (40 s), 1/2 seeds |" in table
+    # per seed; bytes: 48,000 in syncs + 3 float64 round averages of 1,000 floats, over 4 epochs
+    assert "| 3 (30 s), - | 4 (40 s), - | 18,000 | " in table
     assert "assumed, not measured" in table
+
+
+def test_the_centralized_row_sends_nothing_and_has_no_goal() -> None:
+    runs = [_run(accuracy=0.92, shard_sizes=[600])]
+    row = tta.summarize(1, "all data", "centralized", runs, [{"accuracy": 0.92}], params=900)
+    assert row["gaps"] == [0.0] and row["verdict"] is None and row["strategy"] == "one process"
+    assert row["allreduce_bytes_per_epoch"] == 0 and row["projected_network_s_per_epoch"] == 0
