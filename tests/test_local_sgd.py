@@ -133,3 +133,34 @@ def test_global_batch_size_trains_as_its_per_worker_share(unequal_shards: Path, 
     assert_same(shared, each)
     record = read_json(tmp_path / "g" / "micro" / "job.json")
     assert record["config"]["optim"]["batch_size"] == 16 and record["config"]["optim"]["global_batch_size"] == 32
+
+
+def test_a_failed_sync_is_a_lost_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo raises RuntimeError when a peer drops out of an all-reduce: the worker reports PeerLost (its restartable
+    exit code), naming the rank and what it was doing."""
+    from torch import nn
+
+    from microfed.training import local_sgd
+    from microfed.training.worker_group import PeerLost
+
+    def dropped(tensors: list[torch.Tensor], share: float) -> int:
+        raise RuntimeError("[gloo] Connection closed by peer\nmore detail")
+
+    monkeypatch.setattr(local_sgd, "_allreduce_in_place", dropped)
+    model = nn.Linear(2, 2)
+    sync = local_sgd.InRoundSync(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        keys=set(model.state_dict()),
+        share=0.5,
+        steps=4,
+        per_epoch=2,
+        policy="local",
+        rank=1,
+    )
+    with pytest.raises(
+        PeerLost, match=r"^worker 1: averaging inside a round failed, a peer is gone \(\[gloo\] Connection"
+    ):
+        step = sync.on_step(False, lambda: None)
+        step()  # 4 steps, 2 syncs: the first after step 2
+        step()

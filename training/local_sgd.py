@@ -172,8 +172,7 @@ class InRoundSync:
             sent = _allreduce_in_place([t for k, t in state.items() if k in self.keys], self.share)
             sent += settle_optimizer(self.optimizer, self.model, self.keys, self.share, self.policy)
         except RuntimeError as e:  # as worker_group.collective: a dropped or timed-out peer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PeerLost(f"worker {self.rank}: averaging inside a round failed, a peer is gone ({first})") from e
+            raise PeerLost.during(self.rank, "averaging inside a round", e) from e
         self.syncs += 1
         self.bytes_sent += sent
         self.seconds += time.perf_counter() - start

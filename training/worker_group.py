@@ -31,6 +31,13 @@ _STALE_GROUP_RETRY_SECONDS = 2.0
 class PeerLost(RuntimeError):
     """A collective failed: another rank died or became unreachable. The group should be restarted."""
 
+    @classmethod
+    def during(cls, rank: int, what: str, error: BaseException) -> PeerLost:
+        """`worker R: <what> failed, a peer is gone (<the error's first line>)`."""
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        return cls(f"worker {rank}: {what} failed, a peer is gone ({first})")
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -93,8 +100,7 @@ def collective(env: DistEnv, what: str) -> Iterator[None]:
     except RuntimeError as e:
         if env.world_size == 1 or isinstance(e, PeerLost):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLost(f"worker {env.rank}: {what} failed, a peer is gone ({first})") from e
+        raise PeerLost.during(env.rank, what, e) from e
 
 
 @contextlib.contextmanager
