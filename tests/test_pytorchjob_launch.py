@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -537,6 +538,33 @@ def test_sigterm_deletes_the_job(tmp_path: Path) -> None:
         launch(cluster, tmp_path)
     assert cluster.jobs == {} and cluster.deletes == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the step's own handler is back
+
+
+def test_a_sigterm_in_the_middle_of_a_call_leaves_no_lock_taken(tmp_path: Path) -> None:
+    # the signal lands while the main thread is inside a client call that holds a lock taken outside any `try`
+    # (as logging's module lock is between its acquire and its `try`): raising there would leave it taken for good,
+    # and the delete, or any other thread, would wait on it forever; JobTerminated comes at the next wait instead
+    states = [(job_state(CREATED, RUNNING), [pod(MASTER, "Running")], {})]
+    lock = threading.Lock()
+
+    class Terminated(FakeCluster):
+        def get(self, name: str) -> KubeflowOrgV1PyTorchJob | None:
+            lock.acquire()
+            if self.polls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, with the lock held
+            held = super().get(name)
+            lock.release()
+            return held
+
+        def delete(self, name: str) -> None:
+            with lock:
+                super().delete(name)
+
+    cluster = Terminated(states, logs={MASTER: "x\n"})
+    with pytest.raises(JobTerminated, match="terminated"):
+        launch(cluster, tmp_path)
+    assert lock.acquire(blocking=False)
+    assert cluster.jobs == {} and cluster.deletes == 1
 
 
 def test_a_replica_deleted_between_polls_is_still_counted_and_its_exit_read_from_the_operators_event(

@@ -5,17 +5,14 @@ and the `JobKind` the watch reads the job with (job_kinds.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from microfed.training.job_kinds import JobKind
 from microfed.training.job_watch import Api, JobFailed, JobTerminated, JobTimeout, Watch, WatchPolicy
+from microfed.training.termination import raised_at_waits
 
 __all__ = ["JobOutcome", "run_job"]
 
@@ -46,14 +43,20 @@ def run_job(
     """`claim(api)` creates the job or adopts one of an earlier attempt, and returns whether it adopted one."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    api = Api(backend, policy, clock, sleep, log)
     start = clock()
-    with _delete_on_sigterm(kind, name):
+
+    def terminated(signum: int) -> JobTerminated:
+        return JobTerminated(f"the train step was terminated (signal {signum}); deleting {kind.name} {name}")
+
+    # SIGTERM (KFP's Terminate, an eviction) as JobTerminated, so that the `finally` deletes the job; Python's
+    # default would exit at once. It is raised in a wait of the loop (training/termination.py).
+    with raised_at_waits(terminated, sleep) as wait:
+        api = Api(backend, policy, clock, wait, log)  # its retry waits end at a SIGTERM too
         try:
             adopted = claim(api)
             watch = Watch(api, name, policy, log_dir, log, kind)
-            _wait(watch, policy, start, clock, sleep)
-            _confirm_outputs(watch, policy, outputs_missing, clock, sleep, log)
+            _wait(watch, policy, start, clock, wait)
+            _confirm_outputs(watch, policy, outputs_missing, clock, wait, log)
             logs = watch.save_all_logs()
             restarts = {pod: rep.restarts for pod, rep in watch.replicas.items() if rep.restarts}
             return JobOutcome(
@@ -65,7 +68,8 @@ def run_job(
                 logs=logs,
             )
         finally:
-            api("delete the job", lambda: backend.delete(name))
+            # with the plain sleep: the retries of the delete must not end at the SIGTERM that brought us here
+            Api(backend, policy, clock, sleep, log)("delete the job", lambda: backend.delete(name))
 
 
 def _wait(watch: Watch, policy: WatchPolicy, start: float, clock: Callable[[], float], sleep: Any) -> None:
@@ -105,21 +109,3 @@ def _confirm_outputs(
         if waited == 0:
             log(f"{watch.kind.name} {watch.name} succeeded; waiting for the records of rank(s) {missing} ({running})")
         sleep(min(policy.poll_seconds, 5.0))
-
-
-@contextlib.contextmanager
-def _delete_on_sigterm(kind: JobKind, name: str) -> Iterator[None]:
-    """Turn SIGTERM into JobTerminated so that the `finally` deletes the job; Python's default would exit at once.
-    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise JobTerminated(f"the train step was terminated (signal {signum}); deleting {kind.name} {name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

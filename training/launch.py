@@ -32,9 +32,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 from microfed.training.errors import MicrofedError
 from microfed.training.layout import progress_file, worker_log_file
 from microfed.training.step_log import event
+from microfed.training.termination import raised_at_waits
 
 __all__ = [
     "DEFAULT_MAX_RESTARTS",
@@ -245,41 +245,40 @@ def launch_local(
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / worker_log_file(rank) for rank in range(workers)]
     echoed = 0
-    # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _in_main_thread() else None
-    try:
-        with tempfile.TemporaryDirectory(prefix="microfed-progress-") as progress:
-            for attempt in range(max_restarts + 1):
-                procs: list[_Proc] = []
-                try:
-                    procs = _start(workers, worker_args, module, logs, attempt, Path(progress))
-                    echoed = _wait(procs, _StallWatch(Path(progress), procs), echo_rank0, poll_seconds, echoed)
-                    return logs
-                except _GroupFailed as failed:
-                    f = failed.failure
-                    if isinstance(f, WorkerStalled):
-                        raise f from None
-                    if not failed.restartable or attempt == max_restarts:
-                        raise WorkerFailed(f.rank, f.returncode, f.log_path, f.log_tail, restarts=attempt) from None
-                    print(
-                        f"[microfed] worker {f.rank} {_describe(f.returncode)}: restarting all {workers} workers "
-                        f"(restart {attempt + 1} of at most {max_restarts})",
-                        flush=True,
-                    )
-                    event(
-                        "group_restart",
-                        rank=f.rank,
-                        returncode=f.returncode,
-                        restart=attempt + 1,
-                        max_restarts=max_restarts,
-                        workers=workers,
-                    )
-                finally:
-                    _stop(procs)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers: it exits
+    # with 128 + the signal, raised in a wait of the loop, where no lock is half taken (training/termination.py).
+    with (
+        raised_at_waits(lambda signum: SystemExit(128 + signum)) as wait,
+        tempfile.TemporaryDirectory(prefix="microfed-progress-") as progress,
+    ):
+        for attempt in range(max_restarts + 1):
+            procs: list[_Proc] = []
+            try:
+                procs = _start(workers, worker_args, module, logs, attempt, Path(progress))
+                echoed = _wait(procs, _StallWatch(Path(progress), procs), echo_rank0, poll_seconds, echoed, wait)
+                return logs
+            except _GroupFailed as failed:
+                f = failed.failure
+                if isinstance(f, WorkerStalled):
+                    raise f from None
+                if not failed.restartable or attempt == max_restarts:
+                    raise WorkerFailed(f.rank, f.returncode, f.log_path, f.log_tail, restarts=attempt) from None
+                print(
+                    f"[microfed] worker {f.rank} {_describe(f.returncode)}: restarting all {workers} workers "
+                    f"(restart {attempt + 1} of at most {max_restarts})",
+                    flush=True,
+                )
+                event(
+                    "group_restart",
+                    rank=f.rank,
+                    returncode=f.returncode,
+                    restart=attempt + 1,
+                    max_restarts=max_restarts,
+                    workers=workers,
+                )
+            finally:
+                _stop(procs)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def usable_cores() -> int:
@@ -328,23 +327,22 @@ def _start(
     return procs
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _wait(procs: list[_Proc], watch: _StallWatch, echo_rank0: bool, poll_seconds: float, echoed: int) -> int:
+def _wait(
+    procs: list[_Proc],
+    watch: _StallWatch,
+    echo_rank0: bool,
+    poll_seconds: float,
+    echoed: int,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Wait until all exit 0 (returns how much of rank 0's log was echoed) or one fails or stalls (_GroupFailed)."""
     while True:
-        time.sleep(poll_seconds)
+        sleep(poll_seconds)
         if echo_rank0:
             echoed = _echo_new(procs[0].log_path, echoed)
         codes = [p.popen.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
-            raise _first_failure(procs, watch)
+            raise _first_failure(procs, watch, sleep=sleep)
         if all(c == 0 for c in codes):
             if echo_rank0:
                 echoed = _echo_new(procs[0].log_path, echoed)
@@ -352,7 +350,12 @@ def _wait(procs: list[_Proc], watch: _StallWatch, echo_rank0: bool, poll_seconds
         watch.check()
 
 
-def _first_failure(procs: list[_Proc], watch: _StallWatch | None = None, settle_seconds: float = 2.0) -> _GroupFailed:
+def _first_failure(
+    procs: list[_Proc],
+    watch: _StallWatch | None = None,
+    settle_seconds: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> _GroupFailed:
     """The failure to report, and whether it is a fault to restart for.
 
     When one worker fails its peers soon fail too, in collectives that lost a member; so give them a moment,
@@ -364,7 +367,7 @@ def _first_failure(procs: list[_Proc], watch: _StallWatch | None = None, settle_
     """
     deadline = time.monotonic() + settle_seconds
     while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
-        time.sleep(0.05)
+        sleep(0.05)
     failed = [p for p in procs if p.popen.poll() not in (None, 0)]
 
     def blame(p: _Proc) -> tuple[int, int]:

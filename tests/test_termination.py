@@ -1,0 +1,51 @@
+"""training/termination.py: a SIGTERM becomes the loop's error in a wait, never at the bytecode it landed on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from microfed.training.termination import raised_at_waits
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_signal_outside_a_wait_is_raised_by_the_next_wait() -> None:
+    with raised_at_waits(lambda signum: Stopped(signum)) as wait:
+        os.kill(os.getpid(), signal.SIGTERM)
+        done = sum(range(1000))  # the code the signal interrupted runs to its end
+        assert done == 499500
+        with pytest.raises(Stopped) as caught:
+            wait(0.0)
+    assert caught.value.args == (signal.SIGTERM,)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_a_signal_during_a_wait_ends_it_at_once() -> None:
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    with raised_at_waits(lambda signum: Stopped(signum)) as wait:
+        timer.start()
+        with pytest.raises(Stopped):
+            wait(30.0)
+    assert time.monotonic() - start < 10
+
+
+def test_off_the_main_thread_the_plain_sleep_is_used() -> None:
+    seen: list[object] = []
+
+    def body() -> None:
+        with raised_at_waits(lambda signum: Stopped(signum), sleep=seen.append) as wait:
+            wait(1.5)
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [1.5, signal.SIG_DFL]
