@@ -42,6 +42,7 @@ from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_evaluate import evaluate_step
 from microfed.training.step_split import SplitOptions, split_step
 from microfed.training.step_train import train_step
+from microfed.training.strategies import Strategy
 from microfed.training.train import OptimConfig, Preprocess, make_optimizer, make_scheduler, train_epoch
 from microfed.training.worker import WorkerConfig, config_to_argv
 from tests.conftest import synthetic_dataset, write_zip
@@ -200,21 +201,30 @@ def test_a_killed_worker_resumes_from_checkpoints_on_gcs(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("sync_every_steps", "found"),
+    [
+        (0, "mean loss of this epoch is nan"),  # at the end of the epoch, before the round's average
+        (4, "weights hold NaN or Inf (tensor '0.weight') at an average inside the round"),  # before the next sync
+    ],
+)
 def test_a_diverging_worker_stops_the_job_naming_its_rank_and_round(
-    shards: Path, tmp_path: Path, faulty: Path, monkeypatch: pytest.MonkeyPatch
+    shards: Path, tmp_path: Path, faulty: Path, monkeypatch: pytest.MonkeyPatch, sync_every_steps: int, found: str
 ) -> None:
     monkeypatch.setenv("FAULT", "nan")
     monkeypatch.setenv("FAULT_RANK", "1")
     monkeypatch.setenv("FAULT_CALL", "3")  # the first epoch of round 2
     out = tmp_path / "micro"
-    argv = config_to_argv(worker_config(shards, out))
+    cfg = dataclasses.replace(worker_config(shards, out), strategy=Strategy(sync_every_steps=sync_every_steps))
+    argv = config_to_argv(cfg)
 
     with pytest.raises(WorkerFailed) as info:
         launch_local(2, argv, log_dir=tmp_path / "logs", module="faulty_worker", echo_rank0=False)
 
+    # the diverged rank, not a peer it would have poisoned through an average
     assert (info.value.rank, info.value.returncode, info.value.restarts) == (1, 2, 0)  # not restarted
     assert "worker 1 diverged in round 2/3, local epoch 1/2" in str(info.value)
-    assert "mean loss of this epoch is nan" in info.value.log_tail
+    assert found in info.value.log_tail
     # Nothing poisoned was averaged or written: round 1's checkpoint only, no micro-models.
     assert latest_round(str(out)) == 1
     assert not list(out.glob("micro-model-*"))

@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from microfed.training.errors import MicrofedError
 from microfed.training.worker_group import PeerLost
+from microfed.training.worker_progress import progress
 
 __all__ = ["InRoundSync", "sync_points", "settle_optimizer"]
 
@@ -168,10 +170,20 @@ class InRoundSync:
         """Average the weights (and, by the policy, the optimizer's state) across the ranks now."""
         start = time.perf_counter()
         state = self.model.state_dict()
+        for key in self.keys:  # a diverged rank never enters an average: it would poison every rank's model
+            t = state[key]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MicrofedError(
+                    f"its weights hold NaN or Inf (tensor {key!r}) at an average inside the round",
+                    hint="lower --lr or use --optimizer sgd; the job stops rather than average a diverged model",
+                )
+        # as worker_group.collective: the progress record marks the wait (a rank stalled in its own steps is the
+        # one the local launcher names), and a dropped or timed-out peer becomes PeerLost
         try:
-            sent = _allreduce_in_place([t for k, t in state.items() if k in self.keys], self.share)
-            sent += settle_optimizer(self.optimizer, self.model, self.keys, self.share, self.policy)
-        except RuntimeError as e:  # as worker_group.collective: a dropped or timed-out peer
+            with progress().waiting_for("averaging inside a round"):
+                sent = _allreduce_in_place([t for k, t in state.items() if k in self.keys], self.share)
+                sent += settle_optimizer(self.optimizer, self.model, self.keys, self.share, self.policy)
+        except RuntimeError as e:
             raise PeerLost.during(self.rank, "averaging inside a round", e) from e
         self.syncs += 1
         self.bytes_sent += sent

@@ -341,8 +341,9 @@ def _train_round(cfg: WorkerConfig, env: DistEnv, local: Local, r: int) -> dict[
         local.global_state = {k: t.detach().clone() for k, t in local.model.state_dict().items()}
     after_backward = strategy.gradient_term(local.model, local.global_state)
     # synchronous ranks all-reduce the gradients inside every step: a rank that waits there for a stalled peer looks
-    # just like it, so its steps count as waiting (the collective timeout still ends a stall; no rank is named)
-    synchronized = (strategy.synchronous or local.in_round is not None) and env.world_size > 1
+    # just like it, so its steps count as waiting (the collective timeout still ends a stall; no rank is named). The
+    # in-round averages of local SGD are calls of their own, marked as waits (local_sgd.py): a stalled rank is named.
+    synchronized = strategy.synchronous and env.world_size > 1
     epochs = []
     for e in range(1, cfg.local_epochs + 1):
         progress().set(f"training round {r}/{cfg.rounds}, local epoch {e}/{cfg.local_epochs}", waiting=synchronized)
