@@ -49,3 +49,13 @@ def test_off_the_main_thread_the_plain_sleep_is_used() -> None:
     thread.start()
     thread.join()
     assert seen == [1.5, signal.SIG_DFL]
+
+
+def test_the_signals_given_are_all_raised_at_waits_and_restored() -> None:
+    with raised_at_waits(lambda signum: Stopped(signum), signals=(signal.SIGTERM, signal.SIGINT)) as wait:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(Stopped) as caught:
+            wait(0.0)
+    assert caught.value.args == (signal.SIGINT,)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

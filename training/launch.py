@@ -245,10 +245,12 @@ def launch_local(
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / worker_log_file(rank) for rank in range(workers)]
     echoed = 0
-    # A SIGTERM (the pod or the user stopping us) must still run the `finally` that stops the workers: it exits
-    # with 128 + the signal, raised in a wait of the loop, where no lock is half taken (training/termination.py).
+    # A SIGTERM (the pod or the user stopping us) or a Ctrl-C must still run the `finally` that stops the workers:
+    # SystemExit(128 + signal) or KeyboardInterrupt, raised in a wait of the loop, where no lock is half taken
+    # (training/termination.py; Python's own KeyboardInterrupt could come inside Popen.poll and leave its wait lock
+    # taken, and the stop would then wait on it forever).
     with (
-        raised_at_waits(lambda signum: SystemExit(128 + signum)) as wait,
+        raised_at_waits(_stopped, signals=(signal.SIGTERM, signal.SIGINT)) as wait,
         tempfile.TemporaryDirectory(prefix="microfed-progress-") as progress,
     ):
         for attempt in range(max_restarts + 1):
@@ -325,6 +327,10 @@ def _start(
         _stop(procs)
         raise
     return procs
+
+
+def _stopped(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _wait(

@@ -1,4 +1,4 @@
-"""SIGTERM, raised where it is safe: in a wait of the main thread's loop, never at an arbitrary bytecode.
+"""SIGTERM (or SIGINT), raised where it is safe: in a wait of the main thread's loop, never at an arbitrary bytecode.
 
 A handler that raises wherever the signal lands can leave a lock taken for good: logging's module lock between its
 `acquire` and its `try`, `subprocess.Popen`'s wait lock in `poll()`, a connection pool's. The cleanup that the
@@ -13,7 +13,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 __all__ = ["raised_at_waits"]
@@ -21,11 +21,13 @@ __all__ = ["raised_at_waits"]
 
 @contextlib.contextmanager
 def raised_at_waits(
-    error: Callable[[int], BaseException], sleep: Callable[[float], None] = time.sleep
+    error: Callable[[int], BaseException],
+    sleep: Callable[[float], None] = time.sleep,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM,),
 ) -> Iterator[Callable[[float], None]]:
-    """While inside, a SIGTERM raises `error(signum)` from the yielded sleep (during or before its next call).
-    Handlers can only be set from the main thread: elsewhere `sleep` itself is yielded and nothing changes. The
-    previous handler is back on the way out."""
+    """While inside, each of `signals` (SIGTERM by default) raises `error(signum)` from the yielded sleep (during or
+    before its next call). Handlers can only be set from the main thread: elsewhere `sleep` itself is yielded and
+    nothing changes. The previous handlers are back on the way out."""
     if threading.current_thread() is not threading.main_thread():
         yield sleep
         return
@@ -49,8 +51,9 @@ def raised_at_waits(
         if received:
             raise error(received[0])
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield wait
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
