@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Settings, fashion_mnist, reference, row
+from common import BENCH_OPTIM, Settings, fashion_mnist, reference, round_end, row
 
 from microfed.training.checkpoint import checkpoint_uri, parse_checkpoint
+from microfed.training.config import RunConfig
 from microfed.training.datasets import LoadedDataset
 from microfed.training.evaluation import evaluate
 from microfed.training.model_files import load_model
@@ -47,7 +48,8 @@ from microfed.training.shards import SplitConfig, load_test_set, write_shards
 from microfed.training.step_aggregate import aggregate_step
 from microfed.training.step_train import train_step
 from microfed.training.storage import read_bytes
-from microfed.training.train import OptimConfig, Preprocess
+from microfed.training.strategies import Strategy
+from microfed.training.train import Preprocess
 from microfed.training.worker import WorkerConfig
 
 TARGET = 0.914  # the GKE reference platform's Fashion-MNIST test accuracy, reached there in 90 epochs
@@ -80,8 +82,9 @@ def run_federated(
     shard, FedAvg between rounds), aggregate, and evaluate the global model on the test set after every round.
 
     `split.workers` is set to `workers`. `worker_overrides` replace WorkerConfig fields (dataclasses.replace),
-    e.g. a strategy's options; the defaults are the pipeline's (cnn-fmnist, OptimConfig(), seed 0), with the
-    worker's own per-round evaluation turned off (it would only add time: the rounds are evaluated here).
+    e.g. a strategy's options; the defaults are the benchmarks' (cnn-fmnist, common.BENCH_OPTIM, averages at round
+    ends only, seed 0), with the worker's own per-round evaluation turned off (it would only add time: the rounds
+    are evaluated here).
     Each call works in a new folder under `tmp`. Returns:
 
       accuracy          test accuracy of the aggregated global model (0..1)
@@ -102,7 +105,7 @@ def run_federated(
     shards, micro, model_dir = work / "shards", work / "micro", work / "model"
     summary = write_shards(dataset, shards, split)
     base: dict[str, Any] = {"model": MODEL, "rounds": rounds, "local_epochs": local_epochs, "seed": 0}
-    base["optim"] = OptimConfig()
+    base["optim"], base["strategy"] = BENCH_OPTIM, round_end()
     if "eval_every_round" in {f.name for f in dataclasses.fields(WorkerConfig)}:
         base["eval_every_round"] = False
     cfg = dataclasses.replace(WorkerConfig(shards=str(shards), out=str(micro), **base), **worker_overrides)
@@ -314,18 +317,22 @@ def accuracy(s: Settings) -> list[dict[str, Any]]:
             rows.append(_accuracy_row(cfg, fed, cen, epochs))
             if cfg.workers == 3 and cfg.strategy == "stratified" and not cfg.one_shot:
                 curve_runs["3 workers, stratified, multi-round"] = fed
-        if not quick:  # the pipeline's defaults (make run): 4 rounds x 3 local epochs, 3 stratified workers
+        if not quick:  # the pipeline's defaults (make run), without its held-out split: RunConfig() as it is
+            run = RunConfig()
             default = run_federated(
                 dataset,
-                workers=3,
-                split=SplitConfig(workers=3, val_fraction=0.0),
-                rounds=4,
-                local_epochs=3,
+                workers=run.split.workers,
+                split=SplitConfig(workers=run.split.workers, val_fraction=0.0),
+                rounds=run.loop.rounds,
+                local_epochs=run.loop.local_epochs,
                 tmp=tmp,
                 device=device,
+                optim=run.optim,
+                strategy=Strategy.from_config(run.strategy),
             )
-            _progress("make run defaults (4 x 3 epochs)", default, started)
-            curve_runs["3 workers, stratified, 4 rounds x 3 epochs (make run's defaults)"] = default
+            what = f"{run.loop.rounds} rounds x {run.loop.local_epochs} epochs (make run's defaults)"
+            _progress(f"make run defaults ({what})", default, started)
+            curve_runs[f"{run.split.workers} workers, stratified, {what}"] = default
     tta = _time_to_target(curve_runs, epochs)
     tta["seconds"] = time.perf_counter() - started  # wall time of the whole accuracy row
     tta["examples"] = {"train": dataset.train.labels.numel(), "test": dataset.test.labels.numel()}
@@ -337,15 +344,14 @@ def accuracy(s: Settings) -> list[dict[str, Any]]:
 def strategy_settings() -> dict[str, dict[str, Any]]:
     """Every strategy in the registry (microfed.training.strategies) with its default settings, by its label
     (`fedprox mu=0.01`, `fedavgm beta=0.9`): a new strategy gets its rows without an edit here."""
-    from microfed.training.strategies import STRATEGIES, Strategy
+    from microfed.training.strategies import STRATEGIES
 
-    return {Strategy(name=name).build().label(): {"name": name} for name in STRATEGIES}
+    return {round_end(name).build().label(): {"name": name} for name in STRATEGIES}
 
 
 def strategies(s: Settings) -> list[dict[str, Any]]:
     """Every registered strategy against fedavg on label-skewed shards (Dirichlet 0.5 and 0.1), 3 workers, the
     same T epochs as multi-round FedAvg (T rounds of 1 local epoch; ddp: T epochs of synchronous steps)."""
-    from microfed.training.strategies import Strategy
 
     settings_by_label = strategy_settings()
     epochs, n_train, n_test = (QUICK_EPOCHS, 6000, 2000) if s.quick else (FULL_EPOCHS - 1, 0, 0)
@@ -366,7 +372,7 @@ def strategies(s: Settings) -> list[dict[str, Any]]:
                     local_epochs=1,
                     tmp=tmp,
                     device=s.device,
-                    strategy=Strategy(**settings),
+                    strategy=round_end(**settings),
                 )
                 _progress(f"Dirichlet {alpha:g}, {label}", runs[label], started)
             base = runs["fedavg"]

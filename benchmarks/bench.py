@@ -35,10 +35,8 @@ import io
 import itertools
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +60,21 @@ from microfed.training.worker import WorkerConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import accuracy, strategies
 from accuracy import markdown as accuracy_markdown
-from common import BATCH, FMNIST, MEASURED, Settings, SettingsError, fashion_mnist, interleave, row, seconds
+from common import (
+    BATCH,
+    BENCH_OPTIM,
+    FMNIST,
+    MEASURED,
+    ROUND_END,
+    Settings,
+    SettingsError,
+    fashion_mnist,
+    interleave,
+    machine,
+    round_end,
+    row,
+    seconds,
+)
 from common import reference as reference_number
 from peers import peers
 
@@ -401,7 +413,8 @@ def _in_process(arguments: dict[str, Any], tmp: Path, device: str) -> dict[str, 
             rounds=a["rounds"],
             local_epochs=a["local_epochs"],
             seed=0,
-            optim=OptimConfig(),
+            optim=BENCH_OPTIM,
+            strategy=round_end(),
             device=device,
         )
         took["train"] = seconds(lambda: train_step(cfg, a["workers"]))
@@ -423,6 +436,7 @@ def orchestration(s: Settings) -> list[dict[str, Any]]:
         "local_epochs": 1 if s.quick else 3,
         "train_limit": 6000 if s.quick else 0,
         "test_limit": 2000 if s.quick else 0,
+        **ROUND_END,
     }
     direct: list[dict[str, float]] = []
     fixed: list[dict[str, float]] = []
@@ -488,7 +502,8 @@ def _train_throughput(
         rounds=1,
         local_epochs=epochs,
         seed=0,
-        optim=OptimConfig(),
+        optim=BENCH_OPTIM,
+        strategy=round_end(),
         eval_every_round=False,
         device=device,
     )
@@ -630,32 +645,6 @@ ROWS: dict[str, Callable[[Settings], list[dict[str, Any]]]] = {
     "strategies": strategies,
     "cluster": cluster,
 }
-
-
-def machine(device: str) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    info = {
-        "commit": commit,
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpus"] = torch.cuda.device_count()
-        info["collective_backend"] = os.environ.get("MICROFED_BACKEND", "nccl")
-    return info
 
 
 def _projection_markdown(p: dict[str, Any]) -> str:

@@ -11,10 +11,14 @@ row's `reference` field, with their source.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +26,25 @@ import torch
 from microfed.training.datasets import LoadedDataset, load_dataset
 from microfed.training.models import ModelConfig
 from microfed.training.shards import subsample
+from microfed.training.strategies import Strategy
+from microfed.training.train import OptimConfig
 
 FMNIST = ModelConfig(name="cnn-fmnist", num_classes=10, in_channels=1, image_size=(28, 28))
 BATCH = 128
+# What every benchmark's federated side trains with, fixed here rather than taken from the pipeline's defaults
+# (which follow the measurements: issue 17 made them a global batch of 128 and an average every 4 steps): batch 128
+# on each worker and the weights averaged at round ends only, FedAvg as Flower runs it, so that the rows compare
+# the same algorithm and stay comparable with earlier results. time_to_accuracy.py measures the other settings.
+BENCH_OPTIM = OptimConfig(batch_size=BATCH)
+ROUND_END = {"batch_size": BATCH, "sync_every_steps": 0}
+"""The same as pipeline arguments (`microfed run`, kfp.local)."""
+
+
+def round_end(name: str = "fedavg", **settings: Any) -> Strategy:
+    """Strategy `name` with the weights averaged at round ends only (ddp ignores the setting)."""
+    return Strategy(name=name, sync_every_steps=0, **settings)
+
+
 MIN_REPEATS = 3
 VERDICTS = ("met", "missed", "within noise", "not repeated")
 # numbers one row measures and a later row uses (the cluster projection)
@@ -161,6 +181,40 @@ def row(
     if reference is not None:
         record["reference"] = reference
     return record
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """Where a results file was measured: commit, CPU, cores, torch, Python (and the GPU with --device cuda)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "commit": commit,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["collective_backend"] = os.environ.get("MICROFED_BACKEND", "nccl")
+    return info
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name, so that a reader never sees half a results file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def fashion_mnist(n_train: int = 0, n_test: int = 0) -> LoadedDataset:

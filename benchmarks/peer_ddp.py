@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":  # as microfed's worker does: the uint8 set on the GPU, gathered there
         images, labels = images.to(device), labels.to(device)
     n = labels.numel()
-    batch = OptimConfig().batch_size
+    batch = 128  # per process, as microfed's side in peers.py
     per_rank = -(-n // world)  # ceil: DistributedSampler pads every rank to this
     steps_per_epoch = -(-per_rank // batch)
     pre = Preprocess(summary["mean"], summary["std"], device)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optim = OptimConfig()
+    optim = OptimConfig(batch_size=batch)
     opt = make_optimizer(ddp, optim)
     sched = make_scheduler(opt, optim, args.epochs * steps_per_epoch)
     amp = autocast_dtype(optim.precision, device) if args.precision == "auto" else None

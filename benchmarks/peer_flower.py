@@ -97,7 +97,7 @@ def client_train(msg: Message, context: Context) -> Message:
     shards = str(cfg["shards"])
     summary = read_dataset_manifest(shards)
     shard = load_shard(shards, rank)
-    optim = OptimConfig()
+    optim = OptimConfig(batch_size=128)  # per client, as microfed's side in peers.py
     device = torch.device(str(cfg["device"]))
     images, labels = shard.images, shard.labels
     if device.type == "cuda":  # as microfed's worker does: the uint8 shard on the GPU, gathered there

@@ -1,8 +1,9 @@
 """Row "peers": the same federated setup run by microfed, by Flower's FedAvg in simulation, and by torchrun DDP.
 
 One set of shards (Fashion-MNIST, 3 stratified shards, seed 0) feeds all of them; all use cnn-fmnist, batch 128
-per worker, OptimConfig()'s Adam + warm-up/cosine schedule, bf16 autocast where the device has it, and one
-process (or Ray actor) per shard with cores/3 threads, all on --device (cpu by default, or cuda).
+per worker, OptimConfig's Adam + warm-up/cosine schedule, bf16 autocast where the device has it, weights averaged
+at round ends only (microfed's in-round syncs off, as Flower has none), and one process (or Ray actor) per shard
+with cores/3 threads, all on --device (cpu by default, or cuda).
 
 The same start line for every side: each is a command started from a fresh interpreter, timed from spawn to
 exit (interpreter start, imports, worker processes or Ray, rendezvous, training, writing the final model);
@@ -78,9 +79,9 @@ from microfed.training.train import OptimConfig
 from microfed.training.worker import WorkerConfig
 a = json.loads(sys.argv[1])
 out = Path(a["out"])
-cfg = WorkerConfig(strategy=Strategy(name=a["strategy"]), shards=a["shards"], out=str(out / "micro"),
-                   model="cnn-fmnist", rounds=a["rounds"], local_epochs=a["epochs"], seed=0, optim=OptimConfig(),
-                   eval_every_round=False, device=a["device"])
+cfg = WorkerConfig(strategy=Strategy(name=a["strategy"], sync_every_steps=0), shards=a["shards"],
+                   out=str(out / "micro"), model="cnn-fmnist", rounds=a["rounds"], local_epochs=a["epochs"], seed=0,
+                   optim=OptimConfig(batch_size=128), eval_every_round=False, device=a["device"])
 record = train_step(cfg, a["workers"])
 aggregate_step(out / "micro", out / "model")
 (out / "job.json").write_text(json.dumps(record, default=str))

@@ -86,10 +86,10 @@ def train(
     shards: Input[Dataset],
     micro_models: Output[Model],
     model: str = "cnn-fmnist",
-    rounds: int = 4,
+    rounds: int = 3,
     local_epochs: int = 3,
-    batch_size: int = 128,
-    global_batch_size: int = 0,
+    batch_size: int = 0,
+    global_batch_size: int = 128,
     optimizer: str = "adam",
     lr: float = 0.003,
     weight_decay: float = 0.0,
@@ -104,7 +104,7 @@ def train(
     server_momentum: float = 0.9,
     server_lr: float = 0.0,
     fedbn: bool = False,
-    sync_every_steps: int = 0,
+    sync_every_steps: int = 4,
     sync_optimizer: str = "local",
     patience: int = 0,
     launcher: str = "auto",
@@ -138,7 +138,8 @@ def train(
     micro_models' URI, "off" for none): the workers' measured peaks go there and later plans for the same model
     and input shape start from them.
     momentum: sgd's (Nesterov) momentum; warmup_fraction: the share of all steps the cosine schedule warms up.
-    global_batch_size: when not 0, each worker's batch is ceil(global_batch_size / workers) instead of batch_size.
+    batch_size: examples per step on each worker; 0 = ceil(global_batch_size / workers).
+    sync_every_steps: also average the weights every this many steps inside a round (0: at round ends; ddp ignores it).
     a cluster launcher needs a gs:// pipeline root and fails before creating the job on another.
     pool_max_nodes: the training pool's maximum node count when infra/ was applied with a non-default
     cpu_max_nodes/gpu_max_nodes (0 = infra's defaults); a job needing more nodes fails before it is created.

@@ -186,8 +186,8 @@ def test_the_registry_names_the_strategies_and_their_defaults() -> None:
     # server_lr 0 is the strategy's own default, written back into the configuration (records show the value)
     assert Strategy(name="fedavgm").server_lr == 1.0 and Strategy(name="fedadam").server_lr == 0.01
     assert Strategy(name="fedyogi", server_lr=0.5).server_lr == 0.5
-    assert Strategy(name="fedadam").build().label() == "fedadam beta=0.9 lr=0.01"
-    assert Strategy(name="fedprox").build().label() == "fedprox mu=0.01"
+    assert Strategy(name="fedadam", sync_every_steps=0).build().label() == "fedadam beta=0.9 lr=0.01"
+    assert Strategy(name="fedprox").build().label() == "fedprox mu=0.01 sync=4"  # the default in-round average
     help_text = build_parser().format_help()
     assert all(name in help_text for name in STRATEGIES)
     with pytest.raises(MicrofedError, match="use one of fedavg, fedprox, fedavgm, fedadam, fedyogi, ddp"):

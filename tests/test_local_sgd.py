@@ -46,8 +46,9 @@ def test_sync_settings_are_checked_where_every_parameter_is() -> None:
     with pytest.raises(MicrofedError, match="unknown sync_optimizer 'mean'") as err:
         RunConfig.from_flat({"sync_optimizer": "mean"})
     assert "local, average, reset (--sync-optimizer)" in str(err.value.hint)
-    with pytest.raises(MicrofedError, match=r"--sync-every-steps applies to fedavg, .*not ddp"):
-        Strategy(name="ddp", sync_every_steps=4)
+    # ddp's ranks average gradients every step: the (default) in-round average does not apply and is recorded as 0
+    assert Strategy(name="ddp", sync_every_steps=4).sync_every_steps == 0
+    assert Strategy(name="ddp").build().label() == "ddp"
     with pytest.raises(MicrofedError, match=r"--sync-optimizer applies to .*not ddp"):
         Strategy(name="ddp", sync_optimizer="reset")
     label = Strategy(name="fedprox", sync_every_steps=8, sync_optimizer="average").build().label()
@@ -78,7 +79,8 @@ def test_sync_every_step_with_averaged_momentum_is_ddp(equal_shards: Path, tmp_p
     local = train(equal_shards, tmp_path / "k1", 2, optim=SGD, strategy=every_step)
     ddp = train(equal_shards, tmp_path / "ddp", 2, optim=SGD, strategy=Strategy(name="ddp"))
     assert_same(local, ddp, atol=2e-6)
-    fedavg = train(equal_shards, tmp_path / "fedavg", 2, optim=SGD)  # and it is not what FedAvg ends with
+    fedavg = train(equal_shards, tmp_path / "fedavg", 2, optim=SGD, strategy=Strategy(sync_every_steps=0))
+    # and it is not what FedAvg ends with
     assert max(float((local[k] - fedavg[k]).abs().max()) for k in local) > 1e-3
 
 
@@ -90,7 +92,8 @@ def test_one_sync_per_epoch_is_fedavg_with_one_epoch_rounds(unequal_shards: Path
     synced = train(
         unequal_shards, tmp_path / "k", 2, rounds=1, local_epochs=2, optim=SGD, strategy=Strategy(sync_every_steps=7)
     )
-    rounds = train(unequal_shards, tmp_path / "r", 2, rounds=2, local_epochs=1, optim=SGD)
+    fedavg = Strategy(sync_every_steps=0)
+    rounds = train(unequal_shards, tmp_path / "r", 2, rounds=2, local_epochs=1, optim=SGD, strategy=fedavg)
     assert_same(synced, rounds, atol=2e-6)
     record = read_json(tmp_path / "k" / "micro" / "job.json")
     assert [r["in_round_syncs"] for w in record["workers"] for r in w["rounds"]] == [1, 1]
@@ -116,23 +119,27 @@ def test_the_rounds_record_counts_syncs_and_bytes(unequal_shards: Path, tmp_path
 def test_a_global_batch_is_shared_by_the_workers() -> None:
     assert OptimConfig(global_batch_size=128).for_workers(3).batch_size == 43
     assert OptimConfig(global_batch_size=128).for_workers(1).batch_size == 128
-    assert OptimConfig(batch_size=64).for_workers(8).batch_size == 64  # 0: --batch-size on each worker
+    assert OptimConfig(batch_size=64).for_workers(8).batch_size == 64  # a set --batch-size replaces the share
+    assert OptimConfig().for_workers(3) == OptimConfig(batch_size=43)  # the default: a global batch of 128
+    assert OptimConfig().for_workers(3).for_workers(5).batch_size == 43  # resolved once (the train step, the worker)
     with pytest.raises(MicrofedError, match="global_batch_size"):
         RunConfig.from_flat({"global_batch_size": -1})
 
 
 @pytest.mark.integration
 def test_global_batch_size_trains_as_its_per_worker_share(unequal_shards: Path, tmp_path: Path) -> None:
-    """--global-batch-size 32 on 2 workers trains exactly as --batch-size 16 does, and the job record says 16."""
+    """--global-batch-size 32 on 2 workers trains exactly as --batch-size 16 does, and the job record says 16; a
+    --batch-size above 0 replaces the global batch."""
     import dataclasses
 
     shared = train(
-        unequal_shards, tmp_path / "g", 2, optim=dataclasses.replace(SGD, batch_size=128, global_batch_size=32)
+        unequal_shards, tmp_path / "g", 2, optim=dataclasses.replace(SGD, batch_size=0, global_batch_size=32)
     )
-    each = train(unequal_shards, tmp_path / "b", 2, optim=dataclasses.replace(SGD, batch_size=16))
+    each = train(unequal_shards, tmp_path / "b", 2, optim=dataclasses.replace(SGD, batch_size=16, global_batch_size=8))
     assert_same(shared, each)
     record = read_json(tmp_path / "g" / "micro" / "job.json")
     assert record["config"]["optim"]["batch_size"] == 16 and record["config"]["optim"]["global_batch_size"] == 32
+    assert read_json(tmp_path / "b" / "micro" / "job.json")["config"]["optim"]["batch_size"] == 16
 
 
 def test_a_failed_sync_is_a_lost_peer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -348,7 +348,8 @@ def test_the_usage_cache_changes_the_next_plan_of_the_train_step(base: str, tmp_
     )
     first = step_train._plan(cfg, ("none", "nvidia-tesla-t4"), base)  # no cache yet: the estimate
     key = UsageKey.from_plan(first)
-    assert key.text() == f"cnn-fmnist|1x28x28|batch={cfg.optim.batch_size}|{cfg.optim.precision}|{cfg.optim.optimizer}"
+    # the default batch is each worker's share of the global 128: ceil(128 / 3 shards) = 43
+    assert key.text() == f"cnn-fmnist|1x28x28|batch=43|{cfg.optim.precision}|{cfg.optim.optimizer}"
     update_cache(base, key, MEASURED)
     second = step_train._plan(cfg, ("none", "nvidia-tesla-t4"), base)
     assert first.estimate["requests_from"] == "estimate" and second.estimate["requests_from"] == "measurement"

@@ -30,6 +30,7 @@ from microfed.training.launch import (
     progress_file,
 )
 from microfed.training.shards import SplitConfig, write_shards
+from microfed.training.strategies import Strategy
 from microfed.training.train import OptimConfig
 from microfed.training.worker import WorkerConfig, stall_timeout
 from tests.conftest import synthetic_dataset, write_zip
@@ -185,13 +186,20 @@ def test_a_factory_that_raises_reaches_microfed_run_as_its_own_line(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("sync_every_steps", [0, 4])
 def test_a_stalled_worker_is_named_with_its_round_first_as_a_warning_then_as_the_error(
-    factories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    factories: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sync_every_steps: int,
 ) -> None:
-    # Prepare: rank 1's third training step never returns; rank 0 waits for it at the end of round 1. A 9 s
-    # collective timeout and a 1.2 s stall time stand for the defaults' 30 and 10 minutes.
+    # Prepare: rank 1's third training step never returns; rank 0 waits for it at the end of round 1 (K = 0) or at
+    # the first average inside it (K = 4). A 9 s collective timeout and a 1.2 s stall time stand for the defaults'
+    # 30 and 10 minutes.
     monkeypatch.setenv("STALL_RANK", "1")
     cfg = WorkerConfig(
+        strategy=Strategy(sync_every_steps=sync_every_steps),
         local_epochs=1,
         shards=str(shards(tmp_path, 2)),
         out=str(tmp_path / "micro"),
@@ -316,8 +324,9 @@ NAN, INF = math.nan, math.inf
         (lambda: OptimConfig(momentum=NAN), "momentum must be a finite number at least 0 and less than 1, got nan"),
         (lambda: OptimConfig(optimizer="sgd", momentum=0), "momentum must be a finite number greater than 0"),
         (lambda: OptimConfig(warmup_fraction=NAN), "warmup_fraction must be a finite number at least 0"),
-        (lambda: OptimConfig(batch_size=0), "batch_size must be an integer from 1 to 9,007,199,254,740,991, got 0"),
-        (lambda: OptimConfig(batch_size=True), "batch_size must be an integer from 1"),
+        (lambda: OptimConfig(batch_size=-1), "batch_size must be an integer from 0 to 9,007,199,254,740,991, got -1"),
+        (lambda: OptimConfig(batch_size=True), "batch_size must be an integer from 0"),
+        (lambda: OptimConfig(batch_size=0, global_batch_size=0), "batch_size and global_batch_size are both 0"),
         (lambda: WorkerConfig(shards="s", out="o", rounds=0), "rounds must be an integer from 1 to 99,999, got 0"),
         (lambda: WorkerConfig(shards="s", out="o", rounds=10**5), "rounds must be an integer from 1 to 99,999"),
         (lambda: WorkerConfig(shards="s", out="o", rounds=2.0), "rounds must be an integer from 1"),

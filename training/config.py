@@ -190,15 +190,19 @@ class OptimConfig:
     )
     augment: str = param("none", "none, flip, crop or crop-flip", steps=(TRAIN,), worker=True)
     batch_size: int = param(
-        128, "examples per step on each worker", steps=(TRAIN,), worker=True, ints=(1, MAX_EXACT_INT, _KFP_EXACT)
-    )
-    global_batch_size: int = param(
         0,
-        "examples per step across all workers: each worker takes ceil(this / workers) instead of --batch-size, so "
-        "an epoch has as many sequential steps whatever the worker count (0 = --batch-size on each worker)",
+        "examples per step on each worker; 0 = ceil(--global-batch-size / workers)",
         steps=(TRAIN,),
         worker=True,
-        ints=(0, MAX_EXACT_INT, f"0 leaves --batch-size per worker; {_KFP_EXACT}"),
+        ints=(0, MAX_EXACT_INT, f"0 takes each worker's share of --global-batch-size; {_KFP_EXACT}"),
+    )
+    global_batch_size: int = param(
+        128,
+        "examples per step across all workers: each worker takes ceil(this / workers), so an epoch has as many "
+        "sequential steps whatever the worker count (a --batch-size above 0 replaces it)",
+        steps=(TRAIN,),
+        worker=True,
+        ints=(0, MAX_EXACT_INT, f"0 needs a --batch-size per worker; {_KFP_EXACT}"),
     )
     precision: str = param("auto", "auto (bf16 where the hardware has it), fp32 or bf16", steps=(TRAIN,), worker=True)
     """`bf16` autocast, `fp32`, or `auto`: bf16 where the hardware computes it natively (CPUs with
@@ -228,10 +232,16 @@ class OptimConfig:
             why=why,
         )
         check_ranges(self, names=("warmup_fraction", "batch_size", "global_batch_size"))
+        if not self.batch_size and not self.global_batch_size:
+            raise MicrofedError(
+                "batch_size and global_batch_size are both 0: there is no batch size",
+                hint="set --global-batch-size (examples per step across all workers) or --batch-size (per worker)",
+            )
 
     def for_workers(self, workers: int) -> OptimConfig:
-        """These settings as each of `workers` workers trains with them: with a global batch, its share."""
-        if not self.global_batch_size:
+        """These settings as each of `workers` workers trains with them: `batch_size` resolved (a set one is kept,
+        0 becomes the worker's share of the global batch)."""
+        if self.batch_size:
             return self
         return dataclasses.replace(self, batch_size=-(-self.global_batch_size // workers))
 
@@ -261,9 +271,9 @@ class StrategyConfig:
     )
     fedbn: bool = param(False, "keep BatchNorm layers out of the in-job averages (FedBN)", steps=(TRAIN,), worker=True)
     sync_every_steps: int = param(
-        0,
+        4,
         "also average the weights inside each round, every this many optimizer steps (local SGD; 0 = at round ends "
-        "only)",
+        "only; ddp averages gradients every step and ignores it)",
         steps=(TRAIN,),
         worker=True,
         ints=(0, MAX_EXACT_INT, f"0 averages at round ends only; {_KFP_EXACT}"),
@@ -293,7 +303,7 @@ class LoopConfig:
         worker=True,
     )
     rounds: int = param(
-        4,
+        3,
         "rounds of local training followed by a weighted average",
         steps=(TRAIN,),
         worker=True,

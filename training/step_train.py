@@ -107,11 +107,11 @@ def train_step(
     the plan a cluster run on CPU would have got).
     """
     start = time.perf_counter()
+    shared = not cfg.optim.batch_size  # each worker's share of the global batch
     cfg = dataclasses.replace(cfg, optim=cfg.optim.for_workers(workers))  # the workers resolve it alike
     log(
         f"train: {workers} workers, {cfg.rounds} rounds x {cfg.local_epochs} local epochs of {cfg.model}, batch "
-        f"{cfg.optim.batch_size} per worker"
-        + (f" (global {cfg.optim.global_batch_size})" if cfg.optim.global_batch_size else "")
+        f"{cfg.optim.batch_size} per worker" + (f" (global {cfg.optim.global_batch_size})" if shared else "")
     )
     event("train_plan", workers=workers, rounds=cfg.rounds, local_epochs=cfg.local_epochs, model=cfg.model)
     plan = None
@@ -157,6 +157,7 @@ def _plan(cfg: WorkerConfig, accelerators: Sequence[str], usage_cache: str = "",
     summary = parse_dataset_manifest(json.loads(read_bytes(uri)), uri)
     c, h, w = summary["image_shape"]
     arch = ModelConfig(name=cfg.model, num_classes=len(summary["class_names"]), in_channels=c, image_size=(h, w))
+    cfg = dataclasses.replace(cfg, optim=cfg.optim.for_workers(len(summary["shards"])))  # one worker per shard
     key = UsageKey(
         model=cfg.model,
         image_shape=(c, h, w),

@@ -112,7 +112,7 @@ class Strategy:
     """Keep BatchNorm layers out of the in-job combines (the strategies that average: not ddp)."""
     sync_every_steps: int = _DEFAULTS.sync_every_steps
     """Also average the weights inside each round every this many optimizer steps (local SGD; 0: at round ends
-    only). The strategies that average; see microfed.training.local_sgd."""
+    only). The strategies that average; ddp (synchronous) sets it to 0. See microfed.training.local_sgd."""
     sync_optimizer: str = _DEFAULTS.sync_optimizer
     """The optimizer's state at each in-job average: "local" (kept per worker), "average" or "reset"."""
 
@@ -132,6 +132,10 @@ class Strategy:
         )
         if self.server_lr == 0:
             object.__setattr__(self, "server_lr", rule.default_server_lr)
+        if rule.synchronous:
+            # its ranks average the gradients in every step and hold one model: an in-round average of the weights
+            # would change nothing, so the default --sync-every-steps does not make `--strategy ddp` an error
+            object.__setattr__(self, "sync_every_steps", 0)
         rule.check(self)
 
     @classmethod
@@ -426,12 +430,6 @@ class DDP(FederatedStrategy):
         averaging = ", ".join(n for n, c in REGISTRY.items() if not c.synchronous)
         if config.fedbn:
             raise MicrofedError(f"--fedbn applies to {averaging}, not {cls.name} (one model, no averages)")
-        if config.sync_every_steps:
-            raise MicrofedError(
-                f"--sync-every-steps applies to {averaging}, not {cls.name}: its ranks average the gradients in every "
-                "step already",
-                hint="leave --sync-every-steps at 0 with --strategy ddp",
-            )
         if config.sync_optimizer != _DEFAULTS.sync_optimizer:
             raise MicrofedError(
                 f"--sync-optimizer applies to {averaging}, not {cls.name}: its ranks hold one model and one "
