@@ -13,6 +13,7 @@ import io
 import multiprocessing.process
 import multiprocessing.util
 import os
+import signal
 import subprocess
 import zipfile
 from collections.abc import Callable, Generator, Iterator
@@ -39,6 +40,12 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # --------------------------------------------------------------------------------------------------- the tiers
 
 TIERS = ("unit", "integration", "e2e")
+
+# A suite started in the background by a non-interactive shell (`(make test &)`) inherits SIGINT ignored (POSIX:
+# asynchronous commands without job control), and so would every process it starts: the Ctrl-C tests need what a
+# terminal gives, Python's own handler here and the default disposition in the processes started from here.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def tier_of(item: pytest.Item) -> str:

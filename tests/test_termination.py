@@ -59,3 +59,15 @@ def test_the_signals_given_are_all_raised_at_waits_and_restored() -> None:
     assert caught.value.args == (signal.SIGINT,)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_ignored_signal_stays_ignored() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with raised_at_waits(lambda signum: Stopped(signum), signals=(signal.SIGINT,)) as wait:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            wait(0.0)  # nothing to raise: the signal was ignored
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -26,8 +26,8 @@ def raised_at_waits(
     signals: Sequence[signal.Signals] = (signal.SIGTERM,),
 ) -> Iterator[Callable[[float], None]]:
     """While inside, each of `signals` (SIGTERM by default) raises `error(signum)` from the yielded sleep (during or
-    before its next call). Handlers can only be set from the main thread: elsewhere `sleep` itself is yielded and
-    nothing changes. The previous handlers are back on the way out."""
+    before its next call). A signal that is ignored stays ignored. Handlers can only be set from the main thread:
+    elsewhere `sleep` itself is yielded and nothing changes. The previous handlers are back on the way out."""
     if threading.current_thread() is not threading.main_thread():
         yield sleep
         return
@@ -51,7 +51,9 @@ def raised_at_waits(
         if received:
             raise error(received[0])
 
-    previous = {signum: signal.signal(signum, handler) for signum in signals}
+    # an ignored signal stays ignored, as Python leaves an ignored SIGINT at startup (a process started in the
+    # background by a non-interactive shell ignores SIGINT; Ctrl-C is not meant to reach it)
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield wait
     finally:
