@@ -170,9 +170,8 @@ class InRoundSync:
         """Average the weights (and, by the policy, the optimizer's state) across the ranks now."""
         start = time.perf_counter()
         state = self.model.state_dict()
-        for key in self.keys:  # a diverged rank never enters an average: it would poison every rank's model
-            t = state[key]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        for key, t in state.items():  # a diverged rank never enters an average: it would poison every rank's model
+            if key in self.keys and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MicrofedError(
                     f"its weights hold NaN or Inf (tensor {key!r}) at an average inside the round",
                     hint="lower --lr or use --optimizer sgd; the job stops rather than average a diverged model",
