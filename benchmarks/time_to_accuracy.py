@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from accuracy import FULL_EPOCHS, QUICK_EPOCHS, centralized, run_federated  # noqa: E402
-from common import BATCH, FMNIST, fashion_mnist, write_atomic  # noqa: E402
+from common import BATCH, FMNIST, fashion_mnist, round_end, write_atomic  # noqa: E402
 
 from microfed.training.models import build_model  # noqa: E402
 from microfed.training.shards import SplitConfig  # noqa: E402
@@ -76,7 +76,7 @@ def strategy_of(setting: str) -> Strategy:
     """`fedavg`, `ddp`, `sync-K` or `sync-K-average` / `sync-K-reset`, each with an optional `+equal-steps`."""
     setting = setting.removesuffix(EQUAL_STEPS)
     if setting in ("fedavg", "ddp"):
-        return Strategy(name=setting, sync_every_steps=0)
+        return round_end(setting)
     parts = setting.split("-")
     if parts[0] != "sync" or len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
         raise SystemExit(

@@ -13,7 +13,7 @@ from microfed.training.termination import raised_at_waits
 
 
 class Stopped(Exception):
-    pass
+    """The loop's error in these tests."""
 
 
 def test_a_signal_outside_a_wait_is_raised_by_the_next_wait() -> None:
